@@ -1,0 +1,27 @@
+GO ?= go
+BIN ?= bin/draind
+
+.PHONY: build generate test demo check-generate lint
+
+build:
+	$(GO) build -o $(BIN) ./cmd/draind
+
+# Regenerates the committed bpf2go output (loader/*_bpfel.go, loader/*_bpfel.o). Needs clang and libbpf-dev.
+generate:
+	$(GO) generate ./loader/...
+
+# Fails when the committed bpf2go output differs from what the C sources give.
+check-generate: generate
+	git diff --exit-code -- loader/
+
+lint:
+	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { gofmt -l $$(git ls-files '*.go'); exit 1; }
+	$(GO) vet ./...
+
+# The test command (run as root: the tests steer real sockets with BPF in network namespaces they create).
+# Packages run one at a time: their end-to-end tests each start servers, load and handoffs on a 2-core machine.
+test: lint
+	$(GO) test -p 1 -count=1 -timeout 30m ./...
+
+demo: build
+	./$(BIN) demo

@@ -1,0 +1,419 @@
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/draind/draind/handoff"
+	"github.com/draind/draind/testenv"
+)
+
+func TestMain(m *testing.M) { testenv.Main(m) }
+
+const addr = "127.0.0.1:8080"
+
+var (
+	binOnce sync.Once
+	binPath string
+	binErr  error
+)
+
+// draindBin builds the draind binary once per test run.
+func draindBin(t *testing.T) string {
+	t.Helper()
+	binOnce.Do(func() {
+		dir, err := os.MkdirTemp("", "draind-bin-")
+		if err != nil {
+			binErr = err
+			return
+		}
+		binPath = filepath.Join(dir, "draind")
+		out, err := exec.Command("go", "build", "-o", binPath, ".").CombinedOutput()
+		if err != nil {
+			binErr = fmt.Errorf("go build: %v\n%s", err, out)
+		}
+	})
+	if binErr != nil {
+		t.Fatal(binErr)
+	}
+	return binPath
+}
+
+// setup checks the test's requirements, builds draind, and gives a fresh network namespace and pin directory.
+func setup(t *testing.T) (*testenv.NetNS, string) {
+	testenv.Require(t)
+	draindBin(t)
+	return testenv.NetNSForTest(t), pinDir(t)
+}
+
+// pinDir is a private bpffs directory per test, so a test can check that nothing is left behind.
+func pinDir(t *testing.T) string {
+	d := fmt.Sprintf("/sys/fs/bpf/draind-test-%d-%s", os.Getpid(), strings.ReplaceAll(t.Name(), "/", "_"))
+	t.Cleanup(func() { os.RemoveAll(d) })
+	return d
+}
+
+// handoffRun is a `draind handoff --json` running in the background.
+type handoffRun struct {
+	cmd     *exec.Cmd
+	stdout  bytes.Buffer
+	mu      sync.Mutex
+	stderr  strings.Builder
+	done    chan struct{}
+	code    int
+}
+
+func startHandoff(t *testing.T, args ...string) *handoffRun {
+	t.Helper()
+	h := &handoffRun{done: make(chan struct{})}
+	h.cmd = exec.Command(draindBin(t), append([]string{"handoff", "--json"}, args...)...)
+	h.cmd.Stdout = &h.stdout
+	errPipe, err := h.cmd.StderrPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := h.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() {
+		defer close(h.done)
+		sc := bufio.NewScanner(errPipe)
+		for sc.Scan() {
+			line := sc.Text()
+			h.mu.Lock()
+			h.stderr.WriteString(line + "\n")
+			h.mu.Unlock()
+		}
+		err := h.cmd.Wait()
+		h.code = 0
+		if ee, ok := err.(*exec.ExitError); ok {
+			h.code = ee.ExitCode()
+		}
+	}()
+	t.Cleanup(func() {
+		h.cmd.Process.Kill()
+		<-h.done
+	})
+	return h
+}
+
+// waitFor waits until draind's progress output contains s.
+func (h *handoffRun) waitFor(t *testing.T, s string, within time.Duration) {
+	t.Helper()
+	deadline := time.Now().Add(within)
+	for !strings.Contains(h.errText(), s) {
+		select {
+		case <-h.done:
+			t.Fatalf("draind ended (exit %d) before %q: %s", h.code, s, h.errText())
+		default:
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no %q within %s: %s", s, within, h.errText())
+		}
+		time.Sleep(2 * time.Millisecond)
+	}
+}
+
+func (h *handoffRun) errText() string {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.stderr.String()
+}
+
+type handoffOut struct {
+	handoff.Result
+	Error    string `json:"error"`
+	ExitCode int    `json:"exit_code"`
+}
+
+// wait waits for draind to end and decodes its JSON result.
+func (h *handoffRun) wait(t *testing.T, within time.Duration) (handoffOut, int) {
+	t.Helper()
+	select {
+	case <-h.done:
+	case <-time.After(within):
+		t.Fatalf("draind did not end within %s: %s", within, h.errText())
+	}
+	var out handoffOut
+	if err := json.Unmarshal(h.stdout.Bytes(), &out); err != nil {
+		t.Fatalf("decode draind output %q: %v (stderr: %s)", h.stdout.String(), err, h.errText())
+	}
+	if out.ExitCode != h.code {
+		t.Fatalf("JSON says exit code %d, process exited %d", out.ExitCode, h.code)
+	}
+	return out, h.code
+}
+
+func server(t *testing.T, ns *testenv.NetNS, id string, o testenv.ServerOptions) *testenv.Server {
+	o.Addr, o.ID, o.ReusePort = addr, id, true
+	return testenv.StartServerForTest(t, ns, o)
+}
+
+func pidArgs(old, new *testenv.Server, pins string) []string {
+	return []string{"--from", strconv.Itoa(old.PID), "--to", strconv.Itoa(new.PID), "--pin-dir", pins}
+}
+
+func requireNoFailures(t *testing.T, r testenv.LoadResult) {
+	t.Helper()
+	if n := r.FailureCount(); n > 0 || sumKinds(r.KeepAlive.Failures) > 0 {
+		t.Fatalf("load saw failures: %v, keep-alive %v; samples %v", r.Failures, r.KeepAlive.Failures, r.FailureSamples)
+	}
+}
+
+func sumKinds(m map[string]int) int {
+	n := 0
+	for _, v := range m {
+		n += v
+	}
+	return n
+}
+
+func requireGone(t *testing.T, pins string) {
+	t.Helper()
+	if _, err := os.Stat(pins); !os.IsNotExist(err) {
+		entries, _ := os.ReadDir(pins)
+		t.Fatalf("pins left under %s: %v", pins, entries)
+	}
+}
+
+// TestHandoffUnderLoad: a handoff under continuous new-connection load loses nothing; after the flip every new
+// connection reaches the new process; long-lived connections keep working; the old process is signalled only once
+// they are closed, and exits.
+func TestHandoffUnderLoad(t *testing.T) {
+	ns, pins := setup(t)
+	old := server(t, ns, "old", testenv.ServerOptions{Delay: time.Millisecond})
+	const hold = 1500 * time.Millisecond
+	loadStart := testenv.MonoNow()
+	load := testenv.StartLoadForTest(t, ns, testenv.LoadOptions{
+		Addr: addr, Concurrency: 32, Duration: 20 * time.Second,
+		KeepAlive: 8, KeepAliveEvery: 20 * time.Millisecond, KeepAliveFor: hold,
+	})
+	time.Sleep(300 * time.Millisecond)
+	newS := server(t, ns, "new", testenv.ServerOptions{Delay: time.Millisecond})
+
+	h := startHandoff(t, append(pidArgs(old, newS, pins), "--ready-url", "http://"+addr+"/ready")...)
+	out, code := h.wait(t, 30*time.Second)
+	time.Sleep(300 * time.Millisecond)
+	r, err := load.Stop()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("handoff: %+v", out.Result)
+	t.Logf("load: requests %d ok %d failures %v by server %v; keep-alive %+v", r.Requests, r.OK, r.Failures, r.ByServer, r.KeepAlive)
+	if code != exitOK || out.Outcome != handoff.OutcomeDrained {
+		t.Fatalf("exit %d outcome %s: %s", code, out.Outcome, h.errText())
+	}
+	requireNoFailures(t, r)
+	if r.ByServer["new"] == 0 || r.KeepAlive.ByServer["old"] == 0 || r.KeepAlive.OK == 0 {
+		t.Fatalf("load did not reach both servers: %v, keep-alive %v", r.ByServer, r.KeepAlive.ByServer)
+	}
+	if last := r.Spans["old"].LastStartNS; last >= out.FlippedAt {
+		t.Fatalf("a connection started %v after the flip reached the old process", time.Duration(last-out.FlippedAt))
+	}
+	if out.InFlightAtFlip == 0 {
+		t.Fatalf("nothing was in flight at the flip: the drain was not exercised")
+	}
+	sigs := old.Signals()
+	if len(sigs) != 1 || sigs[0].Signal != syscall.SIGTERM {
+		t.Fatalf("old got signals %v, want one SIGTERM", sigs)
+	}
+	if sigs[0].MonoNS < loadStart+hold.Nanoseconds() {
+		t.Fatalf("old was signalled %v before its long-lived connections closed", time.Duration(loadStart+hold.Nanoseconds()-sigs[0].MonoNS))
+	}
+	if !out.ExitSeen || !old.Exited() {
+		t.Fatalf("old exit not seen (draind: %v)", out.ExitSeen)
+	}
+	if len(newS.Signals()) != 0 {
+		t.Fatalf("new got signals %v", newS.Signals())
+	}
+	requireGone(t, pins)
+}
+
+// TestWithoutDraindLosesConnections is the same load with the usual upgrade (start new, SIGTERM old) on a server
+// that closes its listener without accepting what is queued: the load must see failures, which proves the tests
+// above can see loss.
+func TestWithoutDraindLosesConnections(t *testing.T) {
+	testenv.Require(t)
+	ns := testenv.NetNSForTest(t)
+	old := server(t, ns, "old", testenv.ServerOptions{AcceptDelay: 5 * time.Millisecond})
+	load := testenv.StartLoadForTest(t, ns, testenv.LoadOptions{Addr: addr, Concurrency: 32, Duration: 20 * time.Second})
+	time.Sleep(300 * time.Millisecond)
+	server(t, ns, "new", testenv.ServerOptions{AcceptDelay: 5 * time.Millisecond})
+	time.Sleep(200 * time.Millisecond)
+	if err := old.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	old.Wait(ctx)
+	time.Sleep(300 * time.Millisecond)
+	r, err := load.Stop()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("without draind: requests %d failures %v samples %v", r.Requests, r.Failures, r.FailureSamples)
+	if r.FailureCount() == 0 {
+		t.Fatalf("the usual upgrade lost nothing: the test cannot see loss")
+	}
+}
+
+// TestAcceptQueueMigrates: the old server stops accepting with connections queued, then closes its listener:
+// every queued connection is served by the new one.
+func TestAcceptQueueMigrates(t *testing.T) {
+	ns, pins := setup(t)
+	old := server(t, ns, "old", testenv.ServerOptions{})
+	if err := old.PauseAccept(); err != nil {
+		t.Fatal(err)
+	}
+	const queued = 10
+	load := testenv.StartLoadForTest(t, ns, testenv.LoadOptions{Addr: addr, Concurrency: queued, Duration: 20 * time.Second, Timeout: 15 * time.Second})
+	time.Sleep(300 * time.Millisecond)
+	newS := server(t, ns, "new", testenv.ServerOptions{})
+	h := startHandoff(t, pidArgs(old, newS, pins)...)
+	h.waitFor(t, "] flipped", 10*time.Second)
+	time.Sleep(200 * time.Millisecond)
+	if err := old.CloseListener(); err != nil {
+		t.Fatal(err)
+	}
+	out, code := h.wait(t, 20*time.Second)
+	time.Sleep(200 * time.Millisecond)
+	r, err := load.Stop()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("handoff: %+v", out.Result)
+	t.Logf("load: requests %d ok %d failures %v by server %v", r.Requests, r.OK, r.Failures, r.ByServer)
+	if code != exitOK {
+		t.Fatalf("exit %d: %s", code, h.errText())
+	}
+	requireNoFailures(t, r)
+	if old.Served() != 0 || r.ByServer["old"] != 0 {
+		t.Fatalf("old served %d requests while paused", old.Served())
+	}
+	if out.InFlightAtFlip < queued || out.Migrated < queued {
+		t.Fatalf("in flight at flip %d, migrated %d: want >= %d queued connections migrated", out.InFlightAtFlip, out.Migrated, queued)
+	}
+	requireGone(t, pins)
+}
+
+// TestPreForkServer: a master with 2 workers holding the connections is drained as a tree and signalled.
+func TestPreForkServer(t *testing.T) {
+	ns, pins := setup(t)
+	old := server(t, ns, "old", testenv.ServerOptions{Workers: 2, Delay: time.Millisecond})
+	const hold = time.Second
+	loadStart := testenv.MonoNow()
+	load := testenv.StartLoadForTest(t, ns, testenv.LoadOptions{
+		Addr: addr, Concurrency: 32, Duration: 20 * time.Second,
+		KeepAlive: 4, KeepAliveEvery: 20 * time.Millisecond, KeepAliveFor: hold,
+	})
+	time.Sleep(300 * time.Millisecond)
+	newS := server(t, ns, "new", testenv.ServerOptions{Workers: 2, Delay: time.Millisecond})
+	h := startHandoff(t, pidArgs(old, newS, pins)...)
+	out, code := h.wait(t, 30*time.Second)
+	time.Sleep(200 * time.Millisecond)
+	r, err := load.Stop()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("handoff: %+v", out.Result)
+	t.Logf("load: requests %d ok %d failures %v by server %v", r.Requests, r.OK, r.Failures, r.ByServer)
+	if code != exitOK {
+		t.Fatalf("exit %d: %s", code, h.errText())
+	}
+	requireNoFailures(t, r)
+	if out.InFlightAtFlip == 0 {
+		t.Fatalf("nothing in flight in the workers at the flip: the tree was not counted")
+	}
+	sigs := old.Signals()
+	if len(sigs) == 0 || sigs[0].MonoNS < loadStart+hold.Nanoseconds() {
+		t.Fatalf("old master signals %v: want SIGTERM after its workers' connections closed", sigs)
+	}
+	if !out.ExitSeen {
+		t.Fatalf("old master exit not seen")
+	}
+	requireGone(t, pins)
+}
+
+// TestRollbackWhenNewDies: the new process is killed right after the flip; draind steers back to the old one at
+// once, never signals it, and says so in its exit code.
+func TestRollbackWhenNewDies(t *testing.T) {
+	ns, pins := setup(t)
+	old := server(t, ns, "old", testenv.ServerOptions{})
+	load := testenv.StartLoadForTest(t, ns, testenv.LoadOptions{
+		Addr: addr, Concurrency: 8, Duration: 20 * time.Second, KeepAlive: 2, KeepAliveEvery: 20 * time.Millisecond,
+	})
+	time.Sleep(200 * time.Millisecond)
+	newS := server(t, ns, "new", testenv.ServerOptions{})
+	h := startHandoff(t, pidArgs(old, newS, pins)...)
+	h.waitFor(t, "] flipped", 10*time.Second)
+	time.Sleep(100 * time.Millisecond)
+	killedAt := testenv.MonoNow()
+	if err := newS.Kill(); err != nil {
+		t.Fatal(err)
+	}
+	out, code := h.wait(t, 10*time.Second)
+	if code != exitRolledBack || out.Outcome != handoff.OutcomeRolledBack {
+		t.Fatalf("exit %d outcome %s, want %d rolled back: %s", code, out.Outcome, exitRolledBack, h.errText())
+	}
+	if d := time.Duration(out.RolledBackAt - killedAt); d > 100*time.Millisecond {
+		t.Fatalf("rolled back %v after the new process died, want <= 100ms", d)
+	}
+	t.Logf("rolled back %v after the kill: %s", time.Duration(out.RolledBackAt-killedAt), out.RollbackReason)
+	// From now on the old process serves everything (Progress is refreshed every 100ms).
+	time.Sleep(250 * time.Millisecond)
+	before := load.Progress()
+	time.Sleep(300 * time.Millisecond)
+	r, err := load.Stop()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r.OK-before.OK == 0 || r.FailureCount() != before.FailureCount() || r.ByServer["old"]-before.ByServer["old"] != r.OK-before.OK {
+		t.Fatalf("after the rollback: %d answered, failures %v -> %v, by server %v -> %v", r.OK-before.OK, before.Failures, r.Failures, before.ByServer, r.ByServer)
+	}
+	if len(old.Signals()) != 0 || old.Exited() {
+		t.Fatalf("old was signalled (%v) or exited", old.Signals())
+	}
+	requireGone(t, pins)
+}
+
+// TestRollbackWhenNotReady: the ready URL never answers 2xx: no flip, the old process keeps everything.
+func TestRollbackWhenNotReady(t *testing.T) {
+	ns, pins := setup(t)
+	old := server(t, ns, "old", testenv.ServerOptions{})
+	load := testenv.StartLoadForTest(t, ns, testenv.LoadOptions{Addr: addr, Concurrency: 8, Duration: 20 * time.Second})
+	newS := server(t, ns, "new", testenv.ServerOptions{ReadyDelay: time.Hour})
+	h := startHandoff(t, append(pidArgs(old, newS, pins), "--ready-url", "http://"+addr+"/ready", "--ready-timeout", "700ms")...)
+	out, code := h.wait(t, 10*time.Second)
+	r, err := load.Stop()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if code != exitRolledBack || !strings.Contains(out.RollbackReason, "not ready") {
+		t.Fatalf("exit %d reason %q: %s", code, out.RollbackReason, h.errText())
+	}
+	// While draind waited for readiness the selector kept every new connection on the old side, except draind's
+	// own readiness probes, which reached the new one.
+	if out.Steered == 0 || out.Fallbacks != 0 || out.Failed != 0 || out.Probed == 0 {
+		t.Fatalf("selector: %d to old, %d fell back, %d to the kernel, %d probes: want all to old and probes > 0", out.Steered, out.Fallbacks, out.Failed, out.Probed)
+	}
+	if r.ByServer["old"] == 0 {
+		t.Fatalf("old served nothing: %v", r.ByServer)
+	}
+	requireNoFailures(t, r)
+	if len(old.Signals()) != 0 {
+		t.Fatalf("old was signalled: %v", old.Signals())
+	}
+	requireGone(t, pins)
+}

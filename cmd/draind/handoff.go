@@ -1,0 +1,220 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/signal"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/draind/draind/drain"
+	"github.com/draind/draind/handoff"
+)
+
+// portList is a repeatable --port flag (also accepts comma-separated lists).
+type portList []uint16
+
+func (p *portList) String() string { return fmt.Sprint(*p) }
+
+func (p *portList) Set(s string) error {
+	for _, f := range strings.Split(s, ",") {
+		n, err := strconv.ParseUint(strings.TrimSpace(f), 10, 16)
+		if err != nil || n == 0 {
+			return fmt.Errorf("not a port: %q", f)
+		}
+		*p = append(*p, uint16(n))
+	}
+	return nil
+}
+
+func cmdHandoff(args []string, stdout, stderr io.Writer) int {
+	fs := flag.NewFlagSet("handoff", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	var (
+		ports        portList
+		from         = fs.Int("from", 0, "PID of the old process (required)")
+		to           = fs.Int("to", 0, "PID of the new process (required)")
+		sigName      = fs.String("signal", "TERM", "signal for the old process once drained (name or number)")
+		timeout      = fs.Duration("timeout", 5*time.Minute, "drain deadline")
+		onTimeout    = fs.String("on-timeout", "signal", "at the deadline: signal, kill or abort (roll back)")
+		killAfter    = fs.Duration("kill-after", 0, "send SIGKILL if the old process has not exited this long after its signal (0: never)")
+		exitWait     = fs.Duration("exit-wait", 30*time.Second, "how long to watch for the old process's exit")
+		readyURL     = fs.String("ready-url", "", "URL that must answer 2xx (asked from the new process's network namespace) before the flip")
+		readyTimeout = fs.Duration("ready-timeout", 10*time.Second, "how long to wait for --ready-url")
+		pinDir       = fs.String("pin-dir", "", "bpffs directory for draind's pinned maps (default /sys/fs/bpf/draind)")
+		jsonOut      = fs.Bool("json", false, "print the result as JSON")
+		verbose      = fs.Bool("v", false, "debug logs")
+	)
+	fs.Var(&ports, "port", "hand off only this port (repeatable; default: every port the old process listens on)")
+	if err := fs.Parse(args); err != nil {
+		return exitBadInput
+	}
+	fail := func(format string, a ...any) int {
+		fmt.Fprintf(stderr, "draind: "+format+"\n", a...)
+		return exitBadInput
+	}
+	if fs.NArg() > 0 {
+		return fail("unexpected argument %q", fs.Arg(0))
+	}
+	if *from == 0 || *to == 0 {
+		return fail("--from and --to are required")
+	}
+	sig, err := drain.ParseSignal(*sigName)
+	if err != nil {
+		return fail("%v", err)
+	}
+	ot, err := drain.ParseOnTimeout(*onTimeout)
+	if err != nil {
+		return fail("%v", err)
+	}
+	if *timeout <= 0 {
+		return fail("--timeout %s is not positive", *timeout)
+	}
+	if *readyTimeout <= 0 || *exitWait <= 0 || *killAfter < 0 {
+		return fail("--ready-timeout and --exit-wait must be positive, --kill-after not negative")
+	}
+	level := slog.LevelWarn
+	if *verbose {
+		level = slog.LevelDebug
+	}
+	logger := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: level}))
+
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	pr := newProgress(stderr, false) // progress goes to stderr, so --json output on stdout stays clean
+	res, err := handoff.Run(ctx, handoff.Options{
+		From: *from, To: *to, Ports: ports, Signal: sig, Timeout: *timeout, OnTimeout: ot,
+		KillAfter: *killAfter, ExitWait: *exitWait, ReadyURL: *readyURL, ReadyTimeout: *readyTimeout,
+		PinDir: *pinDir, Logger: logger, Progress: pr.report,
+	})
+	pr.done()
+	code := exitCode(res, err)
+	if *jsonOut {
+		out := struct {
+			*handoff.Result
+			Error    string `json:"error,omitempty"`
+			ExitCode int    `json:"exit_code"`
+		}{res, errString(err), code}
+		enc := json.NewEncoder(stdout)
+		enc.SetIndent("", "  ")
+		enc.Encode(out)
+		return code
+	}
+	if err != nil && (res == nil || res.Outcome == handoff.OutcomeFailed) {
+		fmt.Fprintf(stderr, "draind: %v\n", strings.TrimPrefix(err.Error(), handoff.ErrBadInput.Error()+": "))
+		return code
+	}
+	printSummary(stdout, res)
+	if err != nil {
+		fmt.Fprintf(stderr, "draind: %v\n", err)
+	}
+	return code
+}
+
+func errString(err error) string {
+	if err == nil {
+		return ""
+	}
+	return err.Error()
+}
+
+func exitCode(res *handoff.Result, err error) int {
+	switch {
+	case errors.Is(err, handoff.ErrBadInput):
+		return exitBadInput
+	case errors.Is(err, handoff.ErrRolledBack):
+		return exitRolledBack
+	case err != nil:
+		return exitError
+	case res.Outcome == handoff.OutcomeTimedOut:
+		return exitTimedOut
+	}
+	return exitOK
+}
+
+func printSummary(w io.Writer, r *handoff.Result) {
+	yes := func(b bool) string {
+		if b {
+			return "yes"
+		}
+		return "no"
+	}
+	fmt.Fprintf(w, "handoff %d -> %d: %s\n", r.From, r.To, r.Outcome)
+	fmt.Fprintf(w, "  listeners          %s\n", strings.Join(r.Listeners, ", "))
+	if r.Outcome == handoff.OutcomeRolledBack {
+		fmt.Fprintf(w, "  rolled back        %s\n", r.RollbackReason)
+		fmt.Fprintf(w, "  old signalled      no\n")
+	} else {
+		fmt.Fprintf(w, "  in flight at flip  %d\n", r.InFlightAtFlip)
+		fmt.Fprintf(w, "  left at signal     %d\n", r.Left)
+		fmt.Fprintf(w, "  time to drain      %s\n", r.DrainTime.Round(time.Millisecond))
+		fmt.Fprintf(w, "  signal sent        SIG%s (delivered: %s, SIGKILL after: %s)\n", r.Signal, yes(r.Signalled), yes(r.Killed))
+		fmt.Fprintf(w, "  old process exit   %s", yes(r.ExitSeen))
+		if r.ExitSeen {
+			fmt.Fprintf(w, " (%s after the signal)", r.ExitWait.Round(time.Millisecond))
+		}
+		fmt.Fprintln(w)
+		if r.SteeringLeft {
+			fmt.Fprintf(w, "  steering           left in place: old listeners are still open\n")
+		}
+	}
+	fmt.Fprintf(w, "  selector           %d steered, %d fell back, %d migrated, %d left to the kernel\n", r.Steered, r.Fallbacks, r.Migrated, r.Failed)
+}
+
+// progress prints handoff progress: one updating line on a terminal, plain lines otherwise.
+type progress struct {
+	w     io.Writer
+	tty   bool
+	quiet bool
+	start time.Time
+	open  bool // an updating line is on screen
+}
+
+func newProgress(w io.Writer, quiet bool) *progress {
+	p := &progress{w: w, quiet: quiet, start: time.Now()}
+	if f, ok := w.(*os.File); ok {
+		_, err := unix.IoctlGetTermios(int(f.Fd()), unix.TCGETS)
+		p.tty = err == nil
+	}
+	return p
+}
+
+func (p *progress) report(ev handoff.Progress) {
+	if p.quiet {
+		return
+	}
+	at := time.Since(p.start).Round(time.Millisecond)
+	if ev.Stage == handoff.StageDraining {
+		line := fmt.Sprintf("[%8s] draining: %d connection(s) left (%d accepted, %d queued)", at, ev.Count.Total(), ev.Count.Conns, ev.Count.Queued)
+		if p.tty {
+			fmt.Fprintf(p.w, "\r\033[K%s", line)
+			p.open = true
+			return
+		}
+		fmt.Fprintln(p.w, line)
+		return
+	}
+	p.done()
+	msg := string(ev.Stage)
+	if ev.Message != "" {
+		msg += ": " + ev.Message
+	}
+	fmt.Fprintf(p.w, "[%8s] %s\n", at, msg)
+}
+
+func (p *progress) done() {
+	if p.open {
+		fmt.Fprintln(p.w)
+		p.open = false
+	}
+}

@@ -1,0 +1,52 @@
+// Command draind hands a TCP server's listening sockets over from an old process to a new one with zero failed
+// connections, drains the old process and signals it.
+package main
+
+import (
+	"fmt"
+	"io"
+	"os"
+
+	"github.com/draind/draind/testenv"
+)
+
+// Exit codes (documented in README.md).
+const (
+	exitOK         = 0 // drained and signalled
+	exitError      = 1 // internal error
+	exitBadInput   = 2 // bad input or missing privilege; nothing was changed
+	exitRolledBack = 3 // rolled back after steering started; the old process keeps serving and was not signalled
+	exitTimedOut   = 4 // the drain deadline passed; the old process was signalled or killed by --on-timeout
+)
+
+const usage = `usage: draind <command> [flags]
+
+commands:
+  handoff   hand the listeners of --from over to --to, drain --from, signal it
+  demo      a real handoff under load between two built-in servers in a private network namespace
+
+Run "draind <command> -h" for the flags of a command.
+`
+
+func main() {
+	testenv.RunChildIfRequested() // draind demo's servers and load clients are draind itself
+	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
+}
+
+func run(args []string, stdout, stderr io.Writer) int {
+	if len(args) == 0 {
+		fmt.Fprint(stderr, usage)
+		return exitBadInput
+	}
+	switch args[0] {
+	case "handoff":
+		return cmdHandoff(args[1:], stdout, stderr)
+	case "demo":
+		return cmdDemo(args[1:], stdout, stderr)
+	case "-h", "--help", "help":
+		fmt.Fprint(stdout, usage)
+		return exitOK
+	}
+	fmt.Fprintf(stderr, "draind: unknown command %q\n%s", args[0], usage)
+	return exitBadInput
+}

@@ -1,0 +1,159 @@
+package drain
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/draind/draind/proc"
+)
+
+// OnTimeout is what happens when the drain deadline passes with connections left.
+type OnTimeout string
+
+// The policies for OnTimeout.
+const (
+	TimeoutSignal OnTimeout = "signal" // send the configured signal anyway
+	TimeoutKill   OnTimeout = "kill"   // send SIGKILL
+	TimeoutAbort  OnTimeout = "abort"  // roll back: steer to the old side again and never signal it
+)
+
+// ParseOnTimeout accepts "signal", "kill" or "abort"; the empty string means "signal".
+func ParseOnTimeout(s string) (OnTimeout, error) {
+	switch OnTimeout(s) {
+	case "":
+		return TimeoutSignal, nil
+	case TimeoutSignal, TimeoutKill, TimeoutAbort:
+		return OnTimeout(s), nil
+	}
+	return "", fmt.Errorf("parse on-timeout %q: want signal, kill or abort", s)
+}
+
+// ParseSignal accepts a signal name with or without "SIG" in any case ("TERM", "sigquit") or a number ("15").
+func ParseSignal(s string) (syscall.Signal, error) {
+	if n, err := strconv.Atoi(s); err == nil {
+		if n <= 0 || n > 64 || unix.SignalName(syscall.Signal(n)) == "" && n < 32 {
+			return 0, fmt.Errorf("parse signal %q: no such signal number", s)
+		}
+		return syscall.Signal(n), nil
+	}
+	name := strings.ToUpper(s)
+	if !strings.HasPrefix(name, "SIG") {
+		name = "SIG" + name
+	}
+	sig := unix.SignalNum(name)
+	if sig == 0 {
+		return 0, fmt.Errorf("parse signal %q: unknown signal name", s)
+	}
+	return sig, nil
+}
+
+// SignalName is the short name of sig ("TERM"), or its number.
+func SignalName(sig syscall.Signal) string {
+	if n := unix.SignalName(sig); n != "" {
+		return strings.TrimPrefix(n, "SIG")
+	}
+	return strconv.Itoa(int(sig))
+}
+
+// WaitOptions configures Wait. The zero value polls every 50ms.
+type WaitOptions struct {
+	Interval time.Duration
+	// Progress, if set, is called with every count that differs from the previous one.
+	Progress func(Count)
+}
+
+// ErrDeadline is returned by Wait when ctx's deadline passed before the count reached zero.
+var ErrDeadline = errors.New("drain deadline passed")
+
+// Wait counts until the total is zero, returning the last count. It returns ErrDeadline (with the last count) if
+// ctx's deadline passes first, and ctx's error if ctx is cancelled.
+func Wait(ctx context.Context, c *Counter, opts WaitOptions) (Count, error) {
+	if opts.Interval <= 0 {
+		opts.Interval = 50 * time.Millisecond
+	}
+	t := time.NewTicker(opts.Interval)
+	defer t.Stop()
+	last := Count{Conns: -1}
+	for {
+		n, err := c.Count()
+		if err != nil {
+			return last, err
+		}
+		if n != last && opts.Progress != nil {
+			opts.Progress(n)
+		}
+		last = n
+		if n.Total() == 0 {
+			return n, nil
+		}
+		select {
+		case <-ctx.Done():
+			if errors.Is(ctx.Err(), context.DeadlineExceeded) {
+				return last, ErrDeadline
+			}
+			return last, ctx.Err()
+		case <-t.C:
+		}
+	}
+}
+
+// Outcome of Signal.
+type Outcome struct {
+	Signal   syscall.Signal // what was sent first
+	Sent     bool           // it was delivered (false: the process had already exited)
+	Killed   bool           // SIGKILL followed because the process outlived KillAfter
+	Exited   bool           // the exit was seen through the pidfd
+	ExitWait time.Duration  // from the first signal to the exit
+}
+
+// SignalOptions configures Signal. Zero values: no SIGKILL escalation, wait 30s for the exit.
+type SignalOptions struct {
+	KillAfter time.Duration // send SIGKILL if the process has not exited this long after sig (0: never)
+	ExitWait  time.Duration // how long to watch for the exit after the last signal
+}
+
+// Signal sends sig through the pidfd, escalates to SIGKILL after KillAfter if asked, and watches for the exit.
+func Signal(ctx context.Context, p *proc.Process, sig syscall.Signal, opts SignalOptions) (Outcome, error) {
+	if opts.ExitWait <= 0 {
+		opts.ExitWait = 30 * time.Second
+	}
+	out := Outcome{Signal: sig}
+	start := time.Now()
+	if err := p.Signal(sig); err != nil {
+		if errors.Is(err, proc.ErrNoProcess) {
+			out.Exited = true
+			return out, nil
+		}
+		return out, err
+	}
+	out.Sent = true
+	if opts.KillAfter > 0 && sig != syscall.SIGKILL {
+		wctx, cancel := context.WithTimeout(ctx, opts.KillAfter)
+		exited := p.WaitExit(wctx)
+		cancel()
+		if exited {
+			out.Exited, out.ExitWait = true, time.Since(start)
+			return out, nil
+		}
+		if ctx.Err() != nil {
+			return out, ctx.Err()
+		}
+		if err := p.Signal(syscall.SIGKILL); err != nil && !errors.Is(err, proc.ErrNoProcess) {
+			return out, err
+		}
+		out.Killed = true
+	}
+	wctx, cancel := context.WithTimeout(ctx, opts.ExitWait)
+	defer cancel()
+	if p.WaitExit(wctx) {
+		out.Exited, out.ExitWait = true, time.Since(start)
+	}
+	return out, nil
+}

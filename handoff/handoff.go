@@ -1,0 +1,347 @@
+// Package handoff runs one handoff from an old to a new process: resolve, discover, check, steer, wait for the
+// new side to be ready, flip, drain the old side, signal it, and finish — or roll back to where it started.
+// It ties steer/ and drain/ together for the CLI and, later, the daemon.
+package handoff
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"slices"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/draind/draind/drain"
+	"github.com/draind/draind/loader"
+	"github.com/draind/draind/proc"
+	"github.com/draind/draind/steer"
+)
+
+// ErrBadInput marks errors caused by what the caller asked for; nothing was changed.
+var ErrBadInput = errors.New("bad input")
+
+// ErrRolledBack marks a handoff that failed after steering started and was rolled back: the old side keeps
+// everything and was not signalled.
+var ErrRolledBack = errors.New("handoff rolled back")
+
+// Options for Run. Zero values are the documented defaults.
+type Options struct {
+	From, To     int             // old and new PID (required)
+	Ports        []uint16        // hand off only these ports (default: every port the old side listens on)
+	Signal       syscall.Signal  // sent to the old process once drained (default SIGTERM)
+	Timeout      time.Duration   // drain deadline (default 5m)
+	OnTimeout    drain.OnTimeout // what to do at the deadline (default signal)
+	KillAfter    time.Duration   // SIGKILL this long after the signal if the old process lives on (default off)
+	ExitWait     time.Duration   // how long to watch for the old process's exit (default 30s)
+	ReadyURL     string          // if set, must answer 2xx (from the new process's netns) before the flip
+	ReadyTimeout time.Duration   // default 10s
+	PinDir       string          // bpffs directory for draind's pins (default loader.DefaultPinDir)
+	Interval     time.Duration   // drain count interval (default 50ms)
+	Logger       *slog.Logger    // default slog.Default()
+	Progress     func(Progress)  // optional progress callback
+}
+
+// Stage names a step of the handoff, reported through Progress.
+type Stage string
+
+// The stages in order.
+const (
+	StageSteering   Stage = "steering"   // listeners found and paired, selector attached (target: old)
+	StageReady      Stage = "ready"      // the new side is ready
+	StageFlipped    Stage = "flipped"    // new connections go to the new side
+	StageDraining   Stage = "draining"   // count of the old side's in-flight connections changed
+	StageSignalled  Stage = "signalled"  // the old process got its signal
+	StageExited     Stage = "exited"     // the old process exited
+	StageRolledBack Stage = "rolledback" // steering went back to the old side
+)
+
+// Progress is one progress report.
+type Progress struct {
+	Stage   Stage
+	Count   drain.Count // in StageDraining
+	Message string
+}
+
+// Outcome summarizes how a handoff ended.
+type Outcome string
+
+// The outcomes.
+const (
+	OutcomeDrained    Outcome = "drained"     // drained to zero, then signalled
+	OutcomeTimedOut   Outcome = "timed_out"   // the deadline passed; signalled or killed by policy
+	OutcomeRolledBack Outcome = "rolled_back" // steering went back to the old side; it was not signalled
+	OutcomeFailed     Outcome = "failed"      // could not start; nothing changed
+)
+
+// Result reports a handoff.
+type Result struct {
+	Outcome        Outcome       `json:"outcome"`
+	From           int           `json:"from"`
+	To             int           `json:"to"`
+	Listeners      []string      `json:"listeners"`         // addresses handed off
+	InFlightAtFlip int           `json:"in_flight_at_flip"` // old side's connections when the flip happened
+	Left           int           `json:"left"`              // connections left when the drain ended
+	DrainTime      time.Duration `json:"drain_time_ns"`     // from the flip to zero (or to the deadline)
+	Signal         string        `json:"signal,omitempty"`  // signal sent to the old process
+	Signalled      bool          `json:"signalled"`         // it was delivered
+	Killed         bool          `json:"killed"`            // SIGKILL followed
+	ExitSeen       bool          `json:"exit_seen"`         // the old process's exit was seen
+	ExitWait       time.Duration `json:"exit_wait_ns"`      // from the signal to the exit
+	RollbackReason string        `json:"rollback_reason,omitempty"`
+	FlippedAt      int64         `json:"flipped_at_mono_ns,omitempty"`     // CLOCK_MONOTONIC of the flip
+	RolledBackAt   int64         `json:"rolled_back_at_mono_ns,omitempty"` // CLOCK_MONOTONIC of the rollback
+	SteeringLeft   bool          `json:"steering_left"`                    // the selector stays because old listeners are still open
+	Steered        uint64        `json:"steered"`                          // selector decisions for the target side
+	Fallbacks      uint64        `json:"fallbacks"`                        // decisions that fell back to the other side
+	Migrated       uint64        `json:"migrated"`                         // connections migrated off a closing listener
+	Failed         uint64        `json:"selector_failed"`                  // decisions left to the kernel (no draind listener alive)
+	Probed         uint64        `json:"probed"`                           // readiness probes sent to the new side before the flip
+}
+
+func (o *Options) defaults() error {
+	if o.Signal == 0 {
+		o.Signal = syscall.SIGTERM
+	}
+	if o.Timeout == 0 {
+		o.Timeout = 5 * time.Minute
+	}
+	if o.OnTimeout == "" {
+		o.OnTimeout = drain.TimeoutSignal
+	}
+	if o.ExitWait == 0 {
+		o.ExitWait = 30 * time.Second
+	}
+	if o.ReadyTimeout == 0 {
+		o.ReadyTimeout = 10 * time.Second
+	}
+	if o.Logger == nil {
+		o.Logger = slog.Default()
+	}
+	if o.Progress == nil {
+		o.Progress = func(Progress) {}
+	}
+	switch {
+	case o.From <= 0 || o.To <= 0:
+		return fmt.Errorf("%w: --from and --to need PIDs > 0", ErrBadInput)
+	case o.From == o.To:
+		return fmt.Errorf("%w: %w (%d)", ErrBadInput, steer.ErrSamePID, o.From)
+	case o.Timeout < 0:
+		return fmt.Errorf("%w: timeout %s is not positive", ErrBadInput, o.Timeout)
+	case o.ReadyTimeout < 0 || o.KillAfter < 0 || o.ExitWait < 0:
+		return fmt.Errorf("%w: durations must be positive", ErrBadInput)
+	}
+	if _, err := drain.ParseOnTimeout(string(o.OnTimeout)); err != nil {
+		return fmt.Errorf("%w: %w", ErrBadInput, err)
+	}
+	return nil
+}
+
+func bad(err error) error { return fmt.Errorf("%w: %w", ErrBadInput, err) }
+
+// Run performs one handoff. It returns a Result whenever steering started; the error is nil only when the old side
+// drained (or timed out by policy) and was signalled.
+func Run(ctx context.Context, opts Options) (*Result, error) {
+	if err := opts.defaults(); err != nil {
+		return nil, err
+	}
+	res := &Result{From: opts.From, To: opts.To, Outcome: OutcomeFailed}
+	oldP, err := proc.Open(opts.From)
+	if err != nil {
+		return res, bad(fmt.Errorf("old process: %w", err))
+	}
+	defer oldP.Close()
+	newP, err := proc.Open(opts.To)
+	if err != nil {
+		return res, bad(fmt.Errorf("new process: %w", err))
+	}
+	defer newP.Close()
+
+	oldSide, err := steer.Discover(oldP)
+	if err != nil {
+		return res, bad(fmt.Errorf("old process: %w", err))
+	}
+	defer oldSide.Close()
+	newSide, err := steer.Discover(newP)
+	if err != nil {
+		return res, bad(fmt.Errorf("new process: %w", err))
+	}
+	defer newSide.Close()
+	pairs, err := steer.PairListeners(oldSide, newSide, opts.Ports)
+	if err != nil {
+		return res, bad(err)
+	}
+	var ports []uint16
+	for _, p := range pairs {
+		res.Listeners = append(res.Listeners, p.Addr.String())
+		if !slices.Contains(ports, p.Addr.Port()) {
+			ports = append(ports, p.Addr.Port())
+		}
+	}
+
+	objs, err := loader.Open(loader.Options{PinDir: opts.PinDir, Logger: opts.Logger})
+	if err != nil {
+		return res, bad(err)
+	}
+	defer objs.Close()
+	counter, err := drain.NewCounter(oldP, ports)
+	if err != nil {
+		return res, err
+	}
+	defer counter.Close()
+
+	st, err := steer.Begin(objs, pairs, steer.Options{Logger: opts.Logger})
+	if err != nil {
+		if errors.Is(err, loader.ErrNotPermitted) || errors.Is(err, steer.ErrAlreadyActive) {
+			return res, bad(err)
+		}
+		return res, fmt.Errorf("begin steering: %w", err)
+	}
+	opts.Progress(Progress{Stage: StageSteering, Message: fmt.Sprintf("selector attached to %d group(s), target: old", len(pairs))})
+	h := &run{opts: opts, res: res, st: st, objs: objs, oldP: oldP, newP: newP, counter: counter}
+	return h.run(ctx)
+}
+
+type run struct {
+	opts       Options
+	res        *Result
+	st         *steer.Steering
+	objs       *loader.Objects
+	oldP, newP *proc.Process
+	counter    *drain.Counter
+}
+
+func (h *run) rollback(reason string) (*Result, error) {
+	h.res.Outcome = OutcomeRolledBack
+	h.res.RollbackReason = reason
+	h.readCounters()
+	defer func() { h.res.RolledBackAt = monoNow() }()
+	if err := h.st.Undo(); err != nil {
+		h.opts.Logger.Error("undo steering", "err", err)
+		return h.res, fmt.Errorf("%w: %s; undo: %w", ErrRolledBack, reason, err)
+	}
+	h.opts.Progress(Progress{Stage: StageRolledBack, Message: reason})
+	return h.res, fmt.Errorf("%w: %s", ErrRolledBack, reason)
+}
+
+func (h *run) run(ctx context.Context) (*Result, error) {
+	// Watch the new process: if it dies before the old one is signalled, roll back.
+	newDied := make(chan struct{})
+	watchCtx, stopWatch := context.WithCancel(ctx)
+	defer stopWatch()
+	go func() {
+		if h.newP.WaitExit(watchCtx) && watchCtx.Err() == nil {
+			close(newDied)
+		}
+	}()
+
+	if err := h.waitReady(ctx, newDied); err != nil {
+		return h.rollback(err.Error())
+	}
+	h.opts.Progress(Progress{Stage: StageReady})
+
+	if err := h.st.Flip(); err != nil {
+		return h.rollback(fmt.Sprintf("flip: %v", err))
+	}
+	flipAt := time.Now()
+	h.res.FlippedAt = monoNow()
+	first, err := h.counter.Count()
+	if err != nil {
+		return h.rollback(fmt.Sprintf("count connections: %v", err))
+	}
+	h.res.InFlightAtFlip = first.Total()
+	h.opts.Progress(Progress{Stage: StageFlipped, Count: first, Message: fmt.Sprintf("new connections go to %d", h.opts.To)})
+
+	// Drain, unless the new side dies or we are interrupted.
+	dctx, cancel := context.WithTimeout(ctx, h.opts.Timeout)
+	defer cancel()
+	drainCtx, stopDrain := context.WithCancelCause(dctx)
+	defer stopDrain(nil)
+	errNewDied := errors.New("new process exited")
+	go func() {
+		select {
+		case <-newDied:
+			stopDrain(errNewDied)
+		case <-drainCtx.Done():
+		}
+	}()
+	left, err := drain.Wait(drainCtx, h.counter, drain.WaitOptions{
+		Interval: h.opts.Interval,
+		Progress: func(c drain.Count) { h.opts.Progress(Progress{Stage: StageDraining, Count: c}) },
+	})
+	h.res.DrainTime = time.Since(flipAt)
+	h.res.Left = left.Total()
+	timedOut := false
+	switch {
+	case err == nil:
+	case errors.Is(context.Cause(drainCtx), errNewDied):
+		return h.rollback(fmt.Sprintf("new process %d exited during the drain", h.opts.To))
+	case ctx.Err() != nil:
+		return h.rollback("interrupted")
+	case errors.Is(err, drain.ErrDeadline):
+		timedOut = true
+		if h.opts.OnTimeout == drain.TimeoutAbort {
+			return h.rollback(fmt.Sprintf("drain deadline %s passed with %d connection(s) left (--on-timeout abort)", h.opts.Timeout, left.Total()))
+		}
+	default:
+		return h.rollback(fmt.Sprintf("count connections: %v", err))
+	}
+	// Last chance to keep the old side: the new one must still be alive.
+	select {
+	case <-newDied:
+		return h.rollback(fmt.Sprintf("new process %d exited before the old one was signalled", h.opts.To))
+	default:
+	}
+	stopWatch()
+
+	sig := h.opts.Signal
+	if timedOut && h.opts.OnTimeout == drain.TimeoutKill {
+		sig = syscall.SIGKILL
+	}
+	h.res.Signal = drain.SignalName(sig)
+	out, err := drain.Signal(context.WithoutCancel(ctx), h.oldP, sig, drain.SignalOptions{KillAfter: h.opts.KillAfter, ExitWait: h.opts.ExitWait})
+	h.res.Signalled, h.res.Killed, h.res.ExitSeen, h.res.ExitWait = out.Sent, out.Killed, out.Exited, out.ExitWait
+	if err != nil {
+		return h.res, fmt.Errorf("signal old process: %w", err)
+	}
+	h.opts.Progress(Progress{Stage: StageSignalled, Message: "SIG" + h.res.Signal})
+	if out.Exited {
+		h.opts.Progress(Progress{Stage: StageExited})
+	}
+	h.res.Outcome = OutcomeDrained
+	if timedOut {
+		h.res.Outcome = OutcomeTimedOut
+	}
+	h.readCounters()
+	if err := h.st.Finish(); err != nil {
+		h.res.SteeringLeft = true
+		h.opts.Logger.Warn("steering left in place", "err", err)
+	}
+	return h.res, nil
+}
+
+// readCounters sums the selector's counters of this handoff's groups.
+func (h *run) readCounters() {
+	for _, id := range h.st.GroupIDs() {
+		var per []loader.Counters
+		if err := h.objs.Stats.Lookup(id, &per); err != nil {
+			continue
+		}
+		for _, c := range per {
+			h.res.Steered += c.Selected
+			h.res.Fallbacks += c.Fallback
+			h.res.Migrated += c.Migrated
+			h.res.Failed += c.Failed
+			h.res.Probed += c.Probed
+		}
+	}
+}
+
+// monoNow is CLOCK_MONOTONIC in ns: comparable with timestamps taken by other processes on the host.
+func monoNow() int64 {
+	var ts unix.Timespec
+	unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts)
+	return ts.Nano()
+}

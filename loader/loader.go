@@ -1,0 +1,283 @@
+// Package loader loads draind's BPF objects, keeps the shared maps pinned under a bpffs directory (mounting bpffs
+// when it is missing) and probes the kernel for what draind needs.
+package loader
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"sync"
+
+	"github.com/cilium/ebpf"
+	"golang.org/x/sys/unix"
+)
+
+// Limits of the BPF objects; they mirror the constants in bpf/selector.bpf.c.
+const (
+	MaxSockets = 1024
+	MaxGroups  = 256
+	MaxMembers = 32
+)
+
+// DefaultPinDir is where the shared maps are pinned unless Options.PinDir says otherwise.
+const DefaultPinDir = "/sys/fs/bpf/draind"
+
+// Sentinel errors, for errors.Is.
+var (
+	ErrNotPermitted = errors.New("operation not permitted: draind needs root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_PTRACE, CAP_SYS_ADMIN to mount bpffs)")
+	ErrNoBPF        = errors.New("BPF unavailable")
+)
+
+// Exported forms of the generated types, for steer/ and metrics/.
+type (
+	Group    = selectorGroup
+	Member   = selectorMember
+	GroupKey = selectorGroupKey
+	Counters = selectorCounters
+)
+
+// Options configures Open. The zero value pins under DefaultPinDir and logs to slog.Default().
+type Options struct {
+	PinDir string
+	Logger *slog.Logger
+}
+
+// Objects are the pinned maps shared by every selector copy, plus the spec to load copies from.
+type Objects struct {
+	Sockets   *ebpf.Map // REUSEPORT_SOCKARRAY: slot -> listener
+	Groups    *ebpf.Map // ARRAY: group id -> Group
+	GroupKeys *ebpf.Map // ARRAY: group id -> GroupKey
+	Stats     *ebpf.Map // PERCPU_ARRAY: group id -> Counters
+
+	pinDir string
+	spec   *ebpf.CollectionSpec
+	log    *slog.Logger
+	lockMu sync.Mutex
+	lockFD int
+	once   sync.Once
+}
+
+// mapNames lists the shared maps in the order they are pinned.
+var mapNames = []string{selectorMapSockets, selectorMapGroups, selectorMapGroupKeys, selectorMapStats}
+
+// Open mounts bpffs if needed, then opens the pinned maps under the pin directory, creating and pinning them the
+// first time.
+func Open(opts Options) (*Objects, error) {
+	if opts.PinDir == "" {
+		opts.PinDir = DefaultPinDir
+	}
+	if opts.Logger == nil {
+		opts.Logger = slog.Default()
+	}
+	if err := ensureBPFFS(filepath.Dir(opts.PinDir), opts.Logger); err != nil {
+		return nil, err
+	}
+	spec, err := loadSelector()
+	if err != nil {
+		return nil, fmt.Errorf("load selector spec: %w", err)
+	}
+	o := &Objects{pinDir: opts.PinDir, spec: spec, log: opts.Logger, lockFD: -1}
+	unlock, err := o.Lock()
+	if err != nil {
+		return nil, err
+	}
+	defer unlock()
+
+	maps := make(map[string]*ebpf.Map, len(mapNames))
+	closeAll := func() {
+		for _, m := range maps {
+			m.Close()
+		}
+	}
+	for _, name := range mapNames {
+		m, err := openOrCreate(spec.Maps[name], filepath.Join(o.pinDir, name))
+		if err != nil {
+			closeAll()
+			return nil, err
+		}
+		maps[name] = m
+	}
+	o.Sockets, o.Groups, o.GroupKeys, o.Stats = maps[selectorMapSockets], maps[selectorMapGroups], maps[selectorMapGroupKeys], maps[selectorMapStats]
+	return o, nil
+}
+
+func openOrCreate(spec *ebpf.MapSpec, path string) (*ebpf.Map, error) {
+	m, err := ebpf.LoadPinnedMap(path, nil)
+	if err == nil {
+		if err := spec.Compatible(m); err != nil {
+			m.Close()
+			return nil, fmt.Errorf("open pinned map %s: incompatible with this draind (remove it once no handoff runs): %w", path, err)
+		}
+		return m, nil
+	}
+	if !errors.Is(err, os.ErrNotExist) {
+		return nil, fmt.Errorf("open pinned map %s: %w", path, wrapPerm(err))
+	}
+	m, err = ebpf.NewMap(spec)
+	if err != nil {
+		return nil, fmt.Errorf("create map %s: %w", spec.Name, wrapPerm(err))
+	}
+	if err := m.Pin(path); err != nil {
+		m.Close()
+		return nil, fmt.Errorf("pin map %s: %w", path, wrapPerm(err))
+	}
+	return m, nil
+}
+
+// PinDir is the directory holding the pins.
+func (o *Objects) PinDir() string { return o.pinDir }
+
+// Lock takes draind's exclusive lock on the shared maps (an flock on the pin directory, so separate draind
+// processes exclude each other too). Every read-modify-write of Groups, GroupKeys or slot allocation happens under
+// it. The returned function releases it.
+func (o *Objects) Lock() (func(), error) {
+	o.lockMu.Lock()
+	for {
+		if err := os.MkdirAll(o.pinDir, 0o700); err != nil {
+			o.lockMu.Unlock()
+			return nil, fmt.Errorf("create pin dir %s: %w", o.pinDir, wrapPerm(err))
+		}
+		fd, err := unix.Open(o.pinDir, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+		if err != nil {
+			o.lockMu.Unlock()
+			return nil, fmt.Errorf("open pin dir %s: %w", o.pinDir, wrapPerm(err))
+		}
+		if err := unix.Flock(fd, unix.LOCK_EX); err != nil {
+			unix.Close(fd)
+			o.lockMu.Unlock()
+			return nil, fmt.Errorf("lock pin dir %s: %w", o.pinDir, err)
+		}
+		// The directory may have been removed by RemoveUnusedPins while we waited: then lock the new one.
+		var held, now unix.Stat_t
+		if unix.Fstat(fd, &held) == nil && unix.Stat(o.pinDir, &now) == nil && held.Ino == now.Ino {
+			o.lockFD = fd
+			return func() {
+				unix.Close(o.lockFD)
+				o.lockFD = -1
+				o.lockMu.Unlock()
+			}, nil
+		}
+		unix.Close(fd)
+	}
+}
+
+// LoadSelector loads one copy of the selector program for a group id. The caller owns the program.
+func (o *Objects) LoadSelector(groupID uint32) (*ebpf.Program, error) {
+	spec := o.spec.Copy()
+	if err := spec.Variables[selectorVarGroupId].Set(groupID); err != nil {
+		return nil, fmt.Errorf("set group id: %w", err)
+	}
+	var objs struct {
+		Prog *ebpf.Program `ebpf:"draind_select"`
+	}
+	err := spec.LoadAndAssign(&objs, &ebpf.CollectionOptions{
+		MapReplacements: map[string]*ebpf.Map{
+			selectorMapSockets:   o.Sockets,
+			selectorMapGroups:    o.Groups,
+			selectorMapGroupKeys: o.GroupKeys,
+			selectorMapStats:     o.Stats,
+		},
+	})
+	if err != nil {
+		var verr *ebpf.VerifierError
+		if errors.As(err, &verr) {
+			o.log.Error("selector rejected by the verifier", "log", fmt.Sprintf("%+v", verr))
+		}
+		return nil, fmt.Errorf("load selector: %w", wrapPerm(err))
+	}
+	// Only the program is ours; the maps were replacements and stay owned by o.
+	return objs.Prog, nil
+}
+
+// Unused reports whether no group is allocated and no socket slot is filled.
+func (o *Objects) Unused() (bool, error) {
+	var key GroupKey
+	for id := uint32(0); id < MaxGroups; id++ {
+		if err := o.GroupKeys.Lookup(id, &key); err != nil {
+			return false, fmt.Errorf("read group %d: %w", id, err)
+		}
+		if key.NetnsCookie != 0 {
+			return false, nil
+		}
+	}
+	var cookie uint64
+	for slot := uint32(0); slot < MaxSockets; slot++ {
+		if err := o.Sockets.Lookup(slot, &cookie); err == nil {
+			return false, nil
+		}
+	}
+	return true, nil
+}
+
+// RemoveUnusedPins removes the pins and the pin directory when no group is in use. The caller must hold Lock.
+func (o *Objects) RemoveUnusedPins() (removed bool, err error) {
+	unused, err := o.Unused()
+	if err != nil || !unused {
+		return false, err
+	}
+	for _, name := range mapNames {
+		if err := os.Remove(filepath.Join(o.pinDir, name)); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return false, fmt.Errorf("remove pin %s: %w", name, err)
+		}
+	}
+	if err := os.Remove(o.pinDir); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return false, fmt.Errorf("remove pin dir: %w", err)
+	}
+	return true, nil
+}
+
+// Close releases draind's handles on the maps (the pins stay). Safe to call twice.
+func (o *Objects) Close() error {
+	o.once.Do(func() {
+		for _, m := range []*ebpf.Map{o.Sockets, o.Groups, o.GroupKeys, o.Stats} {
+			if m != nil {
+				m.Close()
+			}
+		}
+	})
+	return nil
+}
+
+func wrapPerm(err error) error {
+	if errors.Is(err, unix.EPERM) || errors.Is(err, unix.EACCES) {
+		return fmt.Errorf("%w: %w", ErrNotPermitted, err)
+	}
+	return err
+}
+
+const bpffsMagic = 0xcafe4a11
+
+// ensureBPFFS mounts bpffs at dir (normally /sys/fs/bpf) when dir is not on a bpffs already.
+func ensureBPFFS(dir string, log *slog.Logger) error {
+	var st unix.Statfs_t
+	if err := unix.Statfs(dir, &st); err == nil && st.Type == bpffsMagic {
+		return nil
+	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return fmt.Errorf("create bpffs mount point %s: %w", dir, wrapPerm(err))
+	}
+	if err := unix.Mount("bpf", dir, "bpf", 0, "mode=0700"); err != nil {
+		return fmt.Errorf("mount bpffs at %s: %w", dir, wrapPerm(err))
+	}
+	log.Info("mounted bpffs", "path", dir)
+	return nil
+}
+
+// Probe checks that the kernel can run the selector: it creates a REUSEPORT_SOCKARRAY and loads the program.
+func Probe() error {
+	spec, err := loadSelector()
+	if err != nil {
+		return fmt.Errorf("load selector spec: %w", err)
+	}
+	coll, err := ebpf.NewCollection(spec)
+	if err != nil {
+		if errors.Is(err, unix.EPERM) || errors.Is(err, unix.EACCES) {
+			return wrapPerm(err)
+		}
+		return fmt.Errorf("%w: load selector: %w", ErrNoBPF, err)
+	}
+	coll.Close()
+	return nil
+}

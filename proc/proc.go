@@ -1,0 +1,247 @@
+// Package proc holds race-free handles on processes (pidfds) and reads what draind needs from them: their
+// descendants, their socket file descriptors, copies of those (pidfd_getfd), their network namespace.
+package proc
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+
+	"golang.org/x/sys/unix"
+)
+
+// Sentinel errors.
+var (
+	ErrNoProcess    = errors.New("no such process")
+	ErrNotPermitted = errors.New("not permitted")
+)
+
+// Process is a process held by a pidfd, so that a PID reused after the process exits can never be mistaken for it.
+type Process struct {
+	PID   int
+	fd    int
+	mu    sync.Mutex
+	close sync.Once
+}
+
+// Open resolves pid to a pidfd.
+func Open(pid int) (*Process, error) {
+	if pid <= 0 {
+		return nil, fmt.Errorf("open process %d: %w", pid, ErrNoProcess)
+	}
+	fd, err := unix.PidfdOpen(pid, 0)
+	if err != nil {
+		if errors.Is(err, unix.ESRCH) {
+			return nil, fmt.Errorf("open process %d: %w", pid, ErrNoProcess)
+		}
+		return nil, fmt.Errorf("open process %d: %w", pid, err)
+	}
+	p := &Process{PID: pid, fd: fd}
+	// A zombie still has a pidfd; treat it as gone.
+	if p.Exited() {
+		p.Close()
+		return nil, fmt.Errorf("open process %d: %w (it has exited)", pid, ErrNoProcess)
+	}
+	return p, nil
+}
+
+// FromFD wraps a pidfd received from elsewhere (e.g. over SCM_RIGHTS). The Process owns fd.
+func FromFD(fd int) (*Process, error) {
+	pid, err := pidOfFD(fd)
+	if err != nil {
+		return nil, err
+	}
+	return &Process{PID: pid, fd: fd}, nil
+}
+
+func pidOfFD(fd int) (int, error) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/self/fdinfo/%d", fd))
+	if err != nil {
+		return 0, fmt.Errorf("read pidfd info: %w", err)
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, "Pid:"); ok {
+			pid, err := strconv.Atoi(strings.TrimSpace(v))
+			if err != nil || pid <= 0 {
+				return 0, fmt.Errorf("read pidfd info: %w", ErrNoProcess)
+			}
+			return pid, nil
+		}
+	}
+	return 0, fmt.Errorf("read pidfd info: not a pidfd")
+}
+
+// FD is the pidfd.
+func (p *Process) FD() int { return p.fd }
+
+// Exited reports whether the process has exited (its pidfd is readable).
+func (p *Process) Exited() bool {
+	fds := []unix.PollFd{{Fd: int32(p.fd), Events: unix.POLLIN}}
+	n, err := unix.Poll(fds, 0)
+	return err == nil && n > 0
+}
+
+// Alive is the opposite of Exited, checked with a null signal as well.
+func (p *Process) Alive() bool {
+	if p.Exited() {
+		return false
+	}
+	return unix.PidfdSendSignal(p.fd, 0, nil, 0) == nil
+}
+
+// Signal sends sig through the pidfd.
+func (p *Process) Signal(sig syscall.Signal) error {
+	if err := unix.PidfdSendSignal(p.fd, sig, nil, 0); err != nil {
+		if errors.Is(err, unix.ESRCH) {
+			return fmt.Errorf("signal process %d: %w", p.PID, ErrNoProcess)
+		}
+		return fmt.Errorf("signal process %d: %w", p.PID, err)
+	}
+	return nil
+}
+
+// WaitExit waits until the process exits or ctx ends; it reports whether the exit was seen.
+func (p *Process) WaitExit(ctx context.Context) bool {
+	for {
+		if p.Exited() {
+			return true
+		}
+		// Poll the pidfd in short slices so that ctx is honoured without another fd to wake us.
+		fds := []unix.PollFd{{Fd: int32(p.fd), Events: unix.POLLIN}}
+		n, err := unix.Poll(fds, 20)
+		if err == nil && n > 0 {
+			return true
+		}
+		if ctx.Err() != nil {
+			return false
+		}
+	}
+}
+
+// GetFD copies the process's file descriptor fd into draind (pidfd_getfd). The caller closes the copy.
+func (p *Process) GetFD(fd int) (int, error) {
+	c, err := unix.PidfdGetfd(p.fd, fd, 0)
+	if err != nil {
+		switch {
+		case errors.Is(err, unix.EPERM), errors.Is(err, unix.EACCES):
+			return -1, fmt.Errorf("copy fd %d of process %d: %w: %w", fd, p.PID, ErrNotPermitted, err)
+		case errors.Is(err, unix.ESRCH):
+			return -1, fmt.Errorf("copy fd %d of process %d: %w", fd, p.PID, ErrNoProcess)
+		}
+		return -1, fmt.Errorf("copy fd %d of process %d: %w", fd, p.PID, err)
+	}
+	return c, nil
+}
+
+// NetNS opens the process's network namespace. The caller closes the returned fd.
+func (p *Process) NetNS() (int, error) {
+	// PIDFD_GET_NET_NAMESPACE (Linux 6.11) is race-free; fall back to /proc plus a liveness check.
+	const pidfdGetNetNamespace = 0xff<<8 | 4
+	fd, _, errno := unix.Syscall(unix.SYS_IOCTL, uintptr(p.fd), pidfdGetNetNamespace, 0)
+	if errno == 0 {
+		return int(fd), nil
+	}
+	nfd, err := unix.Open(fmt.Sprintf("/proc/%d/ns/net", p.PID), unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return -1, fmt.Errorf("open netns of process %d: %w", p.PID, err)
+	}
+	if !p.Alive() {
+		unix.Close(nfd)
+		return -1, fmt.Errorf("open netns of process %d: %w", p.PID, ErrNoProcess)
+	}
+	return nfd, nil
+}
+
+// Close closes the pidfd. Safe to call twice.
+func (p *Process) Close() error {
+	p.close.Do(func() { unix.Close(p.fd) })
+	return nil
+}
+
+// Tree returns pid and all its descendants (read from /proc, so a snapshot).
+func Tree(pid int) []int {
+	entries, err := os.ReadDir("/proc")
+	if err != nil {
+		return []int{pid}
+	}
+	children := map[int][]int{}
+	for _, e := range entries {
+		p, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		pp, err := ppid(p)
+		if err != nil {
+			continue
+		}
+		children[pp] = append(children[pp], p)
+	}
+	out := []int{pid}
+	for i := 0; i < len(out); i++ {
+		out = append(out, children[out[i]]...)
+	}
+	return out
+}
+
+func ppid(pid int) (int, error) {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+	if err != nil {
+		return 0, err
+	}
+	// The command name may contain spaces and parentheses: fields start after the last ')'.
+	s := string(b)
+	i := strings.LastIndexByte(s, ')')
+	if i < 0 {
+		return 0, fmt.Errorf("parse stat of %d", pid)
+	}
+	f := strings.Fields(s[i+1:])
+	if len(f) < 2 {
+		return 0, fmt.Errorf("parse stat of %d", pid)
+	}
+	return strconv.Atoi(f[1])
+}
+
+// SocketFD is one socket in a process's fd table.
+type SocketFD struct {
+	PID   int
+	FD    int
+	Inode uint64
+}
+
+// Sockets lists the socket file descriptors of a process from /proc/PID/fd.
+func Sockets(pid int) ([]SocketFD, error) {
+	dir := "/proc/" + strconv.Itoa(pid) + "/fd"
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		if errors.Is(err, os.ErrNotExist) {
+			return nil, fmt.Errorf("list fds of process %d: %w", pid, ErrNoProcess)
+		}
+		if errors.Is(err, os.ErrPermission) {
+			return nil, fmt.Errorf("list fds of process %d: %w", pid, ErrNotPermitted)
+		}
+		return nil, fmt.Errorf("list fds of process %d: %w", pid, err)
+	}
+	var out []SocketFD
+	for _, e := range entries {
+		link, err := os.Readlink(dir + "/" + e.Name())
+		if err != nil {
+			continue // closed meanwhile
+		}
+		ino, ok := strings.CutPrefix(link, "socket:[")
+		if !ok {
+			continue
+		}
+		n, err1 := strconv.ParseUint(strings.TrimSuffix(ino, "]"), 10, 64)
+		fd, err2 := strconv.Atoi(e.Name())
+		if err1 != nil || err2 != nil {
+			continue
+		}
+		out = append(out, SocketFD{PID: pid, FD: fd, Inode: n})
+	}
+	return out, nil
+}

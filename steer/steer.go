@@ -1,0 +1,516 @@
+package steer
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strconv"
+
+	"github.com/cilium/ebpf"
+	"golang.org/x/sys/unix"
+
+	"github.com/draind/draind/loader"
+)
+
+// Steering is the steering of one handoff: for each pair, the group's selector, the slots holding the listeners,
+// and the generations of the old and the new side. Methods are not safe for concurrent use.
+type Steering struct {
+	objs   *loader.Objects
+	log    *slog.Logger
+	groups []*group
+}
+
+type group struct {
+	id      uint32
+	pair    Pair
+	oldGen  uint32
+	newGen  uint32
+	slots   map[uint64]uint32 // listener cookie -> slot
+	lease   int               // flock'd lease dir fd
+	created bool              // the group was free before this handoff
+}
+
+// Options for Begin. The zero value logs to slog.Default().
+type Options struct {
+	Logger *slog.Logger
+}
+
+// Begin puts every listener of pairs in the socket array and attaches a selector to each group with the OLD side as
+// target, so nothing changes for clients yet. On error, everything Begin did is undone.
+func Begin(objs *loader.Objects, pairs []Pair, opts Options) (_ *Steering, err error) {
+	if opts.Logger == nil {
+		opts.Logger = slog.Default()
+	}
+	s := &Steering{objs: objs, log: opts.Logger}
+	defer func() {
+		if err != nil {
+			if uerr := s.Undo(); uerr != nil {
+				s.log.Error("undo failed steering", "err", uerr)
+			}
+		}
+	}()
+	unlock, err := objs.Lock()
+	if err != nil {
+		return nil, err
+	}
+	defer unlock()
+	for _, p := range pairs {
+		g, err := s.begin(p)
+		if g != nil {
+			s.groups = append(s.groups, g)
+		}
+		if err != nil {
+			return nil, fmt.Errorf("steer %s: %w", p.Addr, err)
+		}
+	}
+	return s, nil
+}
+
+func keyOf(l *Listener) loader.GroupKey {
+	k := loader.GroupKey{NetnsCookie: l.NetnsCookie, Port: l.Addr.Port(), Family: uint16(l.Family)}
+	k.Addr = l.Addr.Addr().As16()
+	return k
+}
+
+func (s *Steering) begin(p Pair) (*group, error) {
+	key := keyOf(p.Old[0])
+	id, created, err := s.findGroup(key)
+	if err != nil {
+		return nil, err
+	}
+	lease, err := s.takeLease(id)
+	if err != nil {
+		return nil, err
+	}
+	g := &group{id: id, pair: p, slots: map[uint64]uint32{}, lease: lease, created: created}
+	var gv loader.Group
+	if created {
+		if err := s.objs.GroupKeys.Put(id, key); err != nil {
+			return g, fmt.Errorf("write group key: %w", err)
+		}
+		// Reset the counters of a recycled id.
+		if err := s.objs.Stats.Put(id, make([]loader.Counters, ebpfCPUs())); err != nil {
+			return g, fmt.Errorf("reset counters: %w", err)
+		}
+	} else {
+		// A group left by a draind that is gone: keep only members whose listeners are old or new now.
+		if err := s.objs.Groups.Lookup(id, &gv); err != nil {
+			return g, fmt.Errorf("read group: %w", err)
+		}
+	}
+
+	// Copies of the listeners' fds, closed when Begin returns (see DESIGN.md: a copy kept by draind would keep a
+	// closed listener alive with its queue stuck).
+	var copies []int
+	defer func() {
+		for _, fd := range copies {
+			unix.Close(fd)
+		}
+	}()
+	cookies, err := s.slotCookies()
+	if err != nil {
+		return g, err
+	}
+	for _, l := range append(append([]*Listener{}, p.Old...), p.New...) {
+		fd, err := l.Copy()
+		if err != nil {
+			return g, err
+		}
+		copies = append(copies, fd)
+		if slot, ok := cookies[l.Cookie]; ok {
+			g.slots[l.Cookie] = slot
+			continue
+		}
+		slot, err := s.freeSlot(cookies)
+		if err != nil {
+			return g, err
+		}
+		if err := s.objs.Sockets.Update(slot, uint64(fd), ebpf.UpdateNoExist); err != nil {
+			return g, fmt.Errorf("put %s in socket array: %w", l, explainInsert(err))
+		}
+		cookies[l.Cookie] = slot
+		g.slots[l.Cookie] = slot
+	}
+
+	// Generations: members already in the group keep theirs (a drain of an older generation may still run).
+	gens := map[uint64]uint32{}
+	for i := range gv.Members[:min(int(gv.NumMembers), loader.MaxMembers)] {
+		m := gv.Members[i]
+		if m.Gen == 0 {
+			continue
+		}
+		alive := false
+		for c, slot := range cookies {
+			if slot == m.Slot {
+				gens[c], alive = m.Gen, true
+			}
+		}
+		if !alive {
+			gv.Members[i].Gen = 0
+		}
+	}
+	g.oldGen = gens[p.Old[0].Cookie]
+	if g.oldGen == 0 {
+		g.oldGen = freeGen(&gv, 0)
+	}
+	g.newGen = freeGen(&gv, g.oldGen)
+	for _, l := range p.Old {
+		if gens[l.Cookie] == 0 {
+			if err := addMember(&gv, g.slots[l.Cookie], g.oldGen); err != nil {
+				return g, err
+			}
+		}
+	}
+	for _, l := range p.New {
+		if gens[l.Cookie] != 0 {
+			return g, fmt.Errorf("%w: %s is already a member of group %d", ErrAlreadyActive, l, id)
+		}
+		if err := addMember(&gv, g.slots[l.Cookie], g.newGen); err != nil {
+			return g, err
+		}
+	}
+	gv.TargetGen = g.oldGen
+	if err := s.objs.Groups.Put(id, gv); err != nil {
+		return g, fmt.Errorf("write group: %w", err)
+	}
+
+	prog, err := s.objs.LoadSelector(id)
+	if err != nil {
+		return g, err
+	}
+	defer prog.Close() // the group holds its own reference once attached
+	if err := unix.SetsockoptInt(copies[0], unix.SOL_SOCKET, unix.SO_ATTACH_REUSEPORT_EBPF, prog.FD()); err != nil {
+		return g, fmt.Errorf("attach selector to %s: %w", p.Old[0], err)
+	}
+	s.log.Debug("steering ready", "addr", p.Addr, "group", id, "old_gen", g.oldGen, "new_gen", g.newGen)
+	return g, nil
+}
+
+// findGroup returns the group id of key, or a free one (created=true).
+func (s *Steering) findGroup(key loader.GroupKey) (id uint32, created bool, err error) {
+	free := -1
+	var k loader.GroupKey
+	for i := uint32(0); i < loader.MaxGroups; i++ {
+		if err := s.objs.GroupKeys.Lookup(i, &k); err != nil {
+			return 0, false, fmt.Errorf("read group key %d: %w", i, err)
+		}
+		if k == key {
+			return i, false, nil
+		}
+		if k.NetnsCookie == 0 && free < 0 {
+			free = int(i)
+		}
+	}
+	if free < 0 {
+		return 0, false, fmt.Errorf("allocate group: all %d in use", loader.MaxGroups)
+	}
+	return uint32(free), true, nil
+}
+
+// takeLease locks the group's lease directory for the life of this handoff, so two draind processes never steer
+// one group at once. A lease that is not held (its draind died) is taken over.
+func (s *Steering) takeLease(id uint32) (int, error) {
+	dir := leaseDir(s.objs, id)
+	if err := os.Mkdir(dir, 0o700); err != nil && !errors.Is(err, os.ErrExist) {
+		return -1, fmt.Errorf("create lease: %w", err)
+	}
+	fd, err := unix.Open(dir, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return -1, fmt.Errorf("open lease: %w", err)
+	}
+	if err := unix.Flock(fd, unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		unix.Close(fd)
+		if errors.Is(err, unix.EWOULDBLOCK) {
+			return -1, fmt.Errorf("%w by another draind (group %d)", ErrAlreadyActive, id)
+		}
+		return -1, fmt.Errorf("lock lease: %w", err)
+	}
+	return fd, nil
+}
+
+func leaseDir(objs *loader.Objects, id uint32) string {
+	return filepath.Join(objs.PinDir(), "group-"+strconv.Itoa(int(id)))
+}
+
+// slotCookies maps the cookie of every socket in the array to its slot.
+func (s *Steering) slotCookies() (map[uint64]uint32, error) {
+	out := map[uint64]uint32{}
+	var cookie uint64
+	for slot := uint32(0); slot < loader.MaxSockets; slot++ {
+		err := s.objs.Sockets.Lookup(slot, &cookie)
+		if err == nil {
+			out[cookie] = slot
+		} else if !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return nil, fmt.Errorf("read socket array: %w", err)
+		}
+	}
+	return out, nil
+}
+
+// freeSlot finds a slot that holds no socket and that no group member points at.
+func (s *Steering) freeSlot(cookies map[uint64]uint32) (uint32, error) {
+	used := make([]bool, loader.MaxSockets)
+	for _, slot := range cookies {
+		used[slot] = true
+	}
+	var gv loader.Group
+	for id := uint32(0); id < loader.MaxGroups; id++ {
+		if err := s.objs.Groups.Lookup(id, &gv); err != nil {
+			return 0, fmt.Errorf("read group %d: %w", id, err)
+		}
+		for _, m := range gv.Members[:min(int(gv.NumMembers), loader.MaxMembers)] {
+			if m.Gen != 0 && m.Slot < loader.MaxSockets {
+				used[m.Slot] = true
+			}
+		}
+	}
+	for i, u := range used {
+		if !u {
+			return uint32(i), nil
+		}
+	}
+	return 0, fmt.Errorf("allocate slot: all %d in use", loader.MaxSockets)
+}
+
+// freeGen returns the smallest generation in 1..255 not used by gv's members and not except. Generations stay
+// below 256 so that a flip of target_gen changes one byte (see bpf/selector.bpf.c).
+func freeGen(gv *loader.Group, except uint32) uint32 {
+	for g := uint32(1); g < 256; g++ {
+		if g == except {
+			continue
+		}
+		used := false
+		for _, m := range gv.Members[:min(int(gv.NumMembers), loader.MaxMembers)] {
+			used = used || m.Gen == g
+		}
+		if !used {
+			return g
+		}
+	}
+	return 0
+}
+
+func addMember(gv *loader.Group, slot, gen uint32) error {
+	if gen == 0 {
+		return fmt.Errorf("add member: no free generation")
+	}
+	for i := range gv.Members[:min(int(gv.NumMembers), loader.MaxMembers)] {
+		if gv.Members[i].Gen == 0 {
+			gv.Members[i] = loader.Member{Slot: slot, Gen: gen}
+			return nil
+		}
+	}
+	if gv.NumMembers >= loader.MaxMembers {
+		return fmt.Errorf("add member: group already has %d listeners", loader.MaxMembers)
+	}
+	gv.Members[gv.NumMembers] = loader.Member{Slot: slot, Gen: gen}
+	gv.NumMembers++
+	return nil
+}
+
+func explainInsert(err error) error {
+	switch {
+	case errors.Is(err, unix.EBUSY):
+		return fmt.Errorf("%w (the socket is already in another BPF socket map)", err)
+	case errors.Is(err, unix.ENOTSUP), errors.Is(err, unix.EOPNOTSUPP), errors.Is(err, unix.Errno(524)):
+		return fmt.Errorf("%w (not a plain TCP listener in a reuseport group)", err)
+	}
+	return err
+}
+
+// update applies fn to the group value of every group of this handoff, under draind's lock.
+func (s *Steering) update(fn func(g *group, gv *loader.Group)) error {
+	unlock, err := s.objs.Lock()
+	if err != nil {
+		return err
+	}
+	defer unlock()
+	for _, g := range s.groups {
+		var gv loader.Group
+		if err := s.objs.Groups.Lookup(g.id, &gv); err != nil {
+			return fmt.Errorf("read group %d: %w", g.id, err)
+		}
+		fn(g, &gv)
+		if err := s.objs.Groups.Put(g.id, gv); err != nil {
+			return fmt.Errorf("write group %d: %w", g.id, err)
+		}
+	}
+	return nil
+}
+
+// Flip sends new connections (and migrating ones) to the new side.
+func (s *Steering) Flip() error {
+	return s.update(func(g *group, gv *loader.Group) { gv.TargetGen, gv.ProbePort = g.newGen, 0 })
+}
+
+// FlipBack sends them to the old side again.
+func (s *Steering) FlipBack() error {
+	return s.update(func(g *group, gv *loader.Group) { gv.TargetGen = g.oldGen })
+}
+
+// SetProbe makes a connection from local source port reach the new side of every group even while the target is
+// the old side: draind's readiness probe of the new process through the shared address. 0 clears it.
+func (s *Steering) SetProbe(port uint16) error {
+	return s.update(func(g *group, gv *loader.Group) { gv.ProbePort, gv.ProbeGen = uint32(port), g.newGen })
+}
+
+// GroupIDs lists the group ids this handoff steers (for counters).
+func (s *Steering) GroupIDs() []uint32 {
+	var out []uint32
+	for _, g := range s.groups {
+		out = append(out, g.id)
+	}
+	return out
+}
+
+// OldAlive reports whether any old listener is still in its group (an old listener leaves the socket array when
+// it closes).
+func (s *Steering) OldAlive() bool {
+	for _, g := range s.groups {
+		for _, l := range g.pair.Old {
+			var c uint64
+			if s.objs.Sockets.Lookup(g.slots[l.Cookie], &c) == nil && c == l.Cookie {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// Undo steers back to the old side, detaches the selectors draind attached and forgets every slot and group this
+// handoff created, leaving the kernel as Begin found it. Safe to call more than once.
+func (s *Steering) Undo() error {
+	return s.release(false)
+}
+
+// Finish ends a handoff whose old side is gone: the new side keeps the group alone, so the selector is detached
+// and slots and groups are freed. When old listeners are still open it leaves steering in place (target: new) and
+// says so.
+func (s *Steering) Finish() error {
+	if s.OldAlive() {
+		return fmt.Errorf("finish steering: old listeners still open; steering left in place (pinned under %s)", s.objs.PinDir())
+	}
+	return s.release(true)
+}
+
+func (s *Steering) release(toNew bool) error {
+	if len(s.groups) == 0 {
+		return nil
+	}
+	unlock, err := s.objs.Lock()
+	if err != nil {
+		return err
+	}
+	defer unlock()
+	var errs []error
+	for _, g := range s.groups {
+		errs = append(errs, s.releaseGroup(g, toNew))
+	}
+	s.groups = nil
+	if _, err := s.objs.RemoveUnusedPins(); err != nil {
+		errs = append(errs, err)
+	}
+	return errors.Join(errs...)
+}
+
+func (s *Steering) releaseGroup(g *group, toNew bool) error {
+	defer unix.Close(g.lease)
+	var gv loader.Group
+	if err := s.objs.Groups.Lookup(g.id, &gv); err != nil {
+		return fmt.Errorf("read group %d: %w", g.id, err)
+	}
+	keep := g.oldGen // the side that keeps the group
+	if toNew {
+		keep = g.newGen
+	}
+	gv.TargetGen, gv.ProbePort = keep, 0
+	if err := s.objs.Groups.Put(g.id, gv); err != nil {
+		return fmt.Errorf("write group %d: %w", g.id, err)
+	}
+
+	// Other members than the two sides (an older generation still draining) mean another handoff needs the selector.
+	others := false
+	for _, m := range gv.Members[:min(int(gv.NumMembers), loader.MaxMembers)] {
+		others = others || (m.Gen != 0 && m.Gen != g.oldGen && m.Gen != g.newGen)
+	}
+	var errs []error
+	if !others {
+		if err := s.detach(g, toNew); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	for i := range gv.Members[:min(int(gv.NumMembers), loader.MaxMembers)] {
+		m := &gv.Members[i]
+		if m.Gen == g.oldGen || m.Gen == g.newGen {
+			m.Gen = 0
+		}
+	}
+	live := 0
+	for _, m := range gv.Members[:min(int(gv.NumMembers), loader.MaxMembers)] {
+		if m.Gen != 0 {
+			live++
+		}
+	}
+	if live == 0 {
+		gv = loader.Group{}
+	}
+	if err := s.objs.Groups.Put(g.id, gv); err != nil {
+		errs = append(errs, fmt.Errorf("write group %d: %w", g.id, err))
+	}
+	for cookie, slot := range g.slots {
+		var c uint64
+		if s.objs.Sockets.Lookup(slot, &c) == nil && c == cookie {
+			if err := s.objs.Sockets.Delete(slot); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+				errs = append(errs, fmt.Errorf("clear slot %d: %w", slot, err))
+			}
+		}
+	}
+	if live == 0 {
+		if err := s.objs.GroupKeys.Put(g.id, loader.GroupKey{}); err != nil {
+			errs = append(errs, fmt.Errorf("free group %d: %w", g.id, err))
+		}
+		os.Remove(leaseDir(s.objs, g.id))
+	}
+	return errors.Join(errs...)
+}
+
+// detach removes the selector from the group through any listener of it that is still open, preferring the side
+// that keeps the group.
+func (s *Steering) detach(g *group, toNew bool) error {
+	order := append(append([]*Listener{}, g.pair.Old...), g.pair.New...)
+	if toNew {
+		order = append(append([]*Listener{}, g.pair.New...), g.pair.Old...)
+	}
+	for _, l := range order {
+		fd, err := l.Copy()
+		if err != nil {
+			continue
+		}
+		err = unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_DETACH_REUSEPORT_BPF, 0)
+		unix.Close(fd)
+		if err == nil || errors.Is(err, unix.ENOENT) {
+			return nil
+		}
+		return fmt.Errorf("detach selector from %s: %w", l, err)
+	}
+	return nil // no listener left: the group is gone, and the selector with it
+}
+
+func ebpfCPUs() int {
+	n, err := ebpf.PossibleCPU()
+	if err != nil || n < 1 {
+		return 1
+	}
+	return n
+}
+
+// Pairs lists the pairs this handoff steers.
+func (s *Steering) Pairs() []Pair {
+	var out []Pair
+	for _, g := range s.groups {
+		out = append(out, g.pair)
+	}
+	return out
+}
