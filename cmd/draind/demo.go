@@ -103,8 +103,8 @@ func cmdDemo(args []string, stdout, stderr io.Writer) int {
 		enc := json.NewEncoder(stdout)
 		enc.SetIndent("", "  ")
 		enc.Encode(struct {
-			Handoff *handoff.Result     `json:"handoff"`
-			Error   string              `json:"error,omitempty"`
+			Handoff *handoff.Result    `json:"handoff"`
+			Error   string             `json:"error,omitempty"`
 			Load    testenv.LoadResult `json:"load"`
 		}{res, errString(herr), lr})
 	} else {

@@ -67,12 +67,12 @@ func pinDir(t *testing.T) string {
 
 // handoffRun is a `draind handoff --json` running in the background.
 type handoffRun struct {
-	cmd     *exec.Cmd
-	stdout  bytes.Buffer
-	mu      sync.Mutex
-	stderr  strings.Builder
-	done    chan struct{}
-	code    int
+	cmd    *exec.Cmd
+	stdout bytes.Buffer
+	mu     sync.Mutex
+	stderr strings.Builder
+	done   chan struct{}
+	code   int
 }
 
 func startHandoff(t *testing.T, args ...string) *handoffRun {
