@@ -18,7 +18,7 @@ import (
 // Sentinel errors.
 var (
 	ErrNoProcess    = errors.New("no such process")
-	ErrNotPermitted = errors.New("not permitted")
+	ErrNotPermitted = errors.New("not permitted (draind needs root, or CAP_SYS_PTRACE, CAP_SYS_ADMIN, CAP_NET_ADMIN and CAP_BPF)")
 )
 
 // Process is a process held by a pidfd, so that a PID reused after the process exits can never be mistaken for it.
@@ -147,6 +147,9 @@ func (p *Process) NetNS() (int, error) {
 		return int(fd), nil
 	}
 	nfd, err := unix.Open(fmt.Sprintf("/proc/%d/ns/net", p.PID), unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	if errors.Is(err, unix.EACCES) || errors.Is(err, unix.EPERM) {
+		return -1, fmt.Errorf("open netns of process %d: %w", p.PID, ErrNotPermitted)
+	}
 	if err != nil {
 		return -1, fmt.Errorf("open netns of process %d: %w", p.PID, err)
 	}

@@ -16,6 +16,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cilium/ebpf"
+
 	"github.com/draind/draind/handoff"
 	"github.com/draind/draind/testenv"
 )
@@ -39,6 +41,7 @@ func draindBin(t *testing.T) string {
 			binErr = err
 			return
 		}
+		os.Chmod(dir, 0o755) // the not-root test runs it as nobody
 		binPath = filepath.Join(dir, "draind")
 		out, err := exec.Command("go", "build", "-o", binPath, ".").CombinedOutput()
 		if err != nil {
@@ -416,4 +419,166 @@ func TestRollbackWhenNotReady(t *testing.T) {
 		t.Fatalf("old was signalled: %v", old.Signals())
 	}
 	requireGone(t, pins)
+}
+
+// selectorPrograms counts the draind selector programs loaded in the kernel (attached ones stay loaded).
+func selectorPrograms(t *testing.T) int {
+	t.Helper()
+	n := 0
+	id := ebpf.ProgramID(0)
+	for {
+		next, err := ebpf.ProgramGetNextID(id)
+		if err != nil {
+			return n
+		}
+		id = next
+		p, err := ebpf.NewProgramFromID(id)
+		if err != nil {
+			continue
+		}
+		if info, err := p.Info(); err == nil && info.Name == "draind_select" {
+			n++
+		}
+		p.Close()
+	}
+}
+
+// TestBadInput: every bad input gets one clear line and exit code 2, and changes nothing: no pins, no program.
+func TestBadInput(t *testing.T) {
+	ns, pins := setup(t)
+	other := testenv.NetNSForTest(t)
+	old := server(t, ns, "old", testenv.ServerOptions{})
+	newS := server(t, ns, "new", testenv.ServerOptions{})
+	other8081 := testenv.StartServerForTest(t, ns, testenv.ServerOptions{Addr: "127.0.0.1:8081", ID: "other", ReusePort: true})
+	elsewhere := server(t, other, "elsewhere", testenv.ServerOptions{})
+	plainOld := testenv.StartServerForTest(t, ns, testenv.ServerOptions{Addr: "127.0.0.1:9090", ID: "plain-old"})
+	plainNew := testenv.StartServerForTest(t, other, testenv.ServerOptions{Addr: "127.0.0.1:9090", ID: "plain-new"})
+	mptcpOld := testenv.StartServerForTest(t, ns, testenv.ServerOptions{Addr: "127.0.0.1:7070", ID: "mptcp-old", ReusePort: true, MPTCP: true})
+	mptcpNew := testenv.StartServerForTest(t, ns, testenv.ServerOptions{Addr: "127.0.0.1:7070", ID: "mptcp-new", ReusePort: true, MPTCP: true})
+
+	sleeper := exec.Command("sleep", "60")
+	if err := sleeper.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { sleeper.Process.Kill(); sleeper.Wait() })
+	exited := exec.Command("true")
+	if err := exited.Run(); err != nil {
+		t.Fatal(err)
+	}
+
+	pid := func(p int) string { return strconv.Itoa(p) }
+	ok := []string{"--from", pid(old.PID), "--to", pid(newS.PID)}
+	cases := []struct {
+		name   string
+		args   []string
+		nobody bool
+		want   string
+	}{
+		{"unknown pid", []string{"--from", "4194000", "--to", pid(newS.PID)}, false, "old process: open process 4194000: no such process"},
+		{"exited pid", []string{"--from", pid(old.PID), "--to", pid(exited.Process.Pid)}, false, "no such process"},
+		{"same pid", []string{"--from", pid(old.PID), "--to", pid(old.PID)}, false, "old and new are the same process"},
+		{"no listeners", []string{"--from", pid(sleeper.Process.Pid), "--to", pid(newS.PID)}, false, "no listening TCP sockets"},
+		{"no matching listeners", []string{"--from", pid(old.PID), "--to", pid(other8081.PID)}, false, "does not listen on 127.0.0.1:8080"},
+		{"port not listened", append(ok, "--port", "8443"), false, "does not listen on port 8443"},
+		{"different netns", []string{"--from", pid(old.PID), "--to", pid(elsewhere.PID)}, false, "different network namespaces"},
+		{"no SO_REUSEPORT", []string{"--from", pid(plainOld.PID), "--to", pid(plainNew.PID)}, false, "does not have SO_REUSEPORT set"},
+		{"MPTCP", []string{"--from", pid(mptcpOld.PID), "--to", pid(mptcpNew.PID)}, false, "is an MPTCP listener"},
+		{"not root", ok, true, "not permitted"},
+		{"bad signal", append(ok, "--signal", "SIGNOPE"), false, "unknown signal name"},
+		{"zero timeout", append(ok, "--timeout", "0s"), false, "--timeout 0s is not positive"},
+		{"negative timeout", append(ok, "--timeout", "-5s"), false, "--timeout -5s is not positive"},
+		{"bad on-timeout", append(ok, "--on-timeout", "explode"), false, "want signal, kill or abort"},
+		{"missing --to", []string{"--from", pid(old.PID)}, false, "--from and --to are required"},
+	}
+	before := selectorPrograms(t)
+	for _, c := range cases {
+		t.Run(strings.ReplaceAll(c.name, " ", "_"), func(t *testing.T) {
+			cmd := exec.Command(draindBin(t), append([]string{"handoff", "--pin-dir", pins}, c.args...)...)
+			if c.nobody {
+				cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 65534, Gid: 65534}}
+			}
+			var stderr bytes.Buffer
+			cmd.Stderr = &stderr
+			err := cmd.Run()
+			code := 0
+			if ee, ok := err.(*exec.ExitError); ok {
+				code = ee.ExitCode()
+			}
+			msg := strings.TrimSpace(stderr.String())
+			if code != exitBadInput || !strings.Contains(msg, c.want) {
+				t.Fatalf("exit %d, stderr %q; want exit %d and %q", code, msg, exitBadInput, c.want)
+			}
+			if strings.Count(msg, "\n") > 0 {
+				t.Fatalf("want one line, got %q", msg)
+			}
+			requireGone(t, pins)
+			if n := selectorPrograms(t); n != before {
+				t.Fatalf("selector programs loaded: %d, before: %d", n, before)
+			}
+		})
+	}
+	// The servers were left as they were: old still gets requests (nothing steered) and nobody was signalled.
+	for _, s := range []*testenv.Server{old, newS} {
+		if len(s.Signals()) != 0 || s.Exited() {
+			t.Fatalf("server %d was signalled or exited", s.PID)
+		}
+	}
+}
+
+// TestDeadlineAndInterrupt: a drain that cannot finish (long-lived connections stay open) ends by policy: abort rolls
+// back, signal and kill signal anyway with exit code 4, and Ctrl-C to draind rolls back.
+func TestDeadlineAndInterrupt(t *testing.T) {
+	cases := []struct {
+		name      string
+		args      []string
+		interrupt bool
+		wantCode  int
+		wantSig   syscall.Signal // 0: old must not be signalled
+	}{
+		{"abort", []string{"--timeout", "500ms", "--on-timeout", "abort"}, false, exitRolledBack, 0},
+		{"signal", []string{"--timeout", "500ms", "--signal", "USR1", "--exit-wait", "500ms"}, false, exitTimedOut, syscall.SIGUSR1},
+		{"kill", []string{"--timeout", "500ms", "--on-timeout", "kill"}, false, exitTimedOut, syscall.SIGKILL},
+		{"kill-after", []string{"--timeout", "500ms", "--signal", "USR1", "--kill-after", "300ms"}, false, exitTimedOut, syscall.SIGKILL},
+		{"interrupt", nil, true, exitRolledBack, 0},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			ns, pins := setup(t)
+			old := server(t, ns, "old", testenv.ServerOptions{})
+			load := testenv.StartLoadForTest(t, ns, testenv.LoadOptions{Addr: addr, Concurrency: 4, Duration: 20 * time.Second, KeepAlive: 2, KeepAliveEvery: 20 * time.Millisecond})
+			time.Sleep(100 * time.Millisecond)
+			newS := server(t, ns, "new", testenv.ServerOptions{})
+			h := startHandoff(t, append(pidArgs(old, newS, pins), c.args...)...)
+			if c.interrupt {
+				h.waitFor(t, "] draining", 10*time.Second)
+				h.cmd.Process.Signal(os.Interrupt)
+			}
+			out, code := h.wait(t, 15*time.Second)
+			r, err := load.Stop()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if code != c.wantCode {
+				t.Fatalf("exit %d, want %d: %s", code, c.wantCode, h.errText())
+			}
+			sigs := old.Signals()
+			switch {
+			case c.wantSig == 0 && len(sigs) != 0:
+				t.Fatalf("old was signalled: %v", sigs)
+			case c.wantSig == syscall.SIGKILL:
+				if !(out.Killed || out.Signal == "KILL") || !old.Exited() {
+					t.Fatalf("old not killed: signal %s, exited %v", out.Signal, old.Exited())
+				}
+			case c.wantSig != 0 && (len(sigs) != 1 || sigs[0].Signal != c.wantSig):
+				t.Fatalf("old got %v, want %v", sigs, c.wantSig)
+			}
+			if c.wantSig == 0 {
+				// Rolled back: the long-lived connections never noticed.
+				if sumKinds(r.KeepAlive.Failures) != 0 || r.KeepAlive.OK == 0 {
+					t.Fatalf("keep-alive after rollback: %+v", r.KeepAlive)
+				}
+				requireGone(t, pins)
+			}
+		})
+	}
 }
