@@ -18,7 +18,9 @@ import (
 
 	"github.com/cilium/ebpf"
 
+	"github.com/draind/draind/drain"
 	"github.com/draind/draind/handoff"
+	"github.com/draind/draind/proc"
 	"github.com/draind/draind/testenv"
 )
 
@@ -581,4 +583,63 @@ func TestDeadlineAndInterrupt(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestSeveralListenersIPv6: each side holds two listeners on [::1]:8080 (nginx `reuseport` style, one per worker);
+// after the flip, new connections are spread over both of the new side's listeners and nothing fails.
+func TestSeveralListenersIPv6(t *testing.T) {
+	ns, pins := setup(t)
+	const addr6 = "[::1]:8080"
+	o := testenv.ServerOptions{Addr: addr6, ReusePort: true, Listeners: 2, Workers: 2}
+	o.ID = "old"
+	old := testenv.StartServerForTest(t, ns, o)
+	// Two long-lived connections keep the old side draining until the load stops.
+	load := testenv.StartLoadForTest(t, ns, testenv.LoadOptions{Addr: addr6, Concurrency: 32, Duration: 20 * time.Second, KeepAlive: 2})
+	time.Sleep(200 * time.Millisecond)
+	o.ID = "new"
+	newS := testenv.StartServerForTest(t, ns, o)
+	h := startHandoff(t, pidArgs(old, newS, pins)...)
+	h.waitFor(t, "] flipped", 10*time.Second)
+
+	// While the selector steers, hold 16 new connections and count them per new worker (each owns one listener).
+	held := testenv.StartLoadForTest(t, ns, testenv.LoadOptions{Addr: addr6, Concurrency: -1, KeepAlive: 16, Duration: 20 * time.Second})
+	if len(newS.WorkerPIDs) != 2 {
+		t.Fatalf("new workers: %v", newS.WorkerPIDs)
+	}
+	for _, w := range newS.WorkerPIDs {
+		p, err := proc.Open(w)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c, err := drain.NewCounter(p, []uint16{8080})
+		if err != nil {
+			t.Fatal(err)
+		}
+		n, err := c.Count()
+		c.Close()
+		p.Close()
+		if err != nil || n.Conns == 0 {
+			t.Fatalf("worker %d holds %d connections (%v): new connections are not spread over the new listeners", w, n.Conns, err)
+		}
+		t.Logf("worker %d holds %d of 16 connections", w, n.Conns)
+	}
+	r, err := load.Stop()
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, code := h.wait(t, 30*time.Second)
+	held.Stop()
+	t.Logf("handoff: %+v", out.Result)
+	t.Logf("load: requests %d ok %d failures %v by server %v", r.Requests, r.OK, r.Failures, r.ByServer)
+	if code != exitOK || len(out.Listeners) != 1 || out.Listeners[0] != addr6 {
+		t.Fatalf("exit %d listeners %v: %s", code, out.Listeners, h.errText())
+	}
+	requireNoFailures(t, r)
+	if last := r.Spans["old"].LastStartNS; last >= out.FlippedAt {
+		t.Fatalf("a connection started after the flip reached the old process")
+	}
+	if out.Fallbacks != 0 || out.Steered == 0 {
+		t.Fatalf("selector: %d steered, %d fell back", out.Steered, out.Fallbacks)
+	}
+	requireGone(t, pins)
 }
