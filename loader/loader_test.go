@@ -1,0 +1,75 @@
+package loader
+
+import (
+	"os"
+	"path/filepath"
+	"testing"
+
+	"github.com/draind/draind/testenv"
+)
+
+func TestMain(m *testing.M) { testenv.Main(m) }
+
+// TestOpenPinsAndRemoves: Open creates and pins the maps, a second Open reuses the pins, a selector copy loads
+// (the verifier accepts it), and RemoveUnusedPins leaves nothing behind while no group is in use.
+func TestOpenPinsAndRemoves(t *testing.T) {
+	testenv.Require(t)
+	dir := filepath.Join("/sys/fs/bpf", "draind-loader-test")
+	os.RemoveAll(dir)
+	t.Cleanup(func() { os.RemoveAll(dir) })
+
+	a, err := Open(Options{PinDir: dir})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer a.Close()
+	for _, name := range mapNames {
+		if _, err := os.Stat(filepath.Join(dir, name)); err != nil {
+			t.Fatalf("map %s not pinned: %v", name, err)
+		}
+	}
+	b, err := Open(Options{PinDir: dir})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.Close()
+	if err := a.Groups.Put(uint32(7), Group{TargetGen: 3}); err != nil {
+		t.Fatal(err)
+	}
+	var g Group
+	if err := b.Groups.Lookup(uint32(7), &g); err != nil || g.TargetGen != 3 {
+		t.Fatalf("second Open does not share the pinned map: %+v %v", g, err)
+	}
+	a.Groups.Put(uint32(7), Group{})
+
+	prog, err := a.LoadSelector(5)
+	if err != nil {
+		t.Fatalf("load selector: %+v", err)
+	}
+	prog.Close()
+
+	unlock, err := a.Lock()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := a.GroupKeys.Put(uint32(1), GroupKey{NetnsCookie: 42}); err != nil {
+		t.Fatal(err)
+	}
+	if removed, err := a.RemoveUnusedPins(); err != nil || removed {
+		t.Fatalf("removed pins of a group in use: %v %v", removed, err)
+	}
+	a.GroupKeys.Put(uint32(1), GroupKey{})
+	if removed, err := a.RemoveUnusedPins(); err != nil || !removed {
+		t.Fatalf("unused pins not removed: %v %v", removed, err)
+	}
+	unlock()
+	if _, err := os.Stat(dir); !os.IsNotExist(err) {
+		t.Fatalf("pin dir left: %v", err)
+	}
+	if err := a.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.Close(); err != nil {
+		t.Fatal("second Close failed")
+	}
+}
