@@ -185,6 +185,14 @@ func sumKinds(m map[string]int) int {
 	return n
 }
 
+// requireDetached checks that no selector program outlives the handoff (an attached one stays loaded).
+func requireDetached(t *testing.T, before int) {
+	t.Helper()
+	if n := selectorPrograms(t); n != before {
+		t.Fatalf("%d selector programs loaded, %d before the handoff: a selector is still attached", n, before)
+	}
+}
+
 func requireGone(t *testing.T, pins string) {
 	t.Helper()
 	if _, err := os.Stat(pins); !os.IsNotExist(err) {
@@ -355,6 +363,7 @@ func TestPreForkServer(t *testing.T) {
 // once, never signals it, and says so in its exit code.
 func TestRollbackWhenNewDies(t *testing.T) {
 	ns, pins := setup(t)
+	progs := selectorPrograms(t)
 	old := server(t, ns, "old", testenv.ServerOptions{})
 	load := testenv.StartLoadForTest(t, ns, testenv.LoadOptions{
 		Addr: addr, Concurrency: 8, Duration: 20 * time.Second, KeepAlive: 2, KeepAliveEvery: 20 * time.Millisecond,
@@ -391,11 +400,13 @@ func TestRollbackWhenNewDies(t *testing.T) {
 		t.Fatalf("old was signalled (%v) or exited", old.Signals())
 	}
 	requireGone(t, pins)
+	requireDetached(t, progs)
 }
 
 // TestRollbackWhenNotReady: the ready URL never answers 2xx: no flip, the old process keeps everything.
 func TestRollbackWhenNotReady(t *testing.T) {
 	ns, pins := setup(t)
+	progs := selectorPrograms(t)
 	old := server(t, ns, "old", testenv.ServerOptions{})
 	load := testenv.StartLoadForTest(t, ns, testenv.LoadOptions{Addr: addr, Concurrency: 8, Duration: 20 * time.Second})
 	newS := server(t, ns, "new", testenv.ServerOptions{ReadyDelay: time.Hour})
@@ -421,6 +432,7 @@ func TestRollbackWhenNotReady(t *testing.T) {
 		t.Fatalf("old was signalled: %v", old.Signals())
 	}
 	requireGone(t, pins)
+	requireDetached(t, progs)
 }
 
 // selectorPrograms counts the draind selector programs loaded in the kernel (attached ones stay loaded).
