@@ -24,24 +24,29 @@ func (c Count) Total() int { return c.Conns + c.Queued }
 // Counter counts the in-flight connections of a process tree on some local ports, in the tree root's network
 // namespace, the way `ss` sees them: sockets found in the tree's fd tables, joined with sock_diag.
 type Counter struct {
-	root  int
-	ports []uint16
-	h     *netlink.Handle
+	p       *proc.Process
+	exclude []int
+	ports   []uint16
+	h       *netlink.Handle
 }
 
-// NewCounter prepares counting for p's tree on ports.
-func NewCounter(p *proc.Process, ports []uint16) (*Counter, error) {
+// NewCounter prepares counting for p's tree on ports, leaving out the subtrees rooted at exclude (the new process,
+// when it is a descendant of the old one). The caller keeps p open while counting.
+func NewCounter(p *proc.Process, ports []uint16, exclude ...int) (*Counter, error) {
 	h, err := proc.DiagHandle(p)
 	if err != nil {
 		return nil, fmt.Errorf("open counter: %w", err)
 	}
-	return &Counter{root: p.PID, ports: slices.Clone(ports), h: h}, nil
+	return &Counter{p: p, exclude: exclude, ports: slices.Clone(ports), h: h}, nil
 }
 
 // Count takes one exact snapshot.
 func (c *Counter) Count() (Count, error) {
+	if c.p.Exited() {
+		return Count{}, nil // it holds nothing any more, and its PID may now be another process's
+	}
 	inodes := map[uint32]bool{}
-	for _, pid := range proc.Tree(c.root) {
+	for _, pid := range proc.Tree(c.p.PID, c.exclude...) {
 		socks, err := proc.Sockets(pid)
 		if err != nil {
 			continue // exited meanwhile: it holds nothing

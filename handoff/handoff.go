@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"log/slog"
 	"slices"
+	"sync"
 	"syscall"
 	"time"
 
@@ -125,7 +126,7 @@ func (o *Options) defaults() error {
 	}
 	switch {
 	case o.From <= 0 || o.To <= 0:
-		return fmt.Errorf("%w: --from and --to need PIDs > 0", ErrBadInput)
+		return fmt.Errorf("%w: old and new PIDs must be > 0", ErrBadInput)
 	case o.From == o.To:
 		return fmt.Errorf("%w: %w (%d)", ErrBadInput, steer.ErrSamePID, o.From)
 	case o.Timeout < 0:
@@ -159,12 +160,12 @@ func Run(ctx context.Context, opts Options) (*Result, error) {
 	}
 	defer newP.Close()
 
-	oldSide, err := steer.Discover(oldP)
+	oldSide, err := steer.Discover(oldP, newP.PID)
 	if err != nil {
 		return res, bad(fmt.Errorf("old process: %w", err))
 	}
 	defer oldSide.Close()
-	newSide, err := steer.Discover(newP)
+	newSide, err := steer.Discover(newP, oldP.PID)
 	if err != nil {
 		return res, bad(fmt.Errorf("new process: %w", err))
 	}
@@ -186,7 +187,12 @@ func Run(ctx context.Context, opts Options) (*Result, error) {
 		return res, bad(err)
 	}
 	defer objs.Close()
-	counter, err := drain.NewCounter(oldP, ports)
+	defer func() {
+		if _, err := objs.RemoveUnusedPins(); err != nil {
+			opts.Logger.Warn("remove unused pins", "err", err)
+		}
+	}()
+	counter, err := drain.NewCounter(oldP, ports, newP.PID)
 	if err != nil {
 		return res, err
 	}
@@ -194,7 +200,7 @@ func Run(ctx context.Context, opts Options) (*Result, error) {
 
 	st, err := steer.Begin(objs, pairs, steer.Options{Logger: opts.Logger})
 	if err != nil {
-		if errors.Is(err, loader.ErrNotPermitted) || errors.Is(err, steer.ErrAlreadyActive) {
+		if errors.Is(err, loader.ErrNotPermitted) || errors.Is(err, proc.ErrNotPermitted) || errors.Is(err, steer.ErrAlreadyActive) {
 			return res, bad(err)
 		}
 		return res, fmt.Errorf("begin steering: %w", err)
@@ -230,12 +236,14 @@ func (h *run) run(ctx context.Context) (*Result, error) {
 	// Watch the new process: if it dies before the old one is signalled, roll back.
 	newDied := make(chan struct{})
 	watchCtx, stopWatch := context.WithCancel(ctx)
+	var watching sync.WaitGroup
+	defer watching.Wait() // the watcher uses newP's pidfd, which Run closes after we return
 	defer stopWatch()
-	go func() {
+	watching.Go(func() {
 		if h.newP.WaitExit(watchCtx) && watchCtx.Err() == nil {
 			close(newDied)
 		}
-	}()
+	})
 
 	if err := h.waitReady(ctx, newDied); err != nil {
 		return h.rollback(err.Error())
@@ -316,6 +324,9 @@ func (h *run) run(ctx context.Context) (*Result, error) {
 	}
 	h.readCounters()
 	if err := h.st.Finish(); err != nil {
+		if !errors.Is(err, steer.ErrOldAlive) {
+			return h.res, fmt.Errorf("finish steering: %w", err)
+		}
 		h.res.SteeringLeft = true
 		h.opts.Logger.Warn("steering left in place", "err", err)
 	}

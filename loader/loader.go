@@ -27,7 +27,6 @@ const DefaultPinDir = "/sys/fs/bpf/draind"
 // Sentinel errors, for errors.Is.
 var (
 	ErrNotPermitted = errors.New("operation not permitted: draind needs root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_PTRACE, CAP_SYS_ADMIN to mount bpffs)")
-	ErrNoBPF        = errors.New("BPF unavailable")
 )
 
 // Exported forms of the generated types, for steer/ and metrics/.
@@ -153,14 +152,54 @@ func (o *Objects) Lock() (func(), error) {
 		var held, now unix.Stat_t
 		if unix.Fstat(fd, &held) == nil && unix.Stat(o.pinDir, &now) == nil && held.Ino == now.Ino {
 			o.lockFD = fd
-			return func() {
+			unlock := func() {
 				unix.Close(o.lockFD)
 				o.lockFD = -1
 				o.lockMu.Unlock()
-			}, nil
+			}
+			if err := o.repin(); err != nil {
+				unlock()
+				return nil, err
+			}
+			return unlock, nil
 		}
 		unix.Close(fd)
 	}
+}
+
+// repin restores the pins of the open maps when another draind removed them as unused after this one opened
+// them, so that every draind keeps sharing one set of maps. Pins of other maps mean the state is no longer shared:
+// an error.
+func (o *Objects) repin() error {
+	if o.Sockets == nil {
+		return nil // Open is still creating them
+	}
+	for name, m := range map[string]*ebpf.Map{selectorMapSockets: o.Sockets, selectorMapGroups: o.Groups, selectorMapGroupKeys: o.GroupKeys, selectorMapStats: o.Stats} {
+		path := filepath.Join(o.pinDir, name)
+		pinned, err := ebpf.LoadPinnedMap(path, nil)
+		if errors.Is(err, os.ErrNotExist) {
+			m.Unpin()
+			if err := m.Pin(path); err != nil {
+				return fmt.Errorf("restore pin %s: %w", path, err)
+			}
+			continue
+		}
+		if err != nil {
+			return fmt.Errorf("check pin %s: %w", path, err)
+		}
+		a, errA := pinned.Info()
+		b, errB := m.Info()
+		pinned.Close()
+		if errA != nil || errB != nil {
+			return fmt.Errorf("check pin %s: %w", path, errors.Join(errA, errB))
+		}
+		idA, _ := a.ID()
+		idB, _ := b.ID()
+		if idA != idB {
+			return fmt.Errorf("check pin %s: it is another map than the one this draind opened (pins were recreated)", path)
+		}
+	}
+	return nil
 }
 
 // LoadSelector loads one copy of the selector program for a group id. The caller owns the program.
@@ -211,15 +250,24 @@ func (o *Objects) Unused() (bool, error) {
 	return true, nil
 }
 
-// RemoveUnusedPins removes the pins and the pin directory when no group is in use. The caller must hold Lock.
+// RemoveUnusedPins removes the pins and the pin directory when no group is in use. It takes Lock.
 func (o *Objects) RemoveUnusedPins() (removed bool, err error) {
+	unlock, err := o.Lock()
+	if err != nil {
+		return false, err
+	}
+	defer unlock()
 	unused, err := o.Unused()
 	if err != nil || !unused {
 		return false, err
 	}
-	for _, name := range mapNames {
-		if err := os.Remove(filepath.Join(o.pinDir, name)); err != nil && !errors.Is(err, os.ErrNotExist) {
-			return false, fmt.Errorf("remove pin %s: %w", name, err)
+	entries, err := os.ReadDir(o.pinDir)
+	if err != nil {
+		return false, fmt.Errorf("remove pins: %w", err)
+	}
+	for _, e := range entries { // the maps, and lease directories of freed groups
+		if err := os.Remove(filepath.Join(o.pinDir, e.Name())); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return false, fmt.Errorf("remove pin %s: %w", e.Name(), err)
 		}
 	}
 	if err := os.Remove(o.pinDir); err != nil && !errors.Is(err, os.ErrNotExist) {
@@ -262,22 +310,5 @@ func ensureBPFFS(dir string, log *slog.Logger) error {
 		return fmt.Errorf("mount bpffs at %s: %w", dir, wrapPerm(err))
 	}
 	log.Info("mounted bpffs", "path", dir)
-	return nil
-}
-
-// Probe checks that the kernel can run the selector: it creates a REUSEPORT_SOCKARRAY and loads the program.
-func Probe() error {
-	spec, err := loadSelector()
-	if err != nil {
-		return fmt.Errorf("load selector spec: %w", err)
-	}
-	coll, err := ebpf.NewCollection(spec)
-	if err != nil {
-		if errors.Is(err, unix.EPERM) || errors.Is(err, unix.EACCES) {
-			return wrapPerm(err)
-		}
-		return fmt.Errorf("%w: load selector: %w", ErrNoBPF, err)
-	}
-	coll.Close()
 	return nil
 }

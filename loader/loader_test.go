@@ -48,10 +48,6 @@ func TestOpenPinsAndRemoves(t *testing.T) {
 	}
 	prog.Close()
 
-	unlock, err := a.Lock()
-	if err != nil {
-		t.Fatal(err)
-	}
 	if err := a.GroupKeys.Put(uint32(1), GroupKey{NetnsCookie: 42}); err != nil {
 		t.Fatal(err)
 	}
@@ -62,7 +58,6 @@ func TestOpenPinsAndRemoves(t *testing.T) {
 	if removed, err := a.RemoveUnusedPins(); err != nil || !removed {
 		t.Fatalf("unused pins not removed: %v %v", removed, err)
 	}
-	unlock()
 	if _, err := os.Stat(dir); !os.IsNotExist(err) {
 		t.Fatalf("pin dir left: %v", err)
 	}

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -25,7 +26,6 @@ var (
 type Process struct {
 	PID   int
 	fd    int
-	mu    sync.Mutex
 	close sync.Once
 }
 
@@ -166,8 +166,9 @@ func (p *Process) Close() error {
 	return nil
 }
 
-// Tree returns pid and all its descendants (read from /proc, so a snapshot).
-func Tree(pid int) []int {
+// Tree returns pid and all its descendants (read from /proc, so a snapshot), leaving out the subtrees rooted at
+// exclude (nginx's binary upgrade starts the new master as a child of the old one: it is not part of the old side).
+func Tree(pid int, exclude ...int) []int {
 	entries, err := os.ReadDir("/proc")
 	if err != nil {
 		return []int{pid}
@@ -186,7 +187,11 @@ func Tree(pid int) []int {
 	}
 	out := []int{pid}
 	for i := 0; i < len(out); i++ {
-		out = append(out, children[out[i]]...)
+		for _, c := range children[out[i]] {
+			if !slices.Contains(exclude, c) {
+				out = append(out, c)
+			}
+		}
 	}
 	return out
 }

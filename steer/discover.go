@@ -21,6 +21,7 @@ var (
 	ErrIncompatible  = errors.New("listeners cannot share a reuseport group")
 	ErrSamePID       = errors.New("old and new are the same process")
 	ErrAlreadyActive = errors.New("listener already being handed off")
+	ErrOldAlive      = errors.New("old listeners still open")
 )
 
 // Listener is one listening socket held by a process (or one of its descendants).
@@ -73,9 +74,10 @@ func (s *Side) Close() error {
 	return nil
 }
 
-// Discover lists the listening TCP sockets of p and its descendants, joining the fd tables with sock_diag run in
-// p's network namespace. MPTCP listeners are reported with MPTCP set (they cannot be steered).
-func Discover(p *proc.Process) (*Side, error) {
+// Discover lists the listening TCP sockets of p and its descendants (except the subtrees of exclude), joining the
+// fd tables with sock_diag run in p's network namespace. MPTCP listeners are reported with MPTCP set (they cannot
+// be steered).
+func Discover(p *proc.Process, exclude ...int) (*Side, error) {
 	listening, err := listeningInodes(p)
 	if err != nil {
 		return nil, fmt.Errorf("discover listeners of %d: %w", p.PID, err)
@@ -84,7 +86,7 @@ func Discover(p *proc.Process) (*Side, error) {
 	side := &Side{Proc: p}
 	seen := map[uint64]bool{}
 	var others []proc.SocketFD // socket fds that are not TCP listeners (checked for MPTCP if nothing else is found)
-	for _, pid := range proc.Tree(p.PID) {
+	for _, pid := range proc.Tree(p.PID, exclude...) {
 		socks, err := proc.Sockets(pid)
 		if err != nil {
 			if pid == p.PID {
@@ -282,6 +284,13 @@ func PairListeners(old, new *Side, ports []uint16) ([]Pair, error) {
 
 // check applies the kernel's rules for one reuseport group, naming the rule that fails.
 func (p Pair) check() error {
+	for _, o := range p.Old {
+		for _, n := range p.New {
+			if o.Cookie == n.Cookie {
+				return fmt.Errorf("%w: %s and %s are the same socket (inherited): there is nothing to hand over", ErrIncompatible, o, n)
+			}
+		}
+	}
 	all := append(slices.Clone(p.Old), p.New...)
 	ref := all[0]
 	for _, l := range all {

@@ -17,8 +17,11 @@ func side(pid int, ls ...*Listener) *Side {
 	return &Side{Proc: p, Listeners: ls}
 }
 
+var nextCookie uint64
+
 func lst(addr string, mod ...func(*Listener)) *Listener {
-	l := &Listener{Addr: netip.MustParseAddrPort(addr), ReusePort: true, NetnsCookie: 1, UID: 0}
+	nextCookie++
+	l := &Listener{Addr: netip.MustParseAddrPort(addr), ReusePort: true, NetnsCookie: 1, UID: 0, Cookie: nextCookie}
 	for _, m := range mod {
 		m(l)
 	}
@@ -48,6 +51,7 @@ func TestPairListeners(t *testing.T) {
 		{"no SO_REUSEPORT", side(1, lst("127.0.0.1:80", noReuse)), side(2, lst("127.0.0.1:80")), nil, 0, ErrIncompatible, "SO_REUSEPORT"},
 		{"MPTCP", side(1, lst("127.0.0.1:80")), side(2, lst("127.0.0.1:80", mptcp)), nil, 0, ErrIncompatible, "MPTCP"},
 		{"netns", side(1, lst("127.0.0.1:80")), side(2, lst("127.0.0.1:80", otherNS)), nil, 0, ErrIncompatible, "different network namespaces"},
+		{"same socket on both sides", side(1, lst("127.0.0.1:80", func(l *Listener) { l.Cookie = 99 })), side(2, lst("127.0.0.1:80", func(l *Listener) { l.Cookie = 99 })), nil, 0, ErrIncompatible, "same socket"},
 		{"uid", side(1, lst("127.0.0.1:80")), side(2, lst("127.0.0.1:80", otherUID)), nil, 0, ErrIncompatible, "uid 1000"},
 	}
 	for _, c := range cases {

@@ -6,7 +6,9 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
+	"sync"
 
 	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
@@ -15,10 +17,11 @@ import (
 )
 
 // Steering is the steering of one handoff: for each pair, the group's selector, the slots holding the listeners,
-// and the generations of the old and the new side. Methods are not safe for concurrent use.
+// and the generations of the old and the new side.
 type Steering struct {
 	objs   *loader.Objects
 	log    *slog.Logger
+	mu     sync.Mutex // serializes updates (the readiness probe's dialer may run concurrently)
 	groups []*group
 }
 
@@ -47,7 +50,7 @@ func Begin(objs *loader.Objects, pairs []Pair, opts Options) (_ *Steering, err e
 	defer func() {
 		if err != nil {
 			if uerr := s.Undo(); uerr != nil {
-				s.log.Error("undo failed steering", "err", uerr)
+				err = errors.Join(err, fmt.Errorf("undo steering: %w", uerr))
 			}
 		}
 	}()
@@ -136,7 +139,7 @@ func (s *Steering) begin(p Pair) (*group, error) {
 
 	// Generations: members already in the group keep theirs (a drain of an older generation may still run).
 	gens := map[uint64]uint32{}
-	for i := range gv.Members[:min(int(gv.NumMembers), loader.MaxMembers)] {
+	for i := range members(&gv) {
 		m := gv.Members[i]
 		if m.Gen == 0 {
 			continue
@@ -223,7 +226,7 @@ func (s *Steering) takeLease(id uint32) (int, error) {
 	if err := unix.Flock(fd, unix.LOCK_EX|unix.LOCK_NB); err != nil {
 		unix.Close(fd)
 		if errors.Is(err, unix.EWOULDBLOCK) {
-			return -1, fmt.Errorf("%w by another draind (group %d)", ErrAlreadyActive, id)
+			return -1, fmt.Errorf("take lease of group %d: %w by another draind", id, ErrAlreadyActive)
 		}
 		return -1, fmt.Errorf("lock lease: %w", err)
 	}
@@ -260,7 +263,7 @@ func (s *Steering) freeSlot(cookies map[uint64]uint32) (uint32, error) {
 		if err := s.objs.Groups.Lookup(id, &gv); err != nil {
 			return 0, fmt.Errorf("read group %d: %w", id, err)
 		}
-		for _, m := range gv.Members[:min(int(gv.NumMembers), loader.MaxMembers)] {
+		for _, m := range members(&gv) {
 			if m.Gen != 0 && m.Slot < loader.MaxSockets {
 				used[m.Slot] = true
 			}
@@ -282,7 +285,7 @@ func freeGen(gv *loader.Group, except uint32) uint32 {
 			continue
 		}
 		used := false
-		for _, m := range gv.Members[:min(int(gv.NumMembers), loader.MaxMembers)] {
+		for _, m := range members(gv) {
 			used = used || m.Gen == g
 		}
 		if !used {
@@ -296,7 +299,7 @@ func addMember(gv *loader.Group, slot, gen uint32) error {
 	if gen == 0 {
 		return fmt.Errorf("add member: no free generation")
 	}
-	for i := range gv.Members[:min(int(gv.NumMembers), loader.MaxMembers)] {
+	for i := range members(gv) {
 		if gv.Members[i].Gen == 0 {
 			gv.Members[i] = loader.Member{Slot: slot, Gen: gen}
 			return nil
@@ -322,6 +325,8 @@ func explainInsert(err error) error {
 
 // update applies fn to the group value of every group of this handoff, under draind's lock.
 func (s *Steering) update(fn func(g *group, gv *loader.Group)) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
 	unlock, err := s.objs.Lock()
 	if err != nil {
 		return err
@@ -343,11 +348,6 @@ func (s *Steering) update(fn func(g *group, gv *loader.Group)) error {
 // Flip sends new connections (and migrating ones) to the new side.
 func (s *Steering) Flip() error {
 	return s.update(func(g *group, gv *loader.Group) { gv.TargetGen, gv.ProbePort = g.newGen, 0 })
-}
-
-// FlipBack sends them to the old side again.
-func (s *Steering) FlipBack() error {
-	return s.update(func(g *group, gv *loader.Group) { gv.TargetGen = g.oldGen })
 }
 
 // SetProbe makes a connection from local source port reach the new side of every group even while the target is
@@ -390,90 +390,91 @@ func (s *Steering) Undo() error {
 // says so.
 func (s *Steering) Finish() error {
 	if s.OldAlive() {
-		return fmt.Errorf("finish steering: old listeners still open; steering left in place (pinned under %s)", s.objs.PinDir())
+		return fmt.Errorf("finish steering: %w; steering left in place (pinned under %s)", ErrOldAlive, s.objs.PinDir())
 	}
 	return s.release(true)
 }
 
 func (s *Steering) release(toNew bool) error {
-	if len(s.groups) == 0 {
-		return nil
-	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
 	unlock, err := s.objs.Lock()
 	if err != nil {
 		return err
 	}
-	defer unlock()
 	var errs []error
 	for _, g := range s.groups {
 		errs = append(errs, s.releaseGroup(g, toNew))
 	}
 	s.groups = nil
+	unlock()
 	if _, err := s.objs.RemoveUnusedPins(); err != nil {
 		errs = append(errs, err)
 	}
 	return errors.Join(errs...)
 }
 
+// releaseGroup gives the group back to one side: the new one (Finish) or the old one (Undo). Only what this
+// handoff added goes: the dropped side's members and slots. When no other generation is left in the group, the
+// selector is detached and the group freed; otherwise the kept side stays the target of the selector that the
+// other generation's drain still needs.
 func (s *Steering) releaseGroup(g *group, toNew bool) error {
 	defer unix.Close(g.lease)
 	var gv loader.Group
 	if err := s.objs.Groups.Lookup(g.id, &gv); err != nil {
 		return fmt.Errorf("read group %d: %w", g.id, err)
 	}
-	keep := g.oldGen // the side that keeps the group
+	keep, drop, dropped := g.oldGen, g.newGen, g.pair.New
 	if toNew {
-		keep = g.newGen
-	}
-	gv.TargetGen, gv.ProbePort = keep, 0
-	if err := s.objs.Groups.Put(g.id, gv); err != nil {
-		return fmt.Errorf("write group %d: %w", g.id, err)
-	}
-
-	// Other members than the two sides (an older generation still draining) mean another handoff needs the selector.
-	others := false
-	for _, m := range gv.Members[:min(int(gv.NumMembers), loader.MaxMembers)] {
-		others = others || (m.Gen != 0 && m.Gen != g.oldGen && m.Gen != g.newGen)
+		keep, drop, dropped = g.newGen, g.oldGen, g.pair.Old
 	}
 	var errs []error
+	if keep != 0 {
+		gv.TargetGen = keep
+	}
+	gv.ProbePort = 0
+	others := false
+	for i := range members(&gv) {
+		m := &gv.Members[i]
+		switch {
+		case m.Gen == 0:
+		case m.Gen == drop:
+			m.Gen = 0
+		case m.Gen != keep:
+			others = true
+		}
+	}
 	if !others {
 		if err := s.detach(g, toNew); err != nil {
 			errs = append(errs, err)
 		}
-	}
-	for i := range gv.Members[:min(int(gv.NumMembers), loader.MaxMembers)] {
-		m := &gv.Members[i]
-		if m.Gen == g.oldGen || m.Gen == g.newGen {
-			m.Gen = 0
-		}
-	}
-	live := 0
-	for _, m := range gv.Members[:min(int(gv.NumMembers), loader.MaxMembers)] {
-		if m.Gen != 0 {
-			live++
-		}
-	}
-	if live == 0 {
+		dropped = append(slices.Clone(g.pair.Old), g.pair.New...)
 		gv = loader.Group{}
 	}
 	if err := s.objs.Groups.Put(g.id, gv); err != nil {
 		errs = append(errs, fmt.Errorf("write group %d: %w", g.id, err))
 	}
-	for cookie, slot := range g.slots {
+	for _, l := range dropped {
+		slot, ok := g.slots[l.Cookie]
 		var c uint64
-		if s.objs.Sockets.Lookup(slot, &c) == nil && c == cookie {
+		if ok && s.objs.Sockets.Lookup(slot, &c) == nil && c == l.Cookie {
 			if err := s.objs.Sockets.Delete(slot); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 				errs = append(errs, fmt.Errorf("clear slot %d: %w", slot, err))
 			}
 		}
 	}
-	if live == 0 {
+	if !others {
 		if err := s.objs.GroupKeys.Put(g.id, loader.GroupKey{}); err != nil {
 			errs = append(errs, fmt.Errorf("free group %d: %w", g.id, err))
 		}
 		os.Remove(leaseDir(s.objs, g.id))
 	}
 	return errors.Join(errs...)
+}
+
+// members is the used part of a group's member array.
+func members(gv *loader.Group) []loader.Member {
+	return gv.Members[:min(int(gv.NumMembers), loader.MaxMembers)]
 }
 
 // detach removes the selector from the group through any listener of it that is still open, preferring the side
