@@ -50,32 +50,6 @@ func Open(pid int) (*Process, error) {
 	return p, nil
 }
 
-// FromFD wraps a pidfd received from elsewhere (e.g. over SCM_RIGHTS). The Process owns fd.
-func FromFD(fd int) (*Process, error) {
-	pid, err := pidOfFD(fd)
-	if err != nil {
-		return nil, err
-	}
-	return &Process{PID: pid, fd: fd}, nil
-}
-
-func pidOfFD(fd int) (int, error) {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/self/fdinfo/%d", fd))
-	if err != nil {
-		return 0, fmt.Errorf("read pidfd info: %w", err)
-	}
-	for _, line := range strings.Split(string(b), "\n") {
-		if v, ok := strings.CutPrefix(line, "Pid:"); ok {
-			pid, err := strconv.Atoi(strings.TrimSpace(v))
-			if err != nil || pid <= 0 {
-				return 0, fmt.Errorf("read pidfd info: %w", ErrNoProcess)
-			}
-			return pid, nil
-		}
-	}
-	return 0, fmt.Errorf("read pidfd info: not a pidfd")
-}
-
 // FD is the pidfd.
 func (p *Process) FD() int { return p.fd }
 

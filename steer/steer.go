@@ -26,13 +26,12 @@ type Steering struct {
 }
 
 type group struct {
-	id      uint32
-	pair    Pair
-	oldGen  uint32
-	newGen  uint32
-	slots   map[uint64]uint32 // listener cookie -> slot
-	lease   int               // flock'd lease dir fd
-	created bool              // the group was free before this handoff
+	id     uint32
+	pair   Pair
+	oldGen uint32
+	newGen uint32
+	slots  map[uint64]uint32 // listener cookie -> slot
+	lease  int               // flock'd lease dir fd
 }
 
 // Options for Begin. The zero value logs to slog.Default().
@@ -87,7 +86,7 @@ func (s *Steering) begin(p Pair) (*group, error) {
 	if err != nil {
 		return nil, err
 	}
-	g := &group{id: id, pair: p, slots: map[uint64]uint32{}, lease: lease, created: created}
+	g := &group{id: id, pair: p, slots: map[uint64]uint32{}, lease: lease}
 	var gv loader.Group
 	if created {
 		if err := s.objs.GroupKeys.Put(id, key); err != nil {
