@@ -3,86 +3,103 @@
 package drain
 
 import (
-	"fmt"
-	"slices"
-
-	"github.com/vishvananda/netlink"
-	"golang.org/x/sys/unix"
-
-	"github.com/draind/draind/proc"
+	"context"
+	"errors"
+	"time"
 )
 
-// Count is what the old side still has on the handed-off ports.
+// Count is what a process tree holds on the handed-off ports.
 type Count struct {
-	Conns  int // connections held by the process tree (accepted, not listening), in any state sock_diag lists
+	Conns  int // connections held by the tree (accepted, not listening), in any state `ss` lists
 	Queued int // connections waiting in the accept queues of its listeners on those ports
 }
 
 // Total is Conns+Queued: the drain is over when it is zero.
 func (c Count) Total() int { return c.Conns + c.Queued }
 
-// Counter counts the in-flight connections of a process tree on some local ports, in the tree root's network
-// namespace, the way `ss` sees them: sockets found in the tree's fd tables, joined with sock_diag.
-type Counter struct {
-	p       *proc.Process
-	exclude []int
-	ports   []uint16
-	h       *netlink.Handle
+// DefaultReconcile is how often Wait takes a snapshot even though no event said the count may have moved: a guard
+// against what the events cannot see (an fd closed after shutdown(2), an accept through io_uring).
+const DefaultReconcile = 3 * time.Second
+
+// WaitOptions configures Wait. The zero value waits for kernel events and reconciles every DefaultReconcile.
+type WaitOptions struct {
+	// Poll, if positive, replaces the events: a snapshot every Poll (the way draind worked before the events; kept
+	// as the baseline of the reaction benchmark).
+	Poll time.Duration
+	// Reconcile is the longest Wait goes without a snapshot when no event comes.
+	Reconcile time.Duration
+	// Progress, if set, is called with every count that differs from the previous one.
+	Progress func(Count)
 }
 
-// NewCounter prepares counting for p's tree on ports, leaving out the subtrees rooted at exclude (the new process,
-// when it is a descendant of the old one). The caller keeps p open while counting.
-func NewCounter(p *proc.Process, ports []uint16, exclude ...int) (*Counter, error) {
-	h, err := proc.DiagHandle(p)
-	if err != nil {
-		return nil, fmt.Errorf("open counter: %w", err)
-	}
-	return &Counter{p: p, exclude: exclude, ports: slices.Clone(ports), h: h}, nil
-}
+// ErrDeadline is returned by Wait when ctx's deadline passed before the count reached zero.
+var ErrDeadline = errors.New("drain deadline passed")
 
-// Count takes one exact snapshot.
-func (c *Counter) Count() (Count, error) {
-	if c.p.Exited() {
-		return Count{}, nil // it holds nothing any more, and its PID may now be another process's
+// Wait counts until the total is zero, returning the last count. It returns ErrDeadline (with the last count) if
+// ctx's deadline passes first, and ctx's error if ctx is cancelled.
+//
+// Between snapshots it sleeps until the kernel reports events on the tree's sockets. Each state change of a socket
+// lowers the count by at most one, so after a snapshot of N it needs N such changes (or an accept, or a listener
+// closing, which need a new snapshot) before the count can be zero: a drain of 100,000 connections takes a handful
+// of snapshots, and the last connection's close is seen within one snapshot's time. The Counter must track its tree.
+func Wait(ctx context.Context, c *Counter, opts WaitOptions) (Count, error) {
+	if opts.Reconcile <= 0 {
+		opts.Reconcile = DefaultReconcile
 	}
-	inodes := map[uint32]bool{}
-	for _, pid := range proc.Tree(c.p.PID, c.exclude...) {
-		socks, err := proc.Sockets(pid)
+	if !c.track && opts.Poll <= 0 {
+		return Count{}, errors.New("wait for drain: counter does not track its tree")
+	}
+	last := Count{Conns: -1}
+	done := func(err error) (Count, error) {
+		if errors.Is(err, context.DeadlineExceeded) {
+			return last, ErrDeadline
+		}
+		return last, err
+	}
+	timer := time.NewTimer(time.Hour)
+	defer timer.Stop()
+	for {
+		before, err := c.events()
 		if err != nil {
-			continue // exited meanwhile: it holds nothing
+			return last, err
 		}
-		for _, s := range socks {
-			inodes[uint32(s.Inode)] = true
-		}
-	}
-	var n Count
-	if len(inodes) == 0 {
-		return n, nil
-	}
-	for _, fam := range []uint8{unix.AF_INET, unix.AF_INET6} {
-		socks, err := proc.DiagTCP(c.h, fam)
+		n, err := c.Count()
 		if err != nil {
-			return Count{}, fmt.Errorf("count connections: %w", err)
+			return last, err
 		}
-		for _, s := range socks {
-			if s.INode == 0 || !inodes[s.INode] || !slices.Contains(c.ports, s.ID.SourcePort) {
-				continue
+		if n != last && opts.Progress != nil {
+			opts.Progress(n)
+		}
+		last = n
+		if n.Total() == 0 {
+			return n, nil
+		}
+		if opts.Poll > 0 {
+			timer.Reset(opts.Poll)
+			select {
+			case <-ctx.Done():
+				return done(ctx.Err())
+			case <-timer.C:
 			}
-			if s.State == proc.TCPListen {
-				n.Queued += int(s.RQueue)
-			} else {
-				n.Conns++
+			continue
+		}
+		timer.Reset(opts.Reconcile)
+	wait:
+		for {
+			select {
+			case <-ctx.Done():
+				return done(ctx.Err())
+			case <-timer.C:
+				break wait
+			case <-c.wake:
+			}
+			now, err := c.events()
+			if err != nil {
+				return last, err
+			}
+			if now.Resnaps != before.Resnaps || now.Changes-before.Changes >= uint64(n.Total()) {
+				break wait
 			}
 		}
 	}
-	return n, nil
-}
-
-// Close releases the sock_diag handle. Safe to call twice.
-func (c *Counter) Close() error {
-	if c.h != nil {
-		c.h.Close()
-		c.h = nil
-	}
-	return nil
 }

@@ -62,48 +62,6 @@ func SignalName(sig syscall.Signal) string {
 	return strconv.Itoa(int(sig))
 }
 
-// WaitOptions configures Wait. The zero value polls every 50ms.
-type WaitOptions struct {
-	Interval time.Duration
-	// Progress, if set, is called with every count that differs from the previous one.
-	Progress func(Count)
-}
-
-// ErrDeadline is returned by Wait when ctx's deadline passed before the count reached zero.
-var ErrDeadline = errors.New("drain deadline passed")
-
-// Wait counts until the total is zero, returning the last count. It returns ErrDeadline (with the last count) if
-// ctx's deadline passes first, and ctx's error if ctx is cancelled.
-func Wait(ctx context.Context, c *Counter, opts WaitOptions) (Count, error) {
-	if opts.Interval <= 0 {
-		opts.Interval = 50 * time.Millisecond
-	}
-	t := time.NewTicker(opts.Interval)
-	defer t.Stop()
-	last := Count{Conns: -1}
-	for {
-		n, err := c.Count()
-		if err != nil {
-			return last, err
-		}
-		if n != last && opts.Progress != nil {
-			opts.Progress(n)
-		}
-		last = n
-		if n.Total() == 0 {
-			return n, nil
-		}
-		select {
-		case <-ctx.Done():
-			if errors.Is(ctx.Err(), context.DeadlineExceeded) {
-				return last, ErrDeadline
-			}
-			return last, ctx.Err()
-		case <-t.C:
-		}
-	}
-}
-
 // Outcome of Signal.
 type Outcome struct {
 	Signal   syscall.Signal // what was sent first

@@ -40,7 +40,8 @@ type Options struct {
 	ReadyURL     string          // if set, must answer 2xx (from the new process's netns) before the flip
 	ReadyTimeout time.Duration   // default 10s
 	PinDir       string          // bpffs directory for draind's pins (default loader.DefaultPinDir)
-	Interval     time.Duration   // drain count interval (default 50ms)
+	Poll         time.Duration   // >0: count by polling at this interval instead of waiting for kernel events (a baseline)
+	Tracker      *drain.Tracker  // counts connections; nil: Run starts its own and closes it
 	Logger       *slog.Logger    // default slog.Default()
 	Progress     func(Progress)  // optional progress callback
 }
@@ -62,7 +63,8 @@ const (
 // Progress is one progress report.
 type Progress struct {
 	Stage   Stage
-	Count   drain.Count // in StageDraining
+	Count   drain.Count // the old side's count, in StageFlipped and StageDraining
+	New     drain.Count // the new side's count at the same time
 	Message string
 }
 
@@ -100,6 +102,8 @@ type Result struct {
 	Migrated       uint64        `json:"migrated"`                         // connections migrated off a closing listener
 	Failed         uint64        `json:"selector_failed"`                  // decisions left to the kernel (no draind listener alive)
 	Probed         uint64        `json:"probed"`                           // readiness probes sent to the new side before the flip
+	Snapshots      int           `json:"snapshots"`                        // exact counts of the old side taken during the drain
+	SnapshotMax    time.Duration `json:"snapshot_max_ns"`                  // the longest of them
 }
 
 func (o *Options) defaults() error {
@@ -192,11 +196,26 @@ func Run(ctx context.Context, opts Options) (*Result, error) {
 			opts.Logger.Warn("remove unused pins", "err", err)
 		}
 	}()
-	counter, err := drain.NewCounter(oldP, ports, newP.PID)
+	tracker := opts.Tracker
+	if tracker == nil {
+		if tracker, err = drain.NewTracker(drain.TrackerOptions{Logger: opts.Logger}); err != nil {
+			if errors.Is(err, loader.ErrNotPermitted) {
+				return res, bad(err)
+			}
+			return res, err
+		}
+		defer tracker.Close()
+	}
+	counter, err := tracker.Watch(oldP, ports, drain.WatchOptions{Exclude: []*proc.Process{newP}, Track: true})
 	if err != nil {
 		return res, err
 	}
 	defer counter.Close()
+	newCounter, err := tracker.Watch(newP, ports, drain.WatchOptions{})
+	if err != nil {
+		return res, err
+	}
+	defer newCounter.Close()
 
 	st, err := steer.Begin(objs, pairs, steer.Options{Logger: opts.Logger})
 	if err != nil {
@@ -206,7 +225,7 @@ func Run(ctx context.Context, opts Options) (*Result, error) {
 		return res, fmt.Errorf("begin steering: %w", err)
 	}
 	opts.Progress(Progress{Stage: StageSteering, Message: fmt.Sprintf("selector attached to %d group(s), target: old", len(pairs))})
-	h := &run{opts: opts, res: res, st: st, objs: objs, oldP: oldP, newP: newP, counter: counter}
+	h := &run{opts: opts, res: res, st: st, objs: objs, oldP: oldP, newP: newP, counter: counter, newCounter: newCounter}
 	return h.run(ctx)
 }
 
@@ -216,7 +235,8 @@ type run struct {
 	st         *steer.Steering
 	objs       *loader.Objects
 	oldP, newP *proc.Process
-	counter    *drain.Counter
+	counter    *drain.Counter // the old side's tree
+	newCounter *drain.Counter // the new side's
 }
 
 func (h *run) rollback(reason string) (*Result, error) {
@@ -260,7 +280,7 @@ func (h *run) run(ctx context.Context) (*Result, error) {
 		return h.rollback(fmt.Sprintf("count connections: %v", err))
 	}
 	h.res.InFlightAtFlip = first.Total()
-	h.opts.Progress(Progress{Stage: StageFlipped, Count: first, Message: fmt.Sprintf("new connections go to %d", h.opts.To)})
+	h.opts.Progress(Progress{Stage: StageFlipped, Count: first, New: h.newCount(), Message: fmt.Sprintf("new connections go to %d", h.opts.To)})
 
 	// Drain, unless the new side dies or we are interrupted.
 	dctx, cancel := context.WithTimeout(ctx, h.opts.Timeout)
@@ -276,10 +296,12 @@ func (h *run) run(ctx context.Context) (*Result, error) {
 		}
 	}()
 	left, err := drain.Wait(drainCtx, h.counter, drain.WaitOptions{
-		Interval: h.opts.Interval,
-		Progress: func(c drain.Count) { h.opts.Progress(Progress{Stage: StageDraining, Count: c}) },
+		Poll:     h.opts.Poll,
+		Progress: func(c drain.Count) { h.opts.Progress(Progress{Stage: StageDraining, Count: c, New: h.newCount()}) },
 	})
 	h.res.DrainTime = time.Since(flipAt)
+	cs := h.counter.Stats()
+	h.res.Snapshots, h.res.SnapshotMax = cs.Snapshots, cs.SnapshotMax
 	h.res.Left = left.Total()
 	timedOut := false
 	switch {
@@ -331,6 +353,15 @@ func (h *run) run(ctx context.Context) (*Result, error) {
 		h.opts.Logger.Warn("steering left in place", "err", err)
 	}
 	return h.res, nil
+}
+
+// newCount is the new side's count, for progress reports (a failed count reports zero: it is only informative).
+func (h *run) newCount() drain.Count {
+	n, err := h.newCounter.Count()
+	if err != nil {
+		h.opts.Logger.Warn("count new side", "err", err)
+	}
+	return n
 }
 
 // readCounters sums the selector's counters of this handoff's groups.

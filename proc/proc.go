@@ -97,6 +97,35 @@ func (p *Process) WaitExit(ctx context.Context) bool {
 	}
 }
 
+// Ino is the process's pidfs inode number (fstat of its pidfd): an identity that is never reused and is the same in
+// every PID namespace. BPF programs find the process by it (struct pid's ino).
+func (p *Process) Ino() (uint64, error) {
+	var st unix.Stat_t
+	if err := unix.Fstat(p.fd, &st); err != nil {
+		return 0, fmt.Errorf("stat pidfd of process %d: %w", p.PID, err)
+	}
+	const pidfsMagic = 0x50494446
+	var fs unix.Statfs_t
+	if err := unix.Fstatfs(p.fd, &fs); err != nil || fs.Type != pidfsMagic {
+		return 0, fmt.Errorf("stat pidfd of process %d: not a pidfs file (needs Linux 6.9 or later)", p.PID)
+	}
+	return st.Ino, nil
+}
+
+// NetNSIno is the inode number of the process's network namespace.
+func (p *Process) NetNSIno() (uint64, error) {
+	fd, err := p.NetNS()
+	if err != nil {
+		return 0, err
+	}
+	defer unix.Close(fd)
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil {
+		return 0, fmt.Errorf("stat netns of process %d: %w", p.PID, err)
+	}
+	return st.Ino, nil
+}
+
 // GetFD copies the process's file descriptor fd into draind (pidfd_getfd). The caller closes the copy.
 func (p *Process) GetFD(fd int) (int, error) {
 	c, err := unix.PidfdGetfd(p.fd, fd, 0)

@@ -28,6 +28,9 @@ const (
 	roleServer = "server"
 	roleWorker = "worker"
 	roleLoad   = "load"
+	roleHolder = "holder"
+	roleConns  = "conns"
+	roleChurn  = "churn"
 )
 
 // Main runs the role of a testenv child and exits if this process is one; otherwise it runs the tests and exits with
@@ -59,6 +62,12 @@ func runChild(role string, opts []byte) int {
 		err = runWorker(opts)
 	case roleLoad:
 		err = runLoad(opts)
+	case roleHolder:
+		err = runHolder(opts)
+	case roleConns:
+		err = runConns(opts)
+	case roleChurn:
+		err = runChurn(opts)
 	default:
 		err = fmt.Errorf("unknown role %q", role)
 	}
@@ -79,18 +88,26 @@ func runChild(role string, opts []byte) int {
 //	ack        Seq, Err                      a control command was carried out
 //	progress   Result                        periodic load snapshot
 //	result     Result                        final load result
-//	exiting    Served                        about to exit 0
+//	exiting    Served, Holder, Conns         about to exit 0
 //	error      Err                           about to exit 1
+//	holder     Holder, Seq (stats command)   holder counts (on change, rate-limited, and before a stats ack)
+//	conns      Conns, Seq (stats command)    conns client counts (likewise)
+//	opened     Conns                         the conns client finished opening (all established, or gave up)
+//	churn      Churn                         periodic (progress) and final (final set) churn counts
 type event struct {
-	Ev     string      `json:"ev"`
-	Seq    int         `json:"seq,omitempty"`
-	Err    string      `json:"err,omitempty"`
-	Addr   string      `json:"addr,omitempty"`
-	PIDs   []int       `json:"pids,omitempty"`
-	Served int         `json:"served,omitempty"`
-	Signal int         `json:"signal,omitempty"`
-	Mono   int64       `json:"mono,omitempty"`
-	Result *LoadResult `json:"result,omitempty"`
+	Ev     string       `json:"ev"`
+	Seq    int          `json:"seq,omitempty"`
+	Err    string       `json:"err,omitempty"`
+	Addr   string       `json:"addr,omitempty"`
+	PIDs   []int        `json:"pids,omitempty"`
+	Served int          `json:"served,omitempty"`
+	Signal int          `json:"signal,omitempty"`
+	Mono   int64        `json:"mono,omitempty"`
+	Result *LoadResult  `json:"result,omitempty"`
+	Holder *HolderStats `json:"holder,omitempty"`
+	Conns  *ConnsStats  `json:"conns,omitempty"`
+	Churn  *ChurnResult `json:"churn,omitempty"`
+	Final  bool         `json:"final,omitempty"`
 }
 
 var stdoutMu sync.Mutex

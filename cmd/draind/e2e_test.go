@@ -35,7 +35,7 @@ var (
 )
 
 // draindBin builds the draind binary once per test run.
-func draindBin(t *testing.T) string {
+func draindBin(t testing.TB) string {
 	t.Helper()
 	binOnce.Do(func() {
 		dir, err := os.MkdirTemp("", "draind-bin-")
@@ -57,14 +57,14 @@ func draindBin(t *testing.T) string {
 }
 
 // setup checks the test's requirements, builds draind, and gives a fresh network namespace and pin directory.
-func setup(t *testing.T) (*testenv.NetNS, string) {
+func setup(t testing.TB) (*testenv.NetNS, string) {
 	testenv.Require(t)
 	draindBin(t)
 	return testenv.NetNSForTest(t), pinDir(t)
 }
 
 // pinDir is a private bpffs directory per test, so a test can check that nothing is left behind.
-func pinDir(t *testing.T) string {
+func pinDir(t testing.TB) string {
 	d := fmt.Sprintf("/sys/fs/bpf/draind-test-%d-%s", os.Getpid(), strings.ReplaceAll(t.Name(), "/", "_"))
 	t.Cleanup(func() { os.RemoveAll(d) })
 	return d
@@ -80,7 +80,7 @@ type handoffRun struct {
 	code   int
 }
 
-func startHandoff(t *testing.T, args ...string) *handoffRun {
+func startHandoff(t testing.TB, args ...string) *handoffRun {
 	t.Helper()
 	h := &handoffRun{done: make(chan struct{})}
 	h.cmd = exec.Command(draindBin(t), append([]string{"handoff", "--json"}, args...)...)
@@ -115,7 +115,7 @@ func startHandoff(t *testing.T, args ...string) *handoffRun {
 }
 
 // waitFor waits until draind's progress output contains s.
-func (h *handoffRun) waitFor(t *testing.T, s string, within time.Duration) {
+func (h *handoffRun) waitFor(t testing.TB, s string, within time.Duration) {
 	t.Helper()
 	deadline := time.Now().Add(within)
 	for !strings.Contains(h.errText(), s) {
@@ -144,7 +144,7 @@ type handoffOut struct {
 }
 
 // wait waits for draind to end and decodes its JSON result.
-func (h *handoffRun) wait(t *testing.T, within time.Duration) (handoffOut, int) {
+func (h *handoffRun) wait(t testing.TB, within time.Duration) (handoffOut, int) {
 	t.Helper()
 	select {
 	case <-h.done:
@@ -161,7 +161,7 @@ func (h *handoffRun) wait(t *testing.T, within time.Duration) (handoffOut, int) 
 	return out, h.code
 }
 
-func server(t *testing.T, ns *testenv.NetNS, id string, o testenv.ServerOptions) *testenv.Server {
+func server(t testing.TB, ns *testenv.NetNS, id string, o testenv.ServerOptions) *testenv.Server {
 	o.Addr, o.ID, o.ReusePort = addr, id, true
 	return testenv.StartServerForTest(t, ns, o)
 }
@@ -170,7 +170,7 @@ func pidArgs(old, new *testenv.Server, pins string) []string {
 	return []string{"--from", strconv.Itoa(old.PID), "--to", strconv.Itoa(new.PID), "--pin-dir", pins}
 }
 
-func requireNoFailures(t *testing.T, r testenv.LoadResult) {
+func requireNoFailures(t testing.TB, r testenv.LoadResult) {
 	t.Helper()
 	if n := r.FailureCount(); n > 0 || sumKinds(r.KeepAlive.Failures) > 0 {
 		t.Fatalf("load saw failures: %v, keep-alive %v; samples %v", r.Failures, r.KeepAlive.Failures, r.FailureSamples)
@@ -186,14 +186,14 @@ func sumKinds(m map[string]int) int {
 }
 
 // requireDetached checks that no selector program outlives the handoff (an attached one stays loaded).
-func requireDetached(t *testing.T, before int) {
+func requireDetached(t testing.TB, before int) {
 	t.Helper()
 	if n := selectorPrograms(t); n != before {
 		t.Fatalf("%d selector programs loaded, %d before the handoff: a selector is still attached", n, before)
 	}
 }
 
-func requireGone(t *testing.T, pins string) {
+func requireGone(t testing.TB, pins string) {
 	t.Helper()
 	if _, err := os.Stat(pins); !os.IsNotExist(err) {
 		entries, _ := os.ReadDir(pins)
@@ -436,7 +436,7 @@ func TestRollbackWhenNotReady(t *testing.T) {
 }
 
 // selectorPrograms counts the draind selector programs loaded in the kernel (attached ones stay loaded).
-func selectorPrograms(t *testing.T) int {
+func selectorPrograms(t testing.TB) int {
 	t.Helper()
 	n := 0
 	id := ebpf.ProgramID(0)
@@ -618,12 +618,17 @@ func TestSeveralListenersIPv6(t *testing.T) {
 	if len(newS.WorkerPIDs) != 2 {
 		t.Fatalf("new workers: %v", newS.WorkerPIDs)
 	}
+	tr, err := drain.NewTracker(drain.TrackerOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tr.Close()
 	for _, w := range newS.WorkerPIDs {
 		p, err := proc.Open(w)
 		if err != nil {
 			t.Fatal(err)
 		}
-		c, err := drain.NewCounter(p, []uint16{8080})
+		c, err := tr.Watch(p, []uint16{8080}, drain.WatchOptions{})
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -52,6 +52,7 @@ func cmdHandoff(args []string, stdout, stderr io.Writer) int {
 		readyURL     = fs.String("ready-url", "", "URL that must answer 2xx (asked from the new process's network namespace) before the flip")
 		readyTimeout = fs.Duration("ready-timeout", 10*time.Second, "how long to wait for --ready-url")
 		pinDir       = fs.String("pin-dir", "", "bpffs directory for draind's pinned maps (default /sys/fs/bpf/draind)")
+		poll         = fs.Duration("poll", 0, "count the old side's connections by polling at this interval instead of waiting for kernel events (for comparison; 0: events)")
 		jsonOut      = fs.Bool("json", false, "print the result as JSON")
 		verbose      = fs.Bool("v", false, "debug logs")
 	)
@@ -80,8 +81,8 @@ func cmdHandoff(args []string, stdout, stderr io.Writer) int {
 	if *timeout <= 0 {
 		return fail("--timeout %s is not positive", *timeout)
 	}
-	if *readyTimeout <= 0 || *exitWait <= 0 || *killAfter < 0 {
-		return fail("--ready-timeout and --exit-wait must be positive, --kill-after not negative")
+	if *readyTimeout <= 0 || *exitWait <= 0 || *killAfter < 0 || *poll < 0 {
+		return fail("--ready-timeout and --exit-wait must be positive, --kill-after and --poll not negative")
 	}
 	level := slog.LevelWarn
 	if *verbose {
@@ -95,7 +96,7 @@ func cmdHandoff(args []string, stdout, stderr io.Writer) int {
 	res, err := handoff.Run(ctx, handoff.Options{
 		From: *from, To: *to, Ports: ports, Signal: sig, Timeout: *timeout, OnTimeout: ot,
 		KillAfter: *killAfter, ExitWait: *exitWait, ReadyURL: *readyURL, ReadyTimeout: *readyTimeout,
-		PinDir: *pinDir, Logger: logger, Progress: pr.report,
+		PinDir: *pinDir, Poll: *poll, Logger: logger, Progress: pr.report,
 	})
 	pr.done()
 	code := exitCode(res, err)
@@ -195,7 +196,7 @@ func (p *progress) report(ev handoff.Progress) {
 	}
 	at := time.Since(p.start).Round(time.Millisecond)
 	if ev.Stage == handoff.StageDraining {
-		line := fmt.Sprintf("[%8s] draining: %d connection(s) left (%d accepted, %d queued)", at, ev.Count.Total(), ev.Count.Conns, ev.Count.Queued)
+		line := fmt.Sprintf("[%8s] draining: %d connection(s) left (%d accepted, %d queued); new side: %d", at, ev.Count.Total(), ev.Count.Conns, ev.Count.Queued, ev.New.Total())
 		if p.tty {
 			fmt.Fprintf(p.w, "\r\033[K%s", line)
 			p.open = true

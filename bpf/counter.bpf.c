@@ -1,0 +1,287 @@
+//go:build ignore
+
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
+//
+// The draind counter: exact snapshots of what a process tree holds on some ports, and kernel events that say when
+// such a snapshot may have changed.
+//
+// - draind_sockets (iter/task_file) walks every task's file table. Userspace marks some processes (the roots of the
+//   trees it counts, and the subtrees it cuts out of them); for a task with a marked ancestor (itself included) the
+//   iterator emits one record per TCP socket on a watched (netns, port): the socket's inode, state, accept queue and
+//   the marks on the task's way up, nearest first, from which userspace decides which counts the socket belongs to.
+//   When one of those marks is "tracked" (the old side of a handoff, whose drain draind waits for) it also remembers
+//   the socket in `socks`, so that the tracepoint below can tell the socket's later state changes from the others'.
+// - draind_state (tp_btf/inet_sock_set_state) fires on every TCP state change; for a socket in `socks` it counts the
+//   change for its mark and sends a wakeup through the ring buffer.
+// - draind_accept/draind_accept4 (syscall exit tracepoints) do the same when a process under a tracked mark accepts
+//   a connection: the accepted socket is not in `socks` yet, so userspace takes a snapshot to remember it.
+//
+// Userspace reads the counts in `mark_events` to know how far a count can have moved since its last snapshot;
+// the ring buffer only wakes it up, so a lost ring buffer record delays a wakeup but never falsifies a count.
+
+#include <linux/bpf.h>
+#include <linux/in.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_tracing.h>
+#include <bpf/bpf_core_read.h>
+
+#include "kernel.h"
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";
+
+// Upper bounds. Userspace (loader/, drain/) mirrors them; keep in sync.
+#define MAX_MARKS 4096      // mark ids are 1..MAX_MARKS-1
+#define MAX_PORTS 4096      // watched (netns, port) pairs
+#define MAX_SOCKS (1 << 20) // sockets under tracked marks remembered between snapshots
+#define MAX_DEPTH 32        // ancestors looked at above a task
+#define PATH_MARKS 6        // marks reported per task, nearest first
+
+// TCP states (include/net/tcp_states.h).
+#define TCP_LISTEN 10
+#define TCP_CLOSE 7
+
+#define AF_INET 2
+#define AF_INET6 10
+
+// Flags of a mark.
+#define MARK_TRACK 1 // remember the sockets below it in `socks` and count their events
+
+// marks: processes userspace marked, keyed by their pidfs inode number (fstat of a pidfd), which is unique, never
+// reused and the same in every PID namespace.
+struct mark {
+	__u32 id;
+	__u32 flags;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MAX_MARKS);
+	__type(key, __u64);
+	__type(value, struct mark);
+} marks SEC(".maps");
+
+// ports: the (network namespace inode, local port) pairs whose sockets are counted. Value: userspace's reference count.
+struct port_key {
+	__u32 netns;
+	__u16 port; // host byte order
+	__u16 pad;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MAX_PORTS);
+	__type(key, struct port_key);
+	__type(value, __u32);
+} ports SEC(".maps");
+
+// socks: sockets under tracked marks seen by the last snapshots (key: the struct sock's address), with the id of the
+// nearest tracked mark above the process holding them. The tracepoint deletes a socket when it reaches TCP_CLOSE,
+// just before the kernel frees it.
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MAX_SOCKS);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, __u64);
+	__type(value, __u32);
+} socks SEC(".maps");
+
+// mark_events: per mark id, how many events may have changed the counts under it (never reset: userspace takes
+// differences).
+//   changes: state changes of remembered sockets; each can lower a count by at most one.
+//   resnaps: events after which only a new snapshot tells the count (an accept, a listener closing).
+struct mark_count {
+	__u64 changes;
+	__u64 resnaps;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, MAX_MARKS);
+	__type(key, __u32);
+	__type(value, struct mark_count);
+} mark_events SEC(".maps");
+
+// events: wakeups for userspace, one record per counted event.
+struct event {
+	__u32 mark;
+	__u16 port;
+	__u8 kind; // EVENT_*
+	__u8 oldstate;
+	__u8 newstate;
+	__u8 pad[3];
+};
+
+#define EVENT_STATE 1    // a remembered socket changed state
+#define EVENT_LISTENER 2 // a remembered listener closed
+#define EVENT_ACCEPT 3   // a process under a tracked mark accepted a connection
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 1 << 20);
+} events SEC(".maps");
+
+// sock_rec: what the iterator writes for each counted socket.
+struct sock_rec {
+	__u64 ino;               // socket inode, as in /proc/PID/fd and sock_diag
+	__u16 marks[PATH_MARKS]; // mark ids from the holding process up, nearest first; 0 ends the list
+	__u32 queue;             // accept queue length (listeners; 0 otherwise)
+	__u32 netns;             // network namespace inode
+	__u16 port;              // local port, host byte order
+	__u8 state;              // TCP state
+	__u8 family;             // AF_INET or AF_INET6
+};
+
+// path: the marks above a task.
+struct path {
+	__u16 marks[PATH_MARKS];
+	__u32 tracked; // id of the nearest tracked mark, 0 if none
+};
+
+// Keep the record types in BTF for bpf2go (they are only used through sizeof otherwise).
+const struct event *unused_event __attribute__((unused));
+const struct sock_rec *unused_sock_rec __attribute__((unused));
+
+// Per-run cache of the current task's path: the iterator visits a task's files one after another. Userspace runs
+// one iteration at a time, so a global is enough.
+__u64 cached_task;
+struct path cached_path;
+
+// path_of fills p with the marks found walking up from task (itself included).
+static __always_inline void path_of(struct task_struct *task, struct path *p)
+{
+	int n = 0;
+	__builtin_memset(p, 0, sizeof(*p));
+	for (int i = 0; i < MAX_DEPTH && task; i++) {
+		__u64 ino = BPF_CORE_READ(task, group_leader, thread_pid, ino);
+		struct mark *m = bpf_map_lookup_elem(&marks, &ino);
+		if (m) {
+			if (n < PATH_MARKS)
+				p->marks[n++] = m->id;
+			if (!p->tracked && (m->flags & MARK_TRACK))
+				p->tracked = m->id;
+		}
+		struct task_struct *parent = BPF_CORE_READ(task, real_parent);
+		if (parent == task || BPF_CORE_READ(task, tgid) <= 1)
+			break;
+		task = parent;
+	}
+}
+
+static __always_inline void notify(__u32 mark, __u8 kind, __u16 port, __u8 oldstate, __u8 newstate)
+{
+	struct mark_count *we = bpf_map_lookup_elem(&mark_events, &mark);
+	if (!we)
+		return;
+	if (kind == EVENT_STATE)
+		__sync_fetch_and_add(&we->changes, 1);
+	else
+		__sync_fetch_and_add(&we->resnaps, 1);
+	struct event *ev = bpf_ringbuf_reserve(&events, sizeof(*ev), 0);
+	if (!ev)
+		return; // userspace still sees the count above at its next wakeup or reconciliation
+	ev->mark = mark;
+	ev->port = port;
+	ev->kind = kind;
+	ev->oldstate = oldstate;
+	ev->newstate = newstate;
+	ev->pad[0] = ev->pad[1] = ev->pad[2] = 0;
+	bpf_ringbuf_submit(ev, 0);
+}
+
+SEC("iter/task_file")
+int draind_sockets(struct bpf_iter__task_file *ctx)
+{
+	struct seq_file *seq = ctx->meta->seq;
+	struct task_struct *task = ctx->task;
+	struct file *file = ctx->file;
+
+	if (!task || !file)
+		return 0;
+	if (ctx->meta->seq_num == 0 || cached_task != (__u64)task) {
+		cached_task = (__u64)task;
+		path_of(task, &cached_path);
+	}
+	if (!cached_path.marks[0])
+		return 0;
+
+	struct socket *sock = bpf_sock_from_file(file);
+	if (!sock)
+		return 0;
+	struct sock *sk = BPF_CORE_READ(sock, sk);
+	if (!sk || BPF_CORE_READ(sk, sk_protocol) != IPPROTO_TCP)
+		return 0;
+	__u16 family = BPF_CORE_READ(sk, __sk_common.skc_family);
+	if (family != AF_INET && family != AF_INET6)
+		return 0;
+	struct port_key pk = {
+		.netns = BPF_CORE_READ(sk, __sk_common.skc_net.net, ns.inum),
+		.port = BPF_CORE_READ(sk, __sk_common.skc_num),
+	};
+	if (!bpf_map_lookup_elem(&ports, &pk))
+		return 0;
+
+	struct sock_rec rec = {
+		.ino = BPF_CORE_READ(file, f_inode, i_ino),
+		.netns = pk.netns,
+		.port = pk.port,
+		.state = BPF_CORE_READ(sk, __sk_common.skc_state),
+		.family = family,
+	};
+	__builtin_memcpy(rec.marks, cached_path.marks, sizeof(rec.marks));
+	if (rec.state == TCP_LISTEN)
+		rec.queue = BPF_CORE_READ(sk, sk_ack_backlog);
+	bpf_seq_write(seq, &rec, sizeof(rec));
+
+	if (cached_path.tracked) {
+		__u64 key = (__u64)sk;
+		if (rec.state != TCP_CLOSE && !bpf_map_lookup_elem(&socks, &key))
+			bpf_map_update_elem(&socks, &key, &cached_path.tracked, BPF_ANY);
+	}
+	return 0;
+}
+
+SEC("tp_btf/inet_sock_set_state")
+int BPF_PROG(draind_state, struct sock *sk, int oldstate, int newstate)
+{
+	__u64 key = (__u64)sk;
+	__u32 *mark = bpf_map_lookup_elem(&socks, &key);
+	if (!mark)
+		return 0;
+	__u32 id = *mark;
+	if (newstate == TCP_CLOSE)
+		bpf_map_delete_elem(&socks, &key);
+	notify(id, oldstate == TCP_LISTEN ? EVENT_LISTENER : EVENT_STATE, BPF_CORE_READ(sk, __sk_common.skc_num), oldstate,
+	       newstate);
+	return 0;
+}
+
+// The classic tracepoint's context for syscalls:sys_exit_*: the common header, the syscall number, the result.
+struct sys_exit_ctx {
+	__u64 common;
+	__s64 nr;
+	__s64 ret;
+};
+
+static __always_inline int on_accept(struct sys_exit_ctx *ctx)
+{
+	if (ctx->ret < 0)
+		return 0;
+	struct path p;
+	path_of((struct task_struct *)bpf_get_current_task(), &p);
+	if (!p.tracked)
+		return 0;
+	notify(p.tracked, EVENT_ACCEPT, 0, 0, 0);
+	return 0;
+}
+
+SEC("tracepoint/syscalls/sys_exit_accept4")
+int draind_accept4(struct sys_exit_ctx *ctx)
+{
+	return on_accept(ctx);
+}
+
+SEC("tracepoint/syscalls/sys_exit_accept")
+int draind_accept(struct sys_exit_ctx *ctx)
+{
+	return on_accept(ctx);
+}

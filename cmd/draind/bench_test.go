@@ -1,0 +1,179 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"slices"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/draind/draind/drain"
+	"github.com/draind/draind/proc"
+	"github.com/draind/draind/testenv"
+)
+
+// BenchmarkReaction measures how fast draind signals the old process once it has drained: from the old process
+// closing its last connection (its own CLOCK_MONOTONIC right after close(2)) to the old process receiving SIGTERM
+// (its own clock in its signal handler). Each iteration is a whole `draind handoff` between two holder processes,
+// with three connections on the old one that the client closes at a random moment within a second after the flip.
+// The sub-benchmarks run draind with
+// kernel events (the default) and with a 1-second polling baseline, in the same run on the same machine.
+//
+//	go test -run '^$' -bench Reaction -benchtime 100x ./cmd/draind
+func BenchmarkReaction(b *testing.B) {
+	for _, mode := range []struct {
+		name string
+		args []string
+	}{
+		{"events", nil},
+		{"poll-1s", []string{"--poll", "1s"}},
+	} {
+		b.Run(mode.name, func(b *testing.B) {
+			ns, pins := setup(b)
+			hopts := testenv.HolderOptions{Addr: addr, ReusePort: true}
+			old := testenv.StartHolderForTest(b, ns, hopts)
+			var lat []time.Duration
+			var rss int64
+			for b.Loop() {
+				conns := testenv.StartConnsForTest(b, ns, testenv.ConnsOptions{Addr: addr, N: 3})
+				next := testenv.StartHolderForTest(b, ns, hopts)
+				args := append([]string{"--from", strconv.Itoa(old.PID), "--to", strconv.Itoa(next.PID), "--pin-dir", pins}, mode.args...)
+				h := startHandoff(b, args...)
+				h.waitFor(b, "] flipped", 10*time.Second)
+				time.Sleep(rand.N(time.Second)) // any phase of the polling baseline's interval
+				ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+				if err := conns.CloseAll(ctx, 0); err != nil {
+					b.Fatalf("close connections: %v", err)
+				}
+				cancel()
+				out, code := h.wait(b, 20*time.Second)
+				if code != exitOK || out.Outcome != "drained" {
+					b.Fatalf("handoff: exit %d, outcome %s: %s", code, out.Outcome, h.errText())
+				}
+				rss = max(rss, h.cmd.ProcessState.SysUsage().(*syscall.Rusage).Maxrss)
+				ctx, cancel = context.WithTimeout(context.Background(), 10*time.Second)
+				old.Wait(ctx)
+				cancel()
+				sigs, closed := old.Signals(), old.Snapshot().LastCloseMono
+				if len(sigs) != 1 || closed == 0 {
+					b.Fatalf("old holder: signals %v, last close at %d", sigs, closed)
+				}
+				lat = append(lat, time.Duration(sigs[0].MonoNS-closed))
+				old = next
+			}
+			reportLatency(b, lat)
+			b.ReportMetric(float64(rss)/1024, "peak-rss-MiB")
+		})
+	}
+}
+
+// reportLatency reports the median, 99th percentile and maximum of lat, in milliseconds.
+func reportLatency(b *testing.B, lat []time.Duration) {
+	slices.Sort(lat)
+	q := func(p float64) float64 {
+		i := int(p * float64(len(lat)-1))
+		return float64(lat[i]) / 1e6
+	}
+	b.ReportMetric(q(0.5), "p50-ms")
+	b.ReportMetric(q(0.99), "p99-ms")
+	b.ReportMetric(q(1), "max-ms")
+	b.ReportMetric(0, "ns/op") // an iteration is a whole handoff: its duration says nothing
+	b.Logf("%d handoffs: min %v p50 %v p99 %v max %v", len(lat), lat[0], lat[len(lat)/2], lat[int(0.99*float64(len(lat)-1))], lat[len(lat)-1])
+}
+
+// BenchmarkScale100k: an old process holds 100,000 established connections (from 5 client addresses in a network
+// namespace); draind hands its port off, waits while nothing changes, then the client closes everything over 5
+// seconds and draind signals the old process once it holds nothing. Reported: the time of one snapshot at 100k
+// (taken by this process with the same code), draind's CPU time while idle and during the drain, its peak RSS.
+//
+//	go test -run '^$' -bench Scale100k -benchtime 1x ./cmd/draind
+func BenchmarkScale100k(b *testing.B) {
+	const n = 100_000
+	ns, pins := setup(b)
+	for b.Loop() {
+		hopts := testenv.HolderOptions{Addr: addr, ReusePort: true, Backlog: 4096}
+		old := testenv.StartHolderForTest(b, ns, hopts)
+		conns := testenv.StartConnsForTest(b, ns, testenv.ConnsOptions{Addr: addr, N: n})
+		b.Logf("%d connections open in %v", n, conns.Snapshot().OpenTook)
+		next := testenv.StartHolderForTest(b, ns, hopts)
+
+		snap := snapshotTimes(b, old.PID, n)
+		h := startHandoff(b, "--from", strconv.Itoa(old.PID), "--to", strconv.Itoa(next.PID), "--pin-dir", pins, "--timeout", "2m")
+		h.waitFor(b, "] flipped", 30*time.Second)
+
+		const idle = 5 * time.Second
+		cpu0 := cpuTime(b, h.cmd.Process.Pid)
+		time.Sleep(idle)
+		cpu1 := cpuTime(b, h.cmd.Process.Pid)
+
+		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		if err := conns.CloseAll(ctx, 5*time.Second); err != nil {
+			b.Fatalf("close connections: %v", err)
+		}
+		cancel()
+		out, code := h.wait(b, time.Minute)
+		if code != exitOK || out.Outcome != "drained" || out.InFlightAtFlip != n {
+			b.Fatalf("handoff: exit %d, outcome %s, %d in flight at the flip: %s", code, out.Outcome, out.InFlightAtFlip, h.errText())
+		}
+		ru := h.cmd.ProcessState.SysUsage().(*syscall.Rusage)
+		total := time.Duration(syscall.TimevalToNsec(ru.Utime) + syscall.TimevalToNsec(ru.Stime))
+		b.ReportMetric(float64(snap[len(snap)/2])/1e6, "snapshot-p50-ms")
+		b.ReportMetric(float64(snap[len(snap)-1])/1e6, "snapshot-max-ms")
+		b.ReportMetric(float64(cpu1-cpu0)/float64(idle)*100, "idle-cpu-%")
+		b.ReportMetric((total - cpu1).Seconds(), "drain-cpu-s")
+		b.ReportMetric(float64(ru.Maxrss)/1024, "peak-rss-MiB")
+		b.ReportMetric(out.DrainTime.Seconds(), "drain-s")
+		b.ReportMetric(float64(out.Snapshots), "snapshots")
+		b.ReportMetric(0, "ns/op")
+		b.Logf("snapshots at %d connections (this process): %v; draind: %d snapshots during the drain, longest %v", n, snap, out.Snapshots, out.SnapshotMax)
+	}
+}
+
+// snapshotTimes counts pid's connections on the port ten times with a fresh Tracker and returns the sorted durations.
+func snapshotTimes(b *testing.B, pid, want int) []time.Duration {
+	tr, err := drain.NewTracker(drain.TrackerOptions{})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer tr.Close()
+	p, err := proc.Open(pid)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer p.Close()
+	c, err := tr.Watch(p, []uint16{8080}, drain.WatchOptions{Track: true})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer c.Close()
+	var ds []time.Duration
+	for range 10 {
+		start := time.Now()
+		got, err := c.Count()
+		ds = append(ds, time.Since(start))
+		if err != nil || got.Conns != want {
+			b.Fatalf("count = %+v, %v; want %d connections", got, err, want)
+		}
+	}
+	slices.Sort(ds)
+	return ds
+}
+
+// cpuTime is the user+system CPU time pid has used so far, from /proc/PID/stat.
+func cpuTime(b *testing.B, pid int) time.Duration {
+	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		b.Fatal(err)
+	}
+	s := string(data)
+	f := strings.Fields(s[strings.LastIndexByte(s, ')')+2:])
+	ut, _ := strconv.ParseInt(f[11], 10, 64) // field 14 of stat(5), after pid and comm
+	st, _ := strconv.ParseInt(f[12], 10, 64)
+	const hz = 100 // USER_HZ
+	return time.Duration(ut+st) * time.Second / hz
+}

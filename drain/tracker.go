@@ -1,0 +1,497 @@
+package drain
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
+	"github.com/cilium/ebpf/ringbuf"
+
+	"github.com/draind/draind/loader"
+	"github.com/draind/draind/proc"
+)
+
+// TrackerOptions configures NewTracker. The zero value logs to slog.Default().
+type TrackerOptions struct {
+	Logger *slog.Logger
+}
+
+// Tracker counts the in-flight connections of process trees with BPF: an iterator over every task's file table
+// gives exact snapshots, and a tracepoint on TCP state changes (plus one on accept) wakes the counters whose count
+// may have moved. One Tracker serves any number of Counters; it holds no state that must outlive the process.
+type Tracker struct {
+	log   *slog.Logger
+	objs  *loader.CounterObjects
+	links []link.Link
+	iter  *link.Iter
+	rd    *ringbuf.Reader
+	done  chan struct{}
+
+	snapMu sync.Mutex // one iteration at a time: the iterator program caches per run
+	buf    []byte
+
+	mu       sync.Mutex
+	marks    map[uint64]*mark // by the process's pidfs inode
+	ids      map[uint32]*mark // by mark id
+	counters map[*Counter]struct{}
+	ports    map[loader.PortKey]int
+	closed   bool
+	once     sync.Once
+	closeErr error
+
+	stats TrackerStats
+}
+
+// TrackerStats says how much work the Tracker did.
+type TrackerStats struct {
+	Snapshots    int64         // iterator runs
+	SnapshotTime time.Duration // their total duration
+	SnapshotMax  time.Duration // the longest one
+	Records      int64         // sockets the iterator reported, over all runs
+	Wakeups      int64         // ring buffer records read
+}
+
+// mark is one entry of the BPF marks map: a process whose tree some Counter counts, or whose subtree some Counter
+// cuts out of its tree.
+type mark struct {
+	ino      uint64
+	id       uint32
+	refs     int // Counters rooted here or cutting this subtree out
+	tracking int // Counters rooted here that track
+}
+
+// NewTracker loads the counter programs and attaches them.
+func NewTracker(opts TrackerOptions) (_ *Tracker, err error) {
+	if opts.Logger == nil {
+		opts.Logger = slog.Default()
+	}
+	objs, err := loader.LoadCounter(loader.CounterOptions{Logger: opts.Logger})
+	if err != nil {
+		return nil, fmt.Errorf("start tracker: %w", err)
+	}
+	t := &Tracker{
+		log: opts.Logger, objs: objs, done: make(chan struct{}),
+		marks: map[uint64]*mark{}, ids: map[uint32]*mark{}, counters: map[*Counter]struct{}{},
+		ports: map[loader.PortKey]int{},
+	}
+	defer func() {
+		if err != nil {
+			t.closeAll()
+		}
+	}()
+	if t.iter, err = link.AttachIter(link.IterOptions{Program: objs.Sockets}); err != nil {
+		return nil, fmt.Errorf("attach socket iterator: %w", err)
+	}
+	l, err := link.AttachTracing(link.TracingOptions{Program: objs.State})
+	if err != nil {
+		return nil, fmt.Errorf("attach tracepoint inet_sock_set_state: %w", err)
+	}
+	t.links = append(t.links, l)
+	for name, prog := range map[string]*ebpf.Program{"sys_exit_accept": objs.Accept, "sys_exit_accept4": objs.Accept4} {
+		l, err := link.Tracepoint("syscalls", name, prog, nil)
+		if err != nil {
+			return nil, fmt.Errorf("attach tracepoint %s: %w", name, err)
+		}
+		t.links = append(t.links, l)
+	}
+	if t.rd, err = ringbuf.NewReader(objs.Events); err != nil {
+		return nil, fmt.Errorf("open ring buffer: %w", err)
+	}
+	go t.read()
+	return t, nil
+}
+
+// read dispatches ring buffer records to the Counters rooted at their mark until the reader is closed.
+func (t *Tracker) read() {
+	defer close(t.done)
+	var rec ringbuf.Record
+	for {
+		if err := t.rd.ReadInto(&rec); err != nil {
+			if !errors.Is(err, os.ErrClosed) {
+				t.log.Error("read counter events", "err", err)
+			}
+			return
+		}
+		if len(rec.RawSample) < 4 {
+			continue
+		}
+		id := binary.LittleEndian.Uint32(rec.RawSample)
+		t.mu.Lock()
+		t.stats.Wakeups++
+		for c := range t.counters {
+			if c.root.id == id {
+				select {
+				case c.wake <- struct{}{}:
+				default:
+				}
+			}
+		}
+		t.mu.Unlock()
+	}
+}
+
+// Stats returns what the Tracker did so far.
+func (t *Tracker) Stats() TrackerStats {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.stats
+}
+
+// Close detaches the programs and unloads them. Counters must be closed first. Safe to call twice.
+func (t *Tracker) Close() error {
+	t.once.Do(func() {
+		t.mu.Lock()
+		t.closed = true
+		t.mu.Unlock()
+		t.closeErr = t.closeAll()
+	})
+	return t.closeErr
+}
+
+func (t *Tracker) closeAll() error {
+	var errs []error
+	if t.rd != nil {
+		errs = append(errs, t.rd.Close())
+		<-t.done
+	}
+	for _, l := range t.links {
+		errs = append(errs, l.Close())
+	}
+	if t.iter != nil {
+		errs = append(errs, t.iter.Close())
+	}
+	errs = append(errs, t.objs.Close())
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("close tracker: %w", err)
+	}
+	return nil
+}
+
+// WatchOptions configures Tracker.Watch. The zero value counts the whole tree and does not track it.
+type WatchOptions struct {
+	// Exclude cuts the subtrees rooted at these processes out of the tree (the new process, when the old one
+	// started it, as nginx does for a binary upgrade). They must stay open while the Counter is.
+	Exclude []*proc.Process
+	// Track makes the kernel remember the tree's sockets so that their state changes wake Wait. Without it the
+	// Counter only takes snapshots (enough for the new side of a handoff, whose count nothing waits for).
+	Track bool
+}
+
+// Watch starts counting p's process tree on ports, in p's network namespace. The caller keeps p open until the
+// Counter is closed.
+func (t *Tracker) Watch(p *proc.Process, ports []uint16, opts WatchOptions) (_ *Counter, err error) {
+	if len(ports) == 0 {
+		return nil, errors.New("watch process: no ports")
+	}
+	ino, err := p.Ino()
+	if err != nil {
+		return nil, fmt.Errorf("watch process %d: %w", p.PID, err)
+	}
+	netns, err := p.NetNSIno()
+	if err != nil {
+		return nil, fmt.Errorf("watch process %d: %w", p.PID, err)
+	}
+	var exclIno []uint64
+	for _, e := range opts.Exclude {
+		i, err := e.Ino()
+		if err != nil {
+			return nil, fmt.Errorf("watch process %d: exclude: %w", p.PID, err)
+		}
+		exclIno = append(exclIno, i)
+	}
+	c := &Counter{t: t, p: p, netns: uint32(netns), ports: slices.Clone(ports), track: opts.Track, wake: make(chan struct{}, 1)}
+
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.closed {
+		return nil, errors.New("watch process: tracker closed")
+	}
+	defer func() {
+		if err != nil {
+			t.unwatchLocked(c)
+		}
+	}()
+	// Ports first, then exclusions, then the root: a snapshot never sees a half-cut tree. A process may be marked
+	// already (by another Counter): marks are shared and counted.
+	for _, port := range c.ports {
+		k := loader.PortKey{Netns: c.netns, Port: port}
+		if t.ports[k] == 0 {
+			if err := t.objs.Ports.Put(k, uint32(1)); err != nil {
+				return nil, fmt.Errorf("watch port %d: %w", port, err)
+			}
+		}
+		t.ports[k]++
+		c.portKeys = append(c.portKeys, k)
+	}
+	for _, i := range exclIno {
+		m, err := t.markLocked(i)
+		if err != nil {
+			return nil, err
+		}
+		c.excl = append(c.excl, m)
+		if err := t.syncMarkLocked(m); err != nil {
+			return nil, err
+		}
+	}
+	m, err := t.markLocked(ino)
+	if err != nil {
+		return nil, err
+	}
+	c.root = m
+	if c.track {
+		m.tracking++
+	}
+	if err := t.syncMarkLocked(m); err != nil {
+		return nil, err
+	}
+	t.counters[c] = struct{}{}
+	return c, nil
+}
+
+// markLocked returns the mark of the process with pidfs inode ino, with one more reference.
+func (t *Tracker) markLocked(ino uint64) (*mark, error) {
+	m := t.marks[ino]
+	if m == nil {
+		m = &mark{ino: ino}
+		for id := uint32(1); id < loader.MaxMarks && m.id == 0; id++ {
+			if t.ids[id] == nil {
+				m.id = id
+			}
+		}
+		if m.id == 0 {
+			return nil, fmt.Errorf("watch process: all %d marks in use", loader.MaxMarks-1)
+		}
+		t.marks[ino], t.ids[m.id] = m, m
+	}
+	m.refs++
+	return m, nil
+}
+
+// syncMarkLocked writes m to the BPF marks map, or deletes it when no Counter refers to it any more.
+func (t *Tracker) syncMarkLocked(m *mark) error {
+	if m.refs == 0 {
+		delete(t.marks, m.ino)
+		delete(t.ids, m.id)
+		if err := t.objs.Marks.Delete(m.ino); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return fmt.Errorf("remove process mark: %w", err)
+		}
+		return nil
+	}
+	v := loader.Mark{Id: m.id}
+	if m.tracking > 0 {
+		v.Flags = loader.MarkTrack
+	}
+	if err := t.objs.Marks.Put(m.ino, v); err != nil {
+		return fmt.Errorf("mark process: %w", err)
+	}
+	return nil
+}
+
+// unwatchLocked undoes whatever part of Watch was done for c.
+func (t *Tracker) unwatchLocked(c *Counter) error {
+	var errs []error
+	delete(t.counters, c)
+	if m := c.root; m != nil {
+		m.refs--
+		if c.track {
+			m.tracking--
+		}
+		errs = append(errs, t.syncMarkLocked(m))
+		c.root = nil
+	}
+	for _, m := range c.excl {
+		m.refs--
+		errs = append(errs, t.syncMarkLocked(m))
+	}
+	c.excl = nil
+	for _, k := range c.portKeys {
+		t.ports[k]--
+		if t.ports[k] == 0 {
+			delete(t.ports, k)
+			if err := t.objs.Ports.Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+				errs = append(errs, fmt.Errorf("remove watched port: %w", err))
+			}
+		}
+	}
+	c.portKeys = nil
+	return errors.Join(errs...)
+}
+
+// recSize is the size of loader.SockRec as the iterator writes it.
+const recSize = 32
+
+// snapshot runs the iterator once and hands every record to fn.
+func (t *Tracker) snapshot(fn func(r *loader.SockRec)) (time.Duration, error) {
+	t.snapMu.Lock()
+	defer t.snapMu.Unlock()
+	start := time.Now()
+	rd, err := t.iter.Open()
+	if err != nil {
+		return 0, fmt.Errorf("run socket iterator: %w", err)
+	}
+	defer rd.Close()
+	if t.buf == nil {
+		t.buf = make([]byte, 64<<10)
+	}
+	var n, pending int
+	var rec loader.SockRec
+	for {
+		m, err := rd.Read(t.buf[pending:])
+		m += pending
+		full := m - m%recSize
+		for off := 0; off < full; off += recSize {
+			b := t.buf[off : off+recSize]
+			rec.Ino = binary.LittleEndian.Uint64(b[0:])
+			for i := range rec.Marks {
+				rec.Marks[i] = binary.LittleEndian.Uint16(b[8+2*i:])
+			}
+			rec.Queue = binary.LittleEndian.Uint32(b[20:])
+			rec.Netns = binary.LittleEndian.Uint32(b[24:])
+			rec.Port = binary.LittleEndian.Uint16(b[28:])
+			rec.State = b[30]
+			rec.Family = b[31]
+			fn(&rec)
+			n++
+		}
+		pending = copy(t.buf, t.buf[full:m])
+		if errors.Is(err, io.EOF) {
+			break
+		}
+		if err != nil {
+			return 0, fmt.Errorf("read socket iterator: %w", err)
+		}
+	}
+	d := time.Since(start)
+	t.mu.Lock()
+	t.stats.Snapshots++
+	t.stats.SnapshotTime += d
+	t.stats.SnapshotMax = max(t.stats.SnapshotMax, d)
+	t.stats.Records += int64(n)
+	t.mu.Unlock()
+	return d, nil
+}
+
+// Counter counts one process tree's connections on some ports: see Tracker.Watch.
+type Counter struct {
+	t     *Tracker
+	p     *proc.Process
+	netns uint32
+	ports []uint16
+	track bool
+	wake  chan struct{}
+
+	root     *mark   // the tree's root
+	excl     []*mark // the subtrees cut out of it
+	portKeys []loader.PortKey
+
+	seen   map[uint64]struct{}
+	closed bool
+	stats  CounterStats
+}
+
+// CounterStats says how many snapshots a Counter took.
+type CounterStats struct {
+	Snapshots   int
+	SnapshotMax time.Duration
+}
+
+// Stats returns the Counter's snapshot figures so far.
+func (c *Counter) Stats() CounterStats {
+	c.t.mu.Lock()
+	defer c.t.mu.Unlock()
+	return c.stats
+}
+
+// Count takes one exact snapshot: what the tree holds on the ports now, the way `ss` sees it. Sockets held by
+// several processes of the tree (inherited, passed) count once.
+func (c *Counter) Count() (Count, error) {
+	c.t.mu.Lock()
+	if c.closed || c.root == nil {
+		c.t.mu.Unlock()
+		return Count{}, errors.New("count connections: counter closed")
+	}
+	root := uint16(c.root.id)
+	excl := make([]uint16, len(c.excl))
+	for i, m := range c.excl {
+		excl[i] = uint16(m.id)
+	}
+	c.t.mu.Unlock()
+	if c.p.Exited() {
+		return Count{}, nil // it holds nothing any more
+	}
+	if c.seen == nil {
+		c.seen = map[uint64]struct{}{}
+	}
+	clear(c.seen)
+	var n Count
+	d, err := c.t.snapshot(func(r *loader.SockRec) {
+		if r.Netns != c.netns || !slices.Contains(c.ports, r.Port) || !below(r.Marks[:], root, excl) {
+			return
+		}
+		if _, dup := c.seen[r.Ino]; dup {
+			return
+		}
+		c.seen[r.Ino] = struct{}{}
+		switch r.State {
+		case loader.TCPListen:
+			n.Queued += int(r.Queue)
+		case loader.TCPClose:
+			// Reset or never connected, still held by the process: gone from the kernel's tables (and from ss).
+		default:
+			n.Conns++
+		}
+	})
+	if err != nil {
+		return Count{}, fmt.Errorf("count connections: %w", err)
+	}
+	c.t.mu.Lock()
+	c.stats.Snapshots++
+	c.stats.SnapshotMax = max(c.stats.SnapshotMax, d)
+	c.t.mu.Unlock()
+	return n, nil
+}
+
+// below reports whether a socket whose holder has the marks path above it (nearest first) is in the tree rooted at
+// root less the subtrees at excl: root is on the path and no excluded mark comes before it.
+func below(path []uint16, root uint16, excl []uint16) bool {
+	for _, m := range path {
+		switch {
+		case m == root:
+			return true
+		case m == 0 || slices.Contains(excl, m):
+			return false
+		}
+	}
+	return false
+}
+
+// events reads how many events the tree's root mark has had so far.
+func (c *Counter) events() (loader.MarkCount, error) {
+	var v loader.MarkCount
+	if err := c.t.objs.MarkEvents.Lookup(c.root.id, &v); err != nil {
+		return v, fmt.Errorf("read counter events: %w", err)
+	}
+	return v, nil
+}
+
+// Close stops counting. Safe to call twice.
+func (c *Counter) Close() error {
+	c.t.mu.Lock()
+	defer c.t.mu.Unlock()
+	if c.closed {
+		return nil
+	}
+	c.closed = true
+	if err := c.t.unwatchLocked(c); err != nil {
+		return fmt.Errorf("close counter: %w", err)
+	}
+	return nil
+}
