@@ -79,16 +79,51 @@ func (p *Process) Signal(sig syscall.Signal) error {
 	return nil
 }
 
-// WaitExit waits until the process exits or ctx ends; it reports whether the exit was seen.
+// WaitExit waits until the process exits or ctx ends; it reports whether the exit was seen. It sleeps in poll(2) on
+// the pidfd and an eventfd that ctx's end writes to: no periodic wakeups.
 func (p *Process) WaitExit(ctx context.Context) bool {
+	if p.Exited() {
+		return true
+	}
+	efd, err := unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK)
+	if err != nil {
+		return p.pollExit(ctx)
+	}
+	defer unix.Close(efd)
+	woken := make(chan struct{})
+	stop := context.AfterFunc(ctx, func() {
+		defer close(woken)
+		unix.Write(efd, []byte{1, 0, 0, 0, 0, 0, 0, 0})
+	})
+	defer func() {
+		if !stop() {
+			<-woken // the write must not land on a closed (or reused) fd
+		}
+	}()
+	for {
+		fds := []unix.PollFd{{Fd: int32(p.fd), Events: unix.POLLIN}, {Fd: int32(efd), Events: unix.POLLIN}}
+		_, err := unix.Poll(fds, -1)
+		switch {
+		case err == unix.EINTR:
+			continue
+		case err != nil:
+			return p.pollExit(ctx)
+		case fds[0].Revents != 0:
+			return true
+		case fds[1].Revents != 0:
+			return p.Exited()
+		}
+	}
+}
+
+// pollExit is WaitExit without an eventfd: poll the pidfd in short slices so that ctx is honoured.
+func (p *Process) pollExit(ctx context.Context) bool {
 	for {
 		if p.Exited() {
 			return true
 		}
-		// Poll the pidfd in short slices so that ctx is honoured without another fd to wake us.
 		fds := []unix.PollFd{{Fd: int32(p.fd), Events: unix.POLLIN}}
-		n, err := unix.Poll(fds, 20)
-		if err == nil && n > 0 {
+		if n, err := unix.Poll(fds, 20); err == nil && n > 0 {
 			return true
 		}
 		if ctx.Err() != nil {
