@@ -1,7 +1,7 @@
 GO ?= go
 BIN ?= bin/draind
 
-.PHONY: build generate test demo check-generate lint
+.PHONY: build generate test demo check-generate lint bench-count
 
 build:
 	$(GO) build -o $(BIN) ./cmd/draind
@@ -25,3 +25,9 @@ test: lint
 
 demo: build
 	./$(BIN) demo
+
+# The counting benchmarks (root): reaction time of the signal after the last close, kernel events vs 1s polling
+# (100 handoffs each), then one old server holding 100,000 connections draining to zero.
+bench-count:
+	$(GO) test -run '^$$' -bench Reaction -benchtime 100x -timeout 30m ./cmd/draind
+	$(GO) test -run '^$$' -bench Scale100k -benchtime 1x -timeout 30m ./cmd/draind
