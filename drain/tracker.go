@@ -1,19 +1,12 @@
 package drain
 
 import (
-	"encoding/binary"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
-	"os"
 	"slices"
 	"sync"
 	"time"
-
-	"github.com/cilium/ebpf"
-	"github.com/cilium/ebpf/link"
-	"github.com/cilium/ebpf/ringbuf"
 
 	"github.com/draind/draind/loader"
 	"github.com/draind/draind/proc"
@@ -28,15 +21,11 @@ type TrackerOptions struct {
 // gives exact snapshots, and a tracepoint on TCP state changes (plus one on accept) wakes the counters whose count
 // may have moved. One Tracker serves any number of Counters; it holds no state that must outlive the process.
 type Tracker struct {
-	log   *slog.Logger
-	objs  *loader.CounterObjects
-	links []link.Link
-	iter  *link.Iter
-	rd    *ringbuf.Reader
-	done  chan struct{}
+	log  *slog.Logger
+	k    *loader.Counter
+	done chan struct{}
 
 	snapMu sync.Mutex // one iteration at a time: the iterator program caches per run
-	buf    []byte
 
 	mu       sync.Mutex
 	marks    map[uint64]*mark // by the process's pidfs inode
@@ -69,61 +58,34 @@ type mark struct {
 }
 
 // NewTracker loads the counter programs and attaches them.
-func NewTracker(opts TrackerOptions) (_ *Tracker, err error) {
+func NewTracker(opts TrackerOptions) (*Tracker, error) {
 	if opts.Logger == nil {
 		opts.Logger = slog.Default()
 	}
-	objs, err := loader.LoadCounter(loader.CounterOptions{Logger: opts.Logger})
+	k, err := loader.LoadCounter(loader.CounterOptions{Logger: opts.Logger})
 	if err != nil {
 		return nil, fmt.Errorf("start tracker: %w", err)
 	}
 	t := &Tracker{
-		log: opts.Logger, objs: objs, done: make(chan struct{}),
+		log: opts.Logger, k: k, done: make(chan struct{}),
 		marks: map[uint64]*mark{}, ids: map[uint32]*mark{}, counters: map[*Counter]struct{}{},
 		ports: map[loader.PortKey]int{},
-	}
-	defer func() {
-		if err != nil {
-			t.closeAll()
-		}
-	}()
-	if t.iter, err = link.AttachIter(link.IterOptions{Program: objs.Sockets}); err != nil {
-		return nil, fmt.Errorf("attach socket iterator: %w", err)
-	}
-	l, err := link.AttachTracing(link.TracingOptions{Program: objs.State})
-	if err != nil {
-		return nil, fmt.Errorf("attach tracepoint inet_sock_set_state: %w", err)
-	}
-	t.links = append(t.links, l)
-	for name, prog := range map[string]*ebpf.Program{"sys_exit_accept": objs.Accept, "sys_exit_accept4": objs.Accept4} {
-		l, err := link.Tracepoint("syscalls", name, prog, nil)
-		if err != nil {
-			return nil, fmt.Errorf("attach tracepoint %s: %w", name, err)
-		}
-		t.links = append(t.links, l)
-	}
-	if t.rd, err = ringbuf.NewReader(objs.Events); err != nil {
-		return nil, fmt.Errorf("open ring buffer: %w", err)
 	}
 	go t.read()
 	return t, nil
 }
 
-// read dispatches ring buffer records to the Counters rooted at their mark until the reader is closed.
+// read dispatches ring buffer records to the Counters rooted at their mark until the counter is closed.
 func (t *Tracker) read() {
 	defer close(t.done)
-	var rec ringbuf.Record
 	for {
-		if err := t.rd.ReadInto(&rec); err != nil {
-			if !errors.Is(err, os.ErrClosed) {
+		id, err := t.k.ReadEvent()
+		if err != nil {
+			if !errors.Is(err, loader.ErrClosed) {
 				t.log.Error("read counter events", "err", err)
 			}
 			return
 		}
-		if len(rec.RawSample) < 4 {
-			continue
-		}
-		id := binary.LittleEndian.Uint32(rec.RawSample)
 		t.mu.Lock()
 		t.stats.Wakeups++
 		for c := range t.counters {
@@ -151,28 +113,10 @@ func (t *Tracker) Close() error {
 		t.mu.Lock()
 		t.closed = true
 		t.mu.Unlock()
-		t.closeErr = t.closeAll()
+		t.closeErr = t.k.Close()
+		<-t.done
 	})
 	return t.closeErr
-}
-
-func (t *Tracker) closeAll() error {
-	var errs []error
-	if t.rd != nil {
-		errs = append(errs, t.rd.Close())
-		<-t.done
-	}
-	for _, l := range t.links {
-		errs = append(errs, l.Close())
-	}
-	if t.iter != nil {
-		errs = append(errs, t.iter.Close())
-	}
-	errs = append(errs, t.objs.Close())
-	if err := errors.Join(errs...); err != nil {
-		return fmt.Errorf("close tracker: %w", err)
-	}
-	return nil
 }
 
 // WatchOptions configures Tracker.Watch. The zero value counts the whole tree and does not track it.
@@ -224,8 +168,8 @@ func (t *Tracker) Watch(p *proc.Process, ports []uint16, opts WatchOptions) (_ *
 	for _, port := range c.ports {
 		k := loader.PortKey{Netns: c.netns, Port: port}
 		if t.ports[k] == 0 {
-			if err := t.objs.Ports.Put(k, uint32(1)); err != nil {
-				return nil, fmt.Errorf("watch port %d: %w", port, err)
+			if err := t.k.PutPort(k); err != nil {
+				return nil, err
 			}
 		}
 		t.ports[k]++
@@ -280,19 +224,13 @@ func (t *Tracker) syncMarkLocked(m *mark) error {
 	if m.refs == 0 {
 		delete(t.marks, m.ino)
 		delete(t.ids, m.id)
-		if err := t.objs.Marks.Delete(m.ino); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
-			return fmt.Errorf("remove process mark: %w", err)
-		}
-		return nil
+		return t.k.DeleteMark(m.ino)
 	}
 	v := loader.Mark{Id: m.id}
 	if m.tracking > 0 {
 		v.Flags = loader.MarkTrack
 	}
-	if err := t.objs.Marks.Put(m.ino, v); err != nil {
-		return fmt.Errorf("mark process: %w", err)
-	}
-	return nil
+	return t.k.PutMark(m.ino, v)
 }
 
 // unwatchLocked undoes whatever part of Watch was done for c.
@@ -316,58 +254,25 @@ func (t *Tracker) unwatchLocked(c *Counter) error {
 		t.ports[k]--
 		if t.ports[k] == 0 {
 			delete(t.ports, k)
-			if err := t.objs.Ports.Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
-				errs = append(errs, fmt.Errorf("remove watched port: %w", err))
-			}
+			errs = append(errs, t.k.DeletePort(k))
 		}
 	}
 	c.portKeys = nil
 	return errors.Join(errs...)
 }
 
-// recSize is the size of loader.SockRec as the iterator writes it.
-const recSize = 32
-
 // snapshot runs the iterator once and hands every record to fn.
 func (t *Tracker) snapshot(fn func(r *loader.SockRec)) (time.Duration, error) {
 	t.snapMu.Lock()
 	defer t.snapMu.Unlock()
 	start := time.Now()
-	rd, err := t.iter.Open()
+	n := 0
+	err := t.k.Snapshot(func(r *loader.SockRec) {
+		n++
+		fn(r)
+	})
 	if err != nil {
-		return 0, fmt.Errorf("run socket iterator: %w", err)
-	}
-	defer rd.Close()
-	if t.buf == nil {
-		t.buf = make([]byte, 64<<10)
-	}
-	var n, pending int
-	var rec loader.SockRec
-	for {
-		m, err := rd.Read(t.buf[pending:])
-		m += pending
-		full := m - m%recSize
-		for off := 0; off < full; off += recSize {
-			b := t.buf[off : off+recSize]
-			rec.Ino = binary.LittleEndian.Uint64(b[0:])
-			for i := range rec.Marks {
-				rec.Marks[i] = binary.LittleEndian.Uint16(b[8+2*i:])
-			}
-			rec.Queue = binary.LittleEndian.Uint32(b[20:])
-			rec.Netns = binary.LittleEndian.Uint32(b[24:])
-			rec.Port = binary.LittleEndian.Uint16(b[28:])
-			rec.State = b[30]
-			rec.Family = b[31]
-			fn(&rec)
-			n++
-		}
-		pending = copy(t.buf, t.buf[full:m])
-		if errors.Is(err, io.EOF) {
-			break
-		}
-		if err != nil {
-			return 0, fmt.Errorf("read socket iterator: %w", err)
-		}
+		return 0, err
 	}
 	d := time.Since(start)
 	t.mu.Lock()
@@ -475,11 +380,7 @@ func below(path []uint16, root uint16, excl []uint16) bool {
 
 // events reads how many events the tree's root mark has had so far.
 func (c *Counter) events() (loader.MarkCount, error) {
-	var v loader.MarkCount
-	if err := c.t.objs.MarkEvents.Lookup(c.root.id, &v); err != nil {
-		return v, fmt.Errorf("read counter events: %w", err)
-	}
-	return v, nil
+	return c.t.k.MarkEvents(c.root.id)
 }
 
 // Close stops counting. Safe to call twice.

@@ -1,13 +1,17 @@
 package loader
 
 import (
+	"encoding/binary"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"os"
 	"sync"
 
 	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
+	"github.com/cilium/ebpf/ringbuf"
 	"golang.org/x/sys/unix"
 )
 
@@ -39,33 +43,28 @@ type CounterOptions struct {
 	Logger *slog.Logger
 }
 
-// CounterObjects are the counter's programs and maps. They are private to one draind process (nothing is pinned):
-// counting starts afresh with every process, from a snapshot.
-type CounterObjects struct {
-	Marks      *ebpf.Map // HASH: pidfs inode of a marked process -> Mark
-	Ports      *ebpf.Map // HASH: PortKey -> reference count
-	Socks      *ebpf.Map // HASH: struct sock address -> mark id (filled by the iterator, emptied by the tracepoint)
-	MarkEvents *ebpf.Map // ARRAY: mark id -> MarkCount
-	Events     *ebpf.Map // RINGBUF of Event
-
-	Sockets *ebpf.Program // iter/task_file
-	State   *ebpf.Program // tp_btf/inet_sock_set_state
-	Accept  *ebpf.Program // tracepoint/syscalls/sys_exit_accept
-	Accept4 *ebpf.Program // tracepoint/syscalls/sys_exit_accept4
-
-	objs counterObjects
-	once sync.Once
+// Counter is the loaded and attached counter: the iterator, the tracepoints and the ring buffer reader. It is private
+// to one draind process (nothing is pinned): counting starts afresh with every process, from a snapshot.
+type Counter struct {
+	objs  counterObjects
+	iter  *link.Iter
+	links []link.Link
+	rd    *ringbuf.Reader
+	buf   []byte
+	once  sync.Once
+	err   error
 }
 
-// LoadCounter mounts tracefs if needed (the syscall tracepoints are found through it) and loads the counter.
-func LoadCounter(opts CounterOptions) (*CounterObjects, error) {
+// LoadCounter mounts tracefs if needed (the syscall tracepoints are found through it), loads the counter and attaches
+// it.
+func LoadCounter(opts CounterOptions) (_ *Counter, err error) {
 	if opts.Logger == nil {
 		opts.Logger = slog.Default()
 	}
 	if err := ensureTraceFS(opts.Logger); err != nil {
 		return nil, err
 	}
-	c := &CounterObjects{}
+	c := &Counter{}
 	if err := loadCounterObjects(&c.objs, nil); err != nil {
 		var verr *ebpf.VerifierError
 		if errors.As(err, &verr) {
@@ -73,17 +72,158 @@ func LoadCounter(opts CounterOptions) (*CounterObjects, error) {
 		}
 		return nil, fmt.Errorf("load counter: %w", wrapPerm(err))
 	}
-	m, p := &c.objs.counterMaps, &c.objs.counterPrograms
-	c.Marks, c.Ports, c.Socks, c.MarkEvents, c.Events = m.Marks, m.Ports, m.Socks, m.MarkEvents, m.Events
-	c.Sockets, c.State, c.Accept, c.Accept4 = p.DraindSockets, p.DraindState, p.DraindAccept, p.DraindAccept4
+	defer func() {
+		if err != nil {
+			c.Close()
+		}
+	}()
+	p := &c.objs.counterPrograms
+	if c.iter, err = link.AttachIter(link.IterOptions{Program: p.DraindSockets}); err != nil {
+		return nil, fmt.Errorf("attach socket iterator: %w", wrapPerm(err))
+	}
+	l, err := link.AttachTracing(link.TracingOptions{Program: p.DraindState})
+	if err != nil {
+		return nil, fmt.Errorf("attach tracepoint inet_sock_set_state: %w", wrapPerm(err))
+	}
+	c.links = append(c.links, l)
+	for _, tp := range []struct {
+		name string
+		prog *ebpf.Program
+	}{{"sys_exit_accept", p.DraindAccept}, {"sys_exit_accept4", p.DraindAccept4}} {
+		l, err := link.Tracepoint("syscalls", tp.name, tp.prog, nil)
+		if err != nil {
+			return nil, fmt.Errorf("attach tracepoint %s: %w", tp.name, wrapPerm(err))
+		}
+		c.links = append(c.links, l)
+	}
+	if c.rd, err = ringbuf.NewReader(c.objs.Events); err != nil {
+		return nil, fmt.Errorf("open ring buffer: %w", err)
+	}
 	return c, nil
 }
 
-// Close unloads the counter. Safe to call twice.
-func (c *CounterObjects) Close() error {
-	var err error
-	c.once.Do(func() { err = c.objs.Close() })
-	return err
+// recSize is the size of SockRec as the iterator writes it.
+const recSize = 32
+
+// Snapshot runs the iterator once and hands fn every socket it reports. One snapshot at a time: the iterator
+// program caches per run, so concurrent callers must serialize.
+func (c *Counter) Snapshot(fn func(r *SockRec)) error {
+	rd, err := c.iter.Open()
+	if err != nil {
+		return fmt.Errorf("run socket iterator: %w", err)
+	}
+	defer rd.Close()
+	if c.buf == nil {
+		c.buf = make([]byte, 64<<10)
+	}
+	var pending int
+	var rec SockRec
+	for {
+		m, err := rd.Read(c.buf[pending:])
+		m += pending
+		full := m - m%recSize
+		for off := 0; off < full; off += recSize {
+			b := c.buf[off : off+recSize]
+			rec.Ino = binary.LittleEndian.Uint64(b[0:])
+			for i := range rec.Marks {
+				rec.Marks[i] = binary.LittleEndian.Uint16(b[8+2*i:])
+			}
+			rec.Queue = binary.LittleEndian.Uint32(b[20:])
+			rec.Netns = binary.LittleEndian.Uint32(b[24:])
+			rec.Port = binary.LittleEndian.Uint16(b[28:])
+			rec.State = b[30]
+			rec.Family = b[31]
+			fn(&rec)
+		}
+		pending = copy(c.buf, c.buf[full:m])
+		if errors.Is(err, io.EOF) {
+			return nil
+		}
+		if err != nil {
+			return fmt.Errorf("read socket iterator: %w", err)
+		}
+	}
+}
+
+// ErrClosed is returned by ReadEvent once the Counter is closed.
+var ErrClosed = errors.New("counter closed")
+
+// ReadEvent blocks until the next ring buffer record and returns its mark id.
+func (c *Counter) ReadEvent() (uint32, error) {
+	var rec ringbuf.Record
+	for {
+		if err := c.rd.ReadInto(&rec); err != nil {
+			if errors.Is(err, os.ErrClosed) {
+				return 0, ErrClosed
+			}
+			return 0, fmt.Errorf("read counter events: %w", err)
+		}
+		if len(rec.RawSample) >= 4 {
+			return binary.LittleEndian.Uint32(rec.RawSample), nil
+		}
+	}
+}
+
+// MarkEvents reads the event counts of a mark.
+func (c *Counter) MarkEvents(id uint32) (MarkCount, error) {
+	var v MarkCount
+	if err := c.objs.MarkEvents.Lookup(id, &v); err != nil {
+		return v, fmt.Errorf("read counter events: %w", err)
+	}
+	return v, nil
+}
+
+// PutMark marks the process with pidfs inode ino.
+func (c *Counter) PutMark(ino uint64, m Mark) error {
+	if err := c.objs.Marks.Put(ino, m); err != nil {
+		return fmt.Errorf("mark process: %w", err)
+	}
+	return nil
+}
+
+// DeleteMark unmarks the process with pidfs inode ino.
+func (c *Counter) DeleteMark(ino uint64) error {
+	if err := c.objs.Marks.Delete(ino); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		return fmt.Errorf("unmark process: %w", err)
+	}
+	return nil
+}
+
+// PutPort makes the iterator report sockets on k.
+func (c *Counter) PutPort(k PortKey) error {
+	if err := c.objs.Ports.Put(k, uint32(1)); err != nil {
+		return fmt.Errorf("watch port %d: %w", k.Port, err)
+	}
+	return nil
+}
+
+// DeletePort stops reporting sockets on k.
+func (c *Counter) DeletePort(k PortKey) error {
+	if err := c.objs.Ports.Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		return fmt.Errorf("unwatch port %d: %w", k.Port, err)
+	}
+	return nil
+}
+
+// Close detaches and unloads the counter; a blocked ReadEvent returns ErrClosed. Safe to call twice.
+func (c *Counter) Close() error {
+	c.once.Do(func() {
+		var errs []error
+		if c.rd != nil {
+			errs = append(errs, c.rd.Close())
+		}
+		for _, l := range c.links {
+			errs = append(errs, l.Close())
+		}
+		if c.iter != nil {
+			errs = append(errs, c.iter.Close())
+		}
+		errs = append(errs, c.objs.Close())
+		if err := errors.Join(errs...); err != nil {
+			c.err = fmt.Errorf("close counter: %w", err)
+		}
+	})
+	return c.err
 }
 
 const (
