@@ -1,6 +1,7 @@
 package loader
 
 import (
+	"errors"
 	"os"
 	"path/filepath"
 	"testing"
@@ -66,5 +67,33 @@ func TestOpenPinsAndRemoves(t *testing.T) {
 	}
 	if err := a.Close(); err != nil {
 		t.Fatal("second Close failed")
+	}
+}
+
+// TestCounterLifecycle: the counter loads and attaches, an unmarked system gives an empty snapshot, a blocked
+// ReadEvent returns ErrClosed when the counter closes, and Close is safe twice.
+func TestCounterLifecycle(t *testing.T) {
+	testenv.Require(t)
+	c, err := LoadCounter(CounterOptions{})
+	if err != nil {
+		t.Fatalf("load counter: %+v", err)
+	}
+	n := 0
+	if err := c.Snapshot(func(*SockRec) { n++ }); err != nil || n != 0 {
+		t.Fatalf("snapshot with nothing marked: %d records, %v", n, err)
+	}
+	done := make(chan error, 1)
+	go func() {
+		_, err := c.ReadEvent()
+		done <- err
+	}()
+	if err := c.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-done; !errors.Is(err, ErrClosed) {
+		t.Fatalf("ReadEvent after Close: %v", err)
+	}
+	if err := c.Close(); err != nil {
+		t.Fatalf("second close: %v", err)
 	}
 }
