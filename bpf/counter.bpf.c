@@ -9,12 +9,16 @@
 //   trees it counts, and the subtrees it cuts out of them); for a task with a marked ancestor (itself included) the
 //   iterator emits one record per TCP socket on a watched (netns, port): the socket's inode, state, accept queue and
 //   the marks on the task's way up, nearest first, from which userspace decides which counts the socket belongs to.
-//   When one of those marks is "tracked" (the old side of a handoff, whose drain draind waits for) it also remembers
-//   the socket in `socks`, so that the tracepoint below can tell the socket's later state changes from the others'.
-// - draind_state (tp_btf/inet_sock_set_state) fires on every TCP state change; for a socket in `socks` it counts the
+//   When one of those marks is "tracked" (the old side of a handoff, whose drain draind waits for) it also tags the
+//   socket (socket local storage `sock_marks`), so that the tracepoint below can tell the socket's later state
+//   changes from the others'.
+// - draind_state (tp_btf/inet_sock_set_state) fires on every TCP state change; for a tagged socket it counts the
 //   change for its mark and sends a wakeup through the ring buffer.
 // - draind_accept/draind_accept4 (syscall exit tracepoints) do the same when a process under a tracked mark accepts
-//   a connection: the accepted socket is not in `socks` yet, so userspace takes a snapshot to remember it.
+//   a connection: the accepted socket is not tagged yet, so userspace takes a snapshot to tag it.
+//
+// Fields are read with direct (CO-RE relocated, fault-safe) loads rather than bpf_probe_read_kernel: the iterator
+// runs once per file of every task, and a helper call per field would dominate a snapshot of 100,000 sockets.
 //
 // Userspace reads the counts in `mark_events` to know how far a count can have moved since its last snapshot;
 // the ring buffer only wakes it up, so a lost ring buffer record delays a wakeup but never falsifies a count.
@@ -32,19 +36,20 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
 // Upper bounds. Userspace (loader/, drain/) mirrors them; keep in sync.
 #define MAX_MARKS 4096      // mark ids are 1..MAX_MARKS-1
 #define MAX_PORTS 4096      // watched (netns, port) pairs
-#define MAX_SOCKS (1 << 20) // sockets under tracked marks remembered between snapshots
 #define MAX_DEPTH 32        // ancestors looked at above a task
 #define PATH_MARKS 6        // marks reported per task, nearest first
 
 // TCP states (include/net/tcp_states.h).
-#define TCP_LISTEN 10
+#define TCP_FIN_WAIT1 4
 #define TCP_CLOSE 7
+#define TCP_LAST_ACK 9
+#define TCP_LISTEN 10
 
 #define AF_INET 2
 #define AF_INET6 10
 
 // Flags of a mark.
-#define MARK_TRACK 1 // remember the sockets below it in `socks` and count their events
+#define MARK_TRACK 1 // tag the sockets below it and count their events
 
 // marks: processes userspace marked, keyed by their pidfs inode number (fstat of a pidfd), which is unique, never
 // reused and the same in every PID namespace.
@@ -74,20 +79,22 @@ struct {
 	__type(value, __u32);
 } ports SEC(".maps");
 
-// socks: sockets under tracked marks seen by the last snapshots (key: the struct sock's address), with the id of the
-// nearest tracked mark above the process holding them. The tracepoint deletes a socket when it reaches TCP_CLOSE,
-// just before the kernel frees it.
+// sock_marks: the tag of a socket held under a tracked mark: the id of the nearest tracked mark above the process
+// that held it at the last snapshot. Socket local storage: found in O(1) from the socket, and freed with it.
+struct sock_mark {
+	__u32 mark;
+};
+
 struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, MAX_SOCKS);
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, __u64);
-	__type(value, __u32);
-} socks SEC(".maps");
+	__type(key, int);
+	__type(value, struct sock_mark);
+} sock_marks SEC(".maps");
 
 // mark_events: per mark id, how many events may have changed the counts under it (never reset: userspace takes
 // differences).
-//   changes: state changes of remembered sockets; each can lower a count by at most one.
+//   changes: state changes of tagged sockets that may mean their fd was closed; each lowers a count by at most one.
 //   resnaps: events after which only a new snapshot tells the count (an accept, a listener closing).
 struct mark_count {
 	__u64 changes;
@@ -111,8 +118,8 @@ struct event {
 	__u8 pad[3];
 };
 
-#define EVENT_STATE 1    // a remembered socket changed state
-#define EVENT_LISTENER 2 // a remembered listener closed
+#define EVENT_STATE 1    // a tagged socket may have been closed
+#define EVENT_LISTENER 2 // a tagged listener closed
 #define EVENT_ACCEPT 3   // a process under a tracked mark accepted a connection
 
 struct {
@@ -152,7 +159,7 @@ static __always_inline void path_of(struct task_struct *task, struct path *p)
 	int n = 0;
 	__builtin_memset(p, 0, sizeof(*p));
 	for (int i = 0; i < MAX_DEPTH && task; i++) {
-		__u64 ino = BPF_CORE_READ(task, group_leader, thread_pid, ino);
+		__u64 ino = task->group_leader->thread_pid->ino;
 		struct mark *m = bpf_map_lookup_elem(&marks, &ino);
 		if (m) {
 			if (n < PATH_MARKS)
@@ -160,8 +167,8 @@ static __always_inline void path_of(struct task_struct *task, struct path *p)
 			if (!p->tracked && (m->flags & MARK_TRACK))
 				p->tracked = m->id;
 		}
-		struct task_struct *parent = BPF_CORE_READ(task, real_parent);
-		if (parent == task || BPF_CORE_READ(task, tgid) <= 1)
+		struct task_struct *parent = task->real_parent;
+		if (parent == task || task->tgid <= 1)
 			break;
 		task = parent;
 	}
@@ -207,35 +214,35 @@ int draind_sockets(struct bpf_iter__task_file *ctx)
 	struct socket *sock = bpf_sock_from_file(file);
 	if (!sock)
 		return 0;
-	struct sock *sk = BPF_CORE_READ(sock, sk);
-	if (!sk || BPF_CORE_READ(sk, sk_protocol) != IPPROTO_TCP)
+	struct sock *sk = sock->sk;
+	if (!sk || sk->sk_protocol != IPPROTO_TCP)
 		return 0;
-	__u16 family = BPF_CORE_READ(sk, __sk_common.skc_family);
+	__u16 family = sk->__sk_common.skc_family;
 	if (family != AF_INET && family != AF_INET6)
 		return 0;
 	struct port_key pk = {
-		.netns = BPF_CORE_READ(sk, __sk_common.skc_net.net, ns.inum),
-		.port = BPF_CORE_READ(sk, __sk_common.skc_num),
+		.netns = sk->__sk_common.skc_net.net->ns.inum,
+		.port = sk->__sk_common.skc_num,
 	};
 	if (!bpf_map_lookup_elem(&ports, &pk))
 		return 0;
 
 	struct sock_rec rec = {
-		.ino = BPF_CORE_READ(file, f_inode, i_ino),
+		.ino = file->f_inode->i_ino,
 		.netns = pk.netns,
 		.port = pk.port,
-		.state = BPF_CORE_READ(sk, __sk_common.skc_state),
+		.state = sk->__sk_common.skc_state,
 		.family = family,
 	};
 	__builtin_memcpy(rec.marks, cached_path.marks, sizeof(rec.marks));
 	if (rec.state == TCP_LISTEN)
-		rec.queue = BPF_CORE_READ(sk, sk_ack_backlog);
+		rec.queue = sk->sk_ack_backlog;
 	bpf_seq_write(seq, &rec, sizeof(rec));
 
-	if (cached_path.tracked) {
-		__u64 key = (__u64)sk;
-		if (rec.state != TCP_CLOSE && !bpf_map_lookup_elem(&socks, &key))
-			bpf_map_update_elem(&socks, &key, &cached_path.tracked, BPF_ANY);
+	if (cached_path.tracked && rec.state != TCP_CLOSE) {
+		struct sock_mark *t = bpf_sk_storage_get(&sock_marks, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+		if (t)
+			t->mark = cached_path.tracked;
 	}
 	return 0;
 }
@@ -243,15 +250,18 @@ int draind_sockets(struct bpf_iter__task_file *ctx)
 SEC("tp_btf/inet_sock_set_state")
 int BPF_PROG(draind_state, struct sock *sk, int oldstate, int newstate)
 {
-	__u64 key = (__u64)sk;
-	__u32 *mark = bpf_map_lookup_elem(&socks, &key);
-	if (!mark)
+	struct sock_mark *t = bpf_sk_storage_get(&sock_marks, sk, 0, 0);
+	if (!t || !t->mark)
 		return 0;
-	__u32 id = *mark;
-	if (newstate == TCP_CLOSE)
-		bpf_map_delete_elem(&socks, &key);
-	notify(id, oldstate == TCP_LISTEN ? EVENT_LISTENER : EVENT_STATE, BPF_CORE_READ(sk, __sk_common.skc_num), oldstate,
-	       newstate);
+	if (oldstate == TCP_LISTEN) {
+		notify(t->mark, EVENT_LISTENER, sk->__sk_common.skc_num, oldstate, newstate);
+		return 0;
+	}
+	// A counted socket stops counting when its fd is closed or it is reset. close(2) moves it to FIN_WAIT1 (we close
+	// first), LAST_ACK (the peer did) or CLOSE (unread data: reset); a reset moves it to CLOSE. Other changes (the
+	// peer's FIN, ACKs of our FIN) cannot lower the count and wake nobody.
+	if (newstate == TCP_FIN_WAIT1 || newstate == TCP_LAST_ACK || newstate == TCP_CLOSE)
+		notify(t->mark, EVENT_STATE, sk->__sk_common.skc_num, oldstate, newstate);
 	return 0;
 }
 
@@ -267,7 +277,7 @@ static __always_inline int on_accept(struct sys_exit_ctx *ctx)
 	if (ctx->ret < 0)
 		return 0;
 	struct path p;
-	path_of((struct task_struct *)bpf_get_current_task(), &p);
+	path_of(bpf_get_current_task_btf(), &p);
 	if (!p.tracked)
 		return 0;
 	notify(p.tracked, EVENT_ACCEPT, 0, 0, 0);

@@ -1,12 +1,14 @@
 package drain
 
-import "github.com/draind/draind/loader"
+import (
+	"time"
 
-// Records runs the iterator once and returns what it wrote.
-func (t *Tracker) Records() ([]loader.SockRec, error) {
-	var out []loader.SockRec
-	_, err := t.snapshot(func(r *loader.SockRec) { out = append(out, *r) })
-	return out, err
+	"github.com/draind/draind/loader"
+)
+
+// Records runs the iterator once and hands fn what it wrote.
+func (t *Tracker) Records(fn func(*loader.SockRec)) (time.Duration, error) {
+	return t.snapshot(fn)
 }
 
 // Tracker returns the Counter's Tracker.

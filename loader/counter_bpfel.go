@@ -48,6 +48,11 @@ type counterPortKey struct {
 	Pad   uint16
 }
 
+type counterSockMark struct {
+	_    structs.HostLayout
+	Mark uint32
+}
+
 type counterSockRec struct {
 	_      structs.HostLayout
 	Ino    uint64
@@ -67,7 +72,7 @@ const (
 	counterMapMarkEvents     = "mark_events"
 	counterMapMarks          = "marks"
 	counterMapPorts          = "ports"
-	counterMapSocks          = "socks"
+	counterMapSockMarks      = "sock_marks"
 	counterProgDraindAccept  = "draind_accept"
 	counterProgDraindAccept4 = "draind_accept4"
 	counterProgDraindSockets = "draind_sockets"
@@ -134,7 +139,7 @@ type counterMapSpecs struct {
 	MarkEvents *ebpf.MapSpec `ebpf:"mark_events"`
 	Marks      *ebpf.MapSpec `ebpf:"marks"`
 	Ports      *ebpf.MapSpec `ebpf:"ports"`
-	Socks      *ebpf.MapSpec `ebpf:"socks"`
+	SockMarks  *ebpf.MapSpec `ebpf:"sock_marks"`
 }
 
 // counterVariableSpecs contains global variables before they are loaded into the kernel.
@@ -171,7 +176,7 @@ type counterMaps struct {
 	MarkEvents *ebpf.Map `ebpf:"mark_events"`
 	Marks      *ebpf.Map `ebpf:"marks"`
 	Ports      *ebpf.Map `ebpf:"ports"`
-	Socks      *ebpf.Map `ebpf:"socks"`
+	SockMarks  *ebpf.Map `ebpf:"sock_marks"`
 }
 
 func (m *counterMaps) Close() error {
@@ -180,7 +185,7 @@ func (m *counterMaps) Close() error {
 		m.MarkEvents,
 		m.Marks,
 		m.Ports,
-		m.Socks,
+		m.SockMarks,
 	)
 }
 

@@ -2,13 +2,19 @@ package proc_test
 
 import (
 	"context"
+	"maps"
 	"os"
 	"os/exec"
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/draind/draind/proc"
+	"github.com/draind/draind/testenv"
 )
+
+func TestMain(m *testing.M) { testenv.Main(m) }
 
 // TestWaitExit: WaitExit returns false when its context ends and true once the process exits, promptly in both
 // cases; Ino is stable and differs between processes.
@@ -58,4 +64,57 @@ func TestWaitExit(t *testing.T) {
 		t.Fatal("WaitExit missed the exit")
 	}
 	cmd.Wait()
+}
+
+// TestListening: the LISTEN-only sock_diag dump finds exactly the listeners of a namespace (with their accept
+// queues) among established connections, the same as a full dump.
+func TestListening(t *testing.T) {
+	testenv.Require(t)
+	ns := testenv.NetNSForTest(t)
+	h := testenv.StartHolderForTest(t, ns, testenv.HolderOptions{Addr: "127.0.0.1:8080"})
+	testenv.StartHolderForTest(t, ns, testenv.HolderOptions{Addr: "[::1]:9090"})
+	testenv.StartConnsForTest(t, ns, testenv.ConnsOptions{Addr: "127.0.0.1:8080", N: 50})
+	if err := h.PauseAccept(); err != nil {
+		t.Fatal(err)
+	}
+	testenv.StartConnsForTest(t, ns, testenv.ConnsOptions{Addr: "127.0.0.1:8080", N: 7, SourceStart: "127.9.0.1"})
+
+	p, err := proc.Open(h.PID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	got, err := proc.Listening(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dh, err := proc.DiagHandle(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer dh.Close()
+	want := map[uint64]uint32{}
+	all := 0
+	for _, fam := range []uint8{unix.AF_INET, unix.AF_INET6} {
+		socks, err := proc.DiagTCP(dh, fam)
+		if err != nil {
+			t.Fatal(err)
+		}
+		all += len(socks)
+		for _, s := range socks {
+			if s.State == proc.TCPListen {
+				want[uint64(s.INode)] = s.RQueue
+			}
+		}
+	}
+	if !maps.Equal(got, want) || len(got) != 2 || all < 100 {
+		t.Fatalf("listening %v, full dump (%d sockets) %v", got, all, want)
+	}
+	var queued uint32
+	for _, q := range got {
+		queued += q
+	}
+	if queued != 7 {
+		t.Fatalf("accept queues hold %d, want the 7 connections made while accepting was paused", queued)
+	}
 }

@@ -145,22 +145,13 @@ func Discover(p *proc.Process, exclude ...int) (*Side, error) {
 
 // listeningInodes returns the inodes of the TCP sockets in LISTEN state in p's network namespace.
 func listeningInodes(p *proc.Process) (map[uint64]bool, error) {
-	h, err := proc.DiagHandle(p)
+	socks, err := proc.Listening(p)
 	if err != nil {
 		return nil, err
 	}
-	defer h.Close()
-	out := map[uint64]bool{}
-	for _, fam := range []uint8{unix.AF_INET, unix.AF_INET6} {
-		socks, err := proc.DiagTCP(h, fam)
-		if err != nil {
-			return nil, err
-		}
-		for _, s := range socks {
-			if s.State == proc.TCPListen {
-				out[uint64(s.INode)] = true
-			}
-		}
+	out := make(map[uint64]bool, len(socks))
+	for ino := range socks {
+		out[ino] = true
 	}
 	return out, nil
 }

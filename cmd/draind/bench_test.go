@@ -8,6 +8,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -86,36 +87,57 @@ func reportLatency(b *testing.B, lat []time.Duration) {
 	b.Logf("%d handoffs: min %v p50 %v p99 %v max %v", len(lat), lat[0], lat[len(lat)/2], lat[int(0.99*float64(len(lat)-1))], lat[len(lat)-1])
 }
 
-// BenchmarkScale100k: an old process holds 100,000 established connections (from 5 client addresses in a network
-// namespace); draind hands its port off, waits while nothing changes, then the client closes everything over 5
-// seconds and draind signals the old process once it holds nothing. Reported: the time of one snapshot at 100k
-// (taken by this process with the same code), draind's CPU time while idle and during the drain, its peak RSS.
+// BenchmarkScale100k: an old server holds 100,000 established connections; draind hands its port off, waits while
+// nothing changes, then the clients close everything over 5 seconds and draind signals the old server once it holds
+// nothing. Reported: the time of one snapshot at 100k (taken by this process with draind's code), draind's CPU time
+// while idle and during the drain, and its peak RSS.
+//
+// No process here may hold more than 20,000 fds (root lacks CAP_SYS_RESOURCE and the hard RLIMIT_NOFILE is 20,000),
+// so the old server is a pre-fork one (a master and 6 workers sharing its listener, nginx-style: draind counts the
+// whole tree), and the connections come from 6 client processes over 24 loopback source addresses.
 //
 //	go test -run '^$' -bench Scale100k -benchtime 1x ./cmd/draind
 func BenchmarkScale100k(b *testing.B) {
-	const n = 100_000
+	const n, clients = 100_000, 6
 	ns, pins := setup(b)
 	for b.Loop() {
-		hopts := testenv.HolderOptions{Addr: addr, ReusePort: true, Backlog: 4096}
+		hopts := testenv.HolderOptions{Addr: addr, ReusePort: true, Backlog: 4096, Workers: clients}
 		old := testenv.StartHolderForTest(b, ns, hopts)
-		conns := testenv.StartConnsForTest(b, ns, testenv.ConnsOptions{Addr: addr, N: n})
-		b.Logf("%d connections open in %v", n, conns.Snapshot().OpenTook)
+		var conns []*testenv.Conns
+		start := time.Now()
+		for i := range clients {
+			per := n / clients
+			if i == clients-1 {
+				per = n - per*(clients-1)
+			}
+			conns = append(conns, testenv.StartConnsForTest(b, ns, testenv.ConnsOptions{Addr: addr, N: per, SourceStart: fmt.Sprintf("127.%d.0.1", 10+i)}))
+		}
+		b.Logf("%d connections open in %v", n, time.Since(start).Round(time.Millisecond))
+		hopts.Workers = 0
 		next := testenv.StartHolderForTest(b, ns, hopts)
 
 		snap := snapshotTimes(b, old.PID, n)
 		h := startHandoff(b, "--from", strconv.Itoa(old.PID), "--to", strconv.Itoa(next.PID), "--pin-dir", pins, "--timeout", "2m")
 		h.waitFor(b, "] flipped", 30*time.Second)
 
-		const idle = 5 * time.Second
+		b.Logf("draind at the flip: %s", hwm(h.cmd.Process.Pid))
+		const idle = 10 * time.Second
 		cpu0 := cpuTime(b, h.cmd.Process.Pid)
 		time.Sleep(idle)
 		cpu1 := cpuTime(b, h.cmd.Process.Pid)
 
-		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-		if err := conns.CloseAll(ctx, 5*time.Second); err != nil {
-			b.Fatalf("close connections: %v", err)
+		start = time.Now()
+		var wg sync.WaitGroup
+		for _, c := range conns {
+			wg.Go(func() {
+				ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+				defer cancel()
+				if err := c.CloseAll(ctx, 5*time.Second); err != nil {
+					b.Errorf("close connections: %v", err)
+				}
+			})
 		}
-		cancel()
+		wg.Wait()
 		out, code := h.wait(b, time.Minute)
 		if code != exitOK || out.Outcome != "drained" || out.InFlightAtFlip != n {
 			b.Fatalf("handoff: exit %d, outcome %s, %d in flight at the flip: %s", code, out.Outcome, out.InFlightAtFlip, h.errText())
@@ -130,7 +152,9 @@ func BenchmarkScale100k(b *testing.B) {
 		b.ReportMetric(out.DrainTime.Seconds(), "drain-s")
 		b.ReportMetric(float64(out.Snapshots), "snapshots")
 		b.ReportMetric(0, "ns/op")
-		b.Logf("snapshots at %d connections (this process): %v; draind: %d snapshots during the drain, longest %v", n, snap, out.Snapshots, out.SnapshotMax)
+		b.Logf("snapshots at %d connections (this process): %v", n, snap)
+		b.Logf("draind: idle %v CPU in %v; drain %v (from the clients' first close %v), %d snapshots (longest %v), %v CPU in total, peak RSS %d KiB",
+			cpu1-cpu0, idle, out.DrainTime.Round(time.Millisecond), time.Since(start).Round(time.Millisecond), out.Snapshots, out.SnapshotMax, total, ru.Maxrss)
 	}
 }
 
@@ -176,4 +200,15 @@ func cpuTime(b *testing.B, pid int) time.Duration {
 	st, _ := strconv.ParseInt(f[12], 10, 64)
 	const hz = 100 // USER_HZ
 	return time.Duration(ut+st) * time.Second / hz
+}
+
+func hwm(pid int) string {
+	data, _ := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	var out []string
+	for _, l := range strings.Split(string(data), "\n") {
+		if strings.HasPrefix(l, "VmHWM") || strings.HasPrefix(l, "VmRSS") {
+			out = append(out, strings.Join(strings.Fields(l), " "))
+		}
+	}
+	return strings.Join(out, ", ")
 }

@@ -1,0 +1,75 @@
+package drain_test
+
+import (
+	"fmt"
+	"os"
+	"testing"
+
+	"github.com/draind/draind/drain"
+	"github.com/draind/draind/loader"
+	"github.com/draind/draind/proc"
+	"github.com/draind/draind/testenv"
+)
+
+// BenchmarkSnapshot: the cost of one exact count of a process holding 19,000 connections (the most one process may
+// hold on the development VM; DRAIND_BENCH_100K=1: a pre-fork server with 6 workers holding 100,002), split into the
+// iterator alone (kernel work and reading its output) and a whole Count, with and without tracking (tagging the
+// sockets for the events). The clients' sockets live on the same machine, as they would for a proxy's old process.
+//
+//	go test -run '^$' -bench Snapshot ./drain
+func BenchmarkSnapshot(b *testing.B) {
+	testenv.Require(b)
+	n, workers := 19_000, 0
+	if os.Getenv("DRAIND_BENCH_100K") == "1" {
+		n, workers = 100_002, 6
+	}
+	ns := testenv.NetNSForTest(b)
+	h := testenv.StartHolderForTest(b, ns, testenv.HolderOptions{Addr: "127.0.0.1:8080", Backlog: 4096, Workers: workers})
+	for i := range max(workers, 1) {
+		testenv.StartConnsForTest(b, ns, testenv.ConnsOptions{Addr: "127.0.0.1:8080", N: n / max(workers, 1), SourceStart: fmt.Sprintf("127.%d.0.1", 10+i)})
+	}
+	tr, err := drain.NewTracker(drain.TrackerOptions{})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer tr.Close()
+	p, err := proc.Open(h.PID)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer p.Close()
+	b.Run("iterate-nothing-marked", func(b *testing.B) {
+		for b.Loop() {
+			if _, err := tr.Records(func(*loader.SockRec) {}); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+	for _, track := range []bool{false, true} {
+		c, err := tr.Watch(p, []uint16{8080}, drain.WatchOptions{Track: track})
+		if err != nil {
+			b.Fatal(err)
+		}
+		name := "count"
+		if track {
+			name = "count-tracked"
+		}
+		b.Run("iterate", func(b *testing.B) {
+			for b.Loop() {
+				recs := 0
+				if _, err := tr.Records(func(*loader.SockRec) { recs++ }); err != nil || recs < n {
+					b.Fatalf("%d records, %v", recs, err)
+				}
+			}
+		})
+		b.Run(name, func(b *testing.B) {
+			for b.Loop() {
+				got, err := c.Count()
+				if err != nil || got.Conns != n {
+					b.Fatalf("count %+v, %v", got, err)
+				}
+			}
+		})
+		c.Close()
+	}
+}
