@@ -25,12 +25,13 @@ const (
 
 // Roles a child can run.
 const (
-	roleServer = "server"
-	roleWorker = "worker"
-	roleLoad   = "load"
-	roleHolder = "holder"
-	roleConns  = "conns"
-	roleChurn  = "churn"
+	roleServer       = "server"
+	roleWorker       = "worker"
+	roleLoad         = "load"
+	roleHolder       = "holder"
+	roleHolderWorker = "holder-worker"
+	roleConns        = "conns"
+	roleChurn        = "churn"
 )
 
 // Main runs the role of a testenv child and exits if this process is one; otherwise it runs the tests and exits with
@@ -64,6 +65,8 @@ func runChild(role string, opts []byte) int {
 		err = runLoad(opts)
 	case roleHolder:
 		err = runHolder(opts)
+	case roleHolderWorker:
+		err = runHolderWorker(opts)
 	case roleConns:
 		err = runConns(opts)
 	case roleChurn:
@@ -81,7 +84,7 @@ func runChild(role string, opts []byte) int {
 
 // event is one JSON line a child writes to its stdout. Which fields are set depends on Ev:
 //
-//	listening  Addr, PIDs (workers), Mono    the server listens (and all its workers are ready)
+//	listening  Addr, PIDs (workers), Mono    the server or holder listens (and all its workers are ready)
 //	started    -                             the load client is sending
 //	served     Served                        running count of served requests
 //	signal     Signal, Mono                  a signal arrived

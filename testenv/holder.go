@@ -23,8 +23,11 @@ import (
 
 // HolderOptions configures a holder: a raw epoll TCP server that accepts connections and holds them, reading and
 // discarding what arrives, until the peer ends them. It uses one goroutine for all connections, so 100,000 of them
-// cost little memory. The zero value listens on 127.0.0.1:8080 with a backlog of net.core.somaxconn and closes a
-// connection as soon as the peer has ended it.
+// cost little memory. The zero value is a single process that listens on 127.0.0.1:8080 with a backlog of
+// net.core.somaxconn and closes a connection as soon as the peer has ended it.
+//
+// One process holds at most about RLIMIT_NOFILE connections, and without CAP_SYS_RESOURCE that is the hard limit
+// it inherited (see NofileLimit). Workers makes a pre-fork holder whose process tree holds more.
 type HolderOptions struct {
 	// Addr is the listen address; default "127.0.0.1:8080". Port 0 picks a free port (see Holder.Addr).
 	Addr string
@@ -38,6 +41,16 @@ type HolderOptions struct {
 	// Echo writes back what arrives, as far as it fits in the socket's send buffer (the rest is dropped); by default
 	// what arrives is discarded.
 	Echo bool
+	// Workers > 0 makes a pre-fork holder, like nginx: the master process opens the listening socket (Addr,
+	// ReusePort, Backlog) and starts Workers worker processes, its children, which inherit the socket and each run
+	// the accept-and-hold loop on it; the master keeps its copy open but does not accept. Control commands go to all
+	// workers, the counts are their sums (see Holder.Stats), and an exit signal to the master ends them all (see
+	// Holder.Signals). Holder.WorkerPIDs lists the workers. 0: a single process.
+	Workers int
+	// PerWorker is the most connections a worker holds (those waiting out CloseDelay included): while it holds that
+	// many it does not accept, and new connections wait in the accept queue for a worker with room. Default: the
+	// worker's RLIMIT_NOFILE minus 100. Only with Workers > 0.
+	PerWorker int
 }
 
 func (o HolderOptions) withDefaults() HolderOptions {
@@ -53,11 +66,19 @@ func (o HolderOptions) validate() error {
 		return fmt.Errorf("negative Backlog %d", o.Backlog)
 	case o.CloseDelay < 0:
 		return fmt.Errorf("negative CloseDelay %v", o.CloseDelay)
+	case o.Workers < 0:
+		return fmt.Errorf("negative Workers %d", o.Workers)
+	case o.PerWorker < 0:
+		return fmt.Errorf("negative PerWorker %d", o.PerWorker)
+	case o.PerWorker > 0 && o.Workers == 0:
+		return fmt.Errorf("PerWorker %d without Workers", o.PerWorker)
 	}
 	return nil
 }
 
-// HolderStats are a holder's counts.
+// HolderStats are a holder's counts. Those of a pre-fork holder (HolderOptions.Workers > 0) are the sums over its
+// workers (LastCloseMono: the latest); Listening is true while the master's or a worker's copy of the listening socket
+// is open, and Paused reflects the last PauseAccept or ResumeAccept.
 type HolderStats struct {
 	Accepted      int   // connections accepted so far
 	Open          int   // connection fds held now, those waiting out CloseDelay included
@@ -69,17 +90,19 @@ type HolderStats struct {
 	Listening     bool  // the listening socket is open
 	Paused        bool  // accepting is paused
 	HeldAtExit    int   // connections still held when an exit signal came (they were closed by the exit)
-	MaxFDs        int   // the process's RLIMIT_NOFILE (see NofileLimit)
+	MaxFDs        int   // the process's RLIMIT_NOFILE (see NofileLimit); of a pre-fork holder, the sum of the workers'
 }
 
-// Holder is a running holder process.
+// Holder is a running holder process (with HolderOptions.Workers > 0: a master and its workers).
 type Holder struct {
-	PID  int
-	Cmd  *exec.Cmd // do not call Wait on it; use Holder.Wait
-	Addr string    // the address it listens on, with the port resolved
+	PID        int       // the holder process (the master if Workers > 0)
+	Cmd        *exec.Cmd // do not call Wait on it; use Holder.Wait
+	Addr       string    // the address it listens on, with the port resolved
+	WorkerPIDs []int     // the worker processes if Workers > 0, children of PID
 
-	p     *proc
-	ready chan struct{} // closed on the "listening" event
+	p       *proc
+	ready   chan struct{} // closed on the "listening" event
+	workers *workerTree   // nil if there are none
 
 	mu      sync.Mutex
 	stats   HolderStats
@@ -107,10 +130,14 @@ func StartHolder(ctx context.Context, ns *NetNS, opts HolderOptions) (*Holder, e
 	}); err != nil {
 		return nil, fmt.Errorf("start holder: %w", err)
 	}
+	if len(h.WorkerPIDs) > 0 {
+		h.workers = watchWorkers(h.WorkerPIDs)
+	}
 	return h, nil
 }
 
-// StartHolderForTest starts a holder like StartHolder and kills it when the test ends. It fails the test on error.
+// StartHolderForTest starts a holder like StartHolder and kills it (its workers too) when the test ends. It fails
+// the test on error.
 func StartHolderForTest(t testing.TB, ns *NetNS, opts HolderOptions) *Holder {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
@@ -161,6 +188,7 @@ func (h *Holder) handleEvent(ev event) {
 	case "listening":
 		if h.Addr == "" {
 			h.Addr = ev.Addr
+			h.WorkerPIDs = ev.PIDs
 			close(h.ready)
 		}
 	case "holder", "exiting":
@@ -180,7 +208,8 @@ func (h *Holder) control(command string) error {
 	return h.p.control(ctx, command)
 }
 
-// Stats asks the holder for its counts and returns them, exact as of the moment it answered.
+// Stats asks the holder for its counts and returns them, exact as of the moment it answered. A pre-fork master asks
+// all its workers and sums their answers, each exact as of the moment that worker answered.
 func (h *Holder) Stats(ctx context.Context) (HolderStats, error) {
 	if err := h.p.control(ctx, "stats"); err != nil {
 		return h.Snapshot(), fmt.Errorf("get holder stats: %w", err)
@@ -235,14 +264,17 @@ func (h *Holder) CloseListener() error {
 }
 
 // Signals returns the signals the holder received so far, in order. On SIGTERM, SIGINT and SIGQUIT it reports the
-// signal, closes everything and exits 0; the event is reported before it exits.
+// signal, closes everything and exits 0; the event is reported before it exits. A pre-fork master reports the
+// signal (only its own: the workers' are not reported), forwards it to its workers, waits for them to close
+// everything and exit (it kills those that take over 30s), closes its copy of the listener, reports the final
+// counts and exits 0 (1 if a worker did not exit with status 0).
 func (h *Holder) Signals() []SignalEvent {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	return append([]SignalEvent(nil), h.signals...)
 }
 
-// Signal sends sig to the holder process.
+// Signal sends sig to the holder process (the master if Workers > 0).
 func (h *Holder) Signal(sig os.Signal) error {
 	if err := h.p.signal(sig); err != nil {
 		return fmt.Errorf("signal holder: %w", err)
@@ -250,20 +282,44 @@ func (h *Holder) Signal(sig os.Signal) error {
 	return nil
 }
 
-// Wait waits until the holder process has exited, or ctx ends. exited is false only if ctx ended first (err is then
-// ctx.Err()); after an exit err is the exit error: nil for status 0, *exec.ExitError otherwise.
+// Wait waits until the holder process, and its workers if it has any, have exited, or ctx ends. exited is false
+// only if ctx ended first (err is then ctx.Err()); after an exit err is the holder's (the master's) exit error: nil
+// for status 0, *exec.ExitError otherwise.
 func (h *Holder) Wait(ctx context.Context) (exited bool, err error) {
-	return h.p.wait(ctx)
+	exited, err = h.p.wait(ctx)
+	if !exited || h.workers == nil {
+		return exited, err
+	}
+	select {
+	case <-h.workers.done:
+		return true, err
+	case <-ctx.Done():
+		return false, ctx.Err()
+	}
 }
 
-// Exited reports whether the holder process has exited.
+// Exited reports whether the holder process, and its workers if it has any, have exited.
 func (h *Holder) Exited() bool {
-	return h.p.hasExited()
+	return h.p.hasExited() && h.workers.exited()
 }
 
-// Kill sends SIGKILL to the holder process. It is safe to call when the process is already dead.
+// Err returns the error the holder reported before it exited with status 1 (nil if it did not), such as a worker
+// of a pre-fork holder that died: the master then kills the other workers and exits 1.
+func (h *Holder) Err() error {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.errMsg == "" {
+		return nil
+	}
+	return errors.New(h.errMsg)
+}
+
+// Kill sends SIGKILL to the holder process and to its workers if it has any. It is safe to call when they are
+// already dead.
 func (h *Holder) Kill() error {
-	if err := h.p.kill(); err != nil {
+	err := h.p.kill()
+	h.workers.kill()
+	if err != nil {
 		return fmt.Errorf("kill holder: %w", err)
 	}
 	return nil
@@ -514,6 +570,7 @@ type holderChild struct {
 	cmds  *cmdQueue
 	buf   []byte
 	state []uint8 // by fd
+	limit int     // the most connections held at once (a pre-fork worker's PerWorker); 0: no limit
 
 	paused       bool
 	lRegistered  bool  // the listener is in the epoll set
@@ -533,6 +590,9 @@ func runHolder(optsJSON []byte) error {
 		return fmt.Errorf("decode options: %w", err)
 	}
 	opts = opts.withDefaults()
+	if opts.Workers > 0 {
+		return runHolderMaster(opts)
+	}
 	nofile, err := raiseNofile()
 	if err != nil {
 		return err
@@ -542,14 +602,20 @@ func runHolder(optsJSON []byte) error {
 		return err
 	}
 	watchSignals(cmds)
-	h := &holderChild{opts: opts, lfd: -1, cmds: cmds, buf: make([]byte, 64<<10), clk: newMonoClock()}
 	lfd, addr, err := holderListen(opts)
 	if err != nil {
 		return fmt.Errorf("listen: %w", err)
 	}
-	h.lfd = lfd
+	return runHolderLoop(opts, cmds, lfd, addr, nofile, 0)
+}
+
+// runHolderLoop holds connections accepted on the listening socket lfd, at most limit at once (0: no limit), until
+// an exit signal (see watchSignals, which must be set up on cmds).
+func runHolderLoop(opts HolderOptions, cmds *cmdQueue, lfd int, addr netip.AddrPort, nofile uint64, limit int) error {
+	h := &holderChild{opts: opts, lfd: lfd, cmds: cmds, limit: limit, buf: make([]byte, 64<<10), clk: newMonoClock()}
 	h.stats.Listening = true
 	h.stats.MaxFDs = int(nofile)
+	var err error
 	h.epfd, err = unix.EpollCreate1(unix.EPOLL_CLOEXEC)
 	if err != nil {
 		return fmt.Errorf("create epoll: %w", err)
@@ -618,9 +684,12 @@ func somaxconn() int {
 	return 4096
 }
 
+// full reports whether the holder holds as many connections as it may.
+func (h *holderChild) full() bool { return h.limit > 0 && h.stats.Open >= h.limit }
+
 // syncListener puts the listener into the epoll set or takes it out, as the state asks.
 func (h *holderChild) syncListener(now int64) error {
-	want := h.lfd >= 0 && !h.paused && now >= h.backoffUntil
+	want := h.lfd >= 0 && !h.paused && now >= h.backoffUntil && !h.full()
 	if want == h.lRegistered {
 		return nil
 	}
@@ -727,9 +796,13 @@ func (h *holderChild) emitStats(seq int, now int64) {
 	h.lastEmit = now
 }
 
-// acceptBatch accepts what is queued, up to a bound so that the connections get their turn.
+// acceptBatch accepts what is queued, up to a bound so that the connections get their turn, and stops when the
+// holder is full (the loop then takes the listener out of the epoll set until a connection is closed).
 func (h *holderChild) acceptBatch() {
 	for range 4096 {
+		if h.full() {
+			return
+		}
 		fd, err := accept4(h.lfd, unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC)
 		if err != nil {
 			switch err {

@@ -7,8 +7,10 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"os/exec"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -412,7 +414,7 @@ func TestHolderConns100k(t *testing.T) {
 	}
 	if lim := testenv.NofileLimit(); lim < uint64(n)+64 {
 		t.Skipf("%d connections need RLIMIT_NOFILE > %d per process; the children get %d (raising the hard limit "+
-			"needs CAP_SYS_RESOURCE; set DRAIND_TESTENV_BIG_N lower)", n, n+64, lim)
+			"needs CAP_SYS_RESOURCE; set DRAIND_TESTENV_BIG_N lower, or see TestHolderWorkers100k)", n, n+64, lim)
 	}
 	ns := testenv.NetNSForTest(t)
 	h := testenv.StartHolderForTest(t, ns, testenv.HolderOptions{Addr: "127.0.0.1:0"})
@@ -451,4 +453,371 @@ func memOf(t *testing.T, pid int) string {
 		}
 	}
 	return strings.Join(out, ", ")
+}
+
+// socketFDs counts the socket fds of process pid.
+func socketFDs(t *testing.T, pid int) int {
+	t.Helper()
+	dir := fmt.Sprintf("/proc/%d/fd", pid)
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := 0
+	for _, e := range ents {
+		if l, err := os.Readlink(dir + "/" + e.Name()); err == nil && strings.HasPrefix(l, "socket:") {
+			n++
+		}
+	}
+	return n
+}
+
+// ppidOf returns the parent PID of process pid.
+func ppidOf(t *testing.T, pid int) int {
+	t.Helper()
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	// pid (comm) state ppid ...; comm may contain anything, so split after its last ')'.
+	s := string(b)
+	f := strings.Fields(s[strings.LastIndexByte(s, ')')+1:])
+	ppid, err := strconv.Atoi(f[1])
+	if err != nil {
+		t.Fatalf("parse %q: %v", s, err)
+	}
+	return ppid
+}
+
+// checkWorkers checks that the holder's workers are n children of its master and returns how many connections each
+// holds (its socket fds but the listener).
+func checkWorkers(t *testing.T, h *testenv.Holder, n int) []int {
+	t.Helper()
+	if len(h.WorkerPIDs) != n {
+		t.Fatalf("WorkerPIDs %v, want %d", h.WorkerPIDs, n)
+	}
+	held := make([]int, n)
+	for i, pid := range h.WorkerPIDs {
+		if ppid := ppidOf(t, pid); ppid != h.PID {
+			t.Fatalf("worker %d (pid %d) has parent %d, not the master %d", i, pid, ppid, h.PID)
+		}
+		held[i] = socketFDs(t, pid) - 1
+	}
+	return held
+}
+
+// gone reports whether process pid has exited: it is a zombie (its fds are closed) or reaped.
+func gone(pid int) bool {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return errors.Is(err, os.ErrNotExist) || errors.Is(err, syscall.ESRCH)
+	}
+	s := string(b)
+	f := strings.Fields(s[strings.LastIndexByte(s, ')')+1:])
+	return len(f) > 0 && (f[0] == "Z" || f[0] == "X")
+}
+
+func sum(v []int) int {
+	n := 0
+	for _, x := range v {
+		n += x
+	}
+	return n
+}
+
+func TestHolderWorkers(t *testing.T) {
+	testenv.Require(t)
+	ns := testenv.NetNSForTest(t)
+	const perWorker = 500
+	h := testenv.StartHolderForTest(t, ns, testenv.HolderOptions{Addr: "127.0.0.1:0", Workers: 3, PerWorker: perWorker})
+	port := portOf(t, h.Addr)
+	checkWorkers(t, h, 3)
+	if socketFDs(t, h.PID) != 1 {
+		t.Errorf("master has %d sockets, want its copy of the listener only", socketFDs(t, h.PID))
+	}
+
+	start := time.Now()
+	c := testenv.StartConnsForTest(t, ns, testenv.ConnsOptions{Addr: h.Addr, N: 1200})
+	st := waitHolder(t, h, "to hold 1200", 10*time.Second, func(s testenv.HolderStats) bool { return s.Open == 1200 })
+	t.Logf("1200 connections held after %v", time.Since(start))
+	if st.Accepted != 1200 || st.Closed != 0 || st.LastCloseMono != 0 || st.AcceptErrors != 0 || !st.Listening || st.Paused {
+		t.Fatalf("holder stats %+v", st)
+	}
+	held := checkWorkers(t, h, 3)
+	t.Logf("held by the workers: %v", held)
+	for i, n := range held {
+		if n > perWorker {
+			t.Errorf("worker %d holds %d > PerWorker %d", i, n, perWorker)
+		}
+	}
+	if sum(held) != 1200 {
+		t.Errorf("the workers hold %v, together not 1200", held)
+	}
+	if byState, _, ln := serverSockets(t, ns, port); byState[tcpEstablished] != 1200 || ln == nil {
+		t.Fatalf("sock_diag: states %v, listener %v", byState, ln)
+	}
+
+	// Filled up: every worker holds PerWorker, and what comes then waits in the accept queue.
+	c2 := testenv.StartConnsForTest(t, ns, testenv.ConnsOptions{Addr: h.Addr, N: 300, SourceStart: "127.2.0.1"})
+	waitHolder(t, h, "to hold 1500", 10*time.Second, func(s testenv.HolderStats) bool { return s.Open == 1500 })
+	if held := checkWorkers(t, h, 3); fmt.Sprint(held) != "[500 500 500]" {
+		t.Fatalf("full workers hold %v", held)
+	}
+	c3 := testenv.StartConnsForTest(t, ns, testenv.ConnsOptions{Addr: h.Addr, N: 20, SourceStart: "127.3.0.1"})
+	time.Sleep(200 * time.Millisecond)
+	if st := holderStats(t, h); st.Open != 1500 || st.Accepted != 1500 {
+		t.Fatalf("full holder accepted more: %+v", st)
+	}
+	if _, _, ln := serverSockets(t, ns, port); ln == nil || ln.RQueue != 20 {
+		t.Fatalf("listener of the full holder: %+v, want 20 queued", ln)
+	}
+	// Room again: the queue is accepted.
+	if err := c2.CloseAll(ctxFor(t, 10*time.Second), 0); err != nil {
+		t.Fatal(err)
+	}
+	st = waitHolder(t, h, "to accept the queue", 10*time.Second, func(s testenv.HolderStats) bool { return s.Accepted == 1520 })
+	waitHolder(t, h, "to hold 1220", 5*time.Second, func(s testenv.HolderStats) bool { return s.Open == 1220 })
+	if held := checkWorkers(t, h, 3); sum(held) != 1220 {
+		t.Fatalf("after making room the workers hold %v", held)
+	}
+	if _, _, ln := serverSockets(t, ns, port); ln == nil || ln.RQueue != 0 {
+		t.Fatalf("listener after making room: %+v", ln)
+	}
+
+	// Closing all: the latest close of any worker is reported.
+	before := testenv.MonoNow()
+	for _, cc := range []*testenv.Conns{c, c3} {
+		if err := cc.CloseAll(ctxFor(t, 10*time.Second), 100*time.Millisecond); err != nil {
+			t.Fatal(err)
+		}
+	}
+	st = waitHolder(t, h, "to close all", 10*time.Second, func(s testenv.HolderStats) bool { return s.Open == 0 })
+	if st.Closed != 1520 || st.PeerEnded != 1520 || st.LastCloseMono < before+int64(150*time.Millisecond) ||
+		st.LastCloseMono > testenv.MonoNow() {
+		t.Fatalf("after CloseAll: %+v (CloseAll started at %d)", st, before)
+	}
+	waitFor(t, "Snapshot to catch up", 2*time.Second, func() bool { return h.Open() == 0 && h.LastCloseMono() == st.LastCloseMono })
+	lastClose := st.LastCloseMono
+	if held := checkWorkers(t, h, 3); sum(held) != 0 {
+		t.Fatalf("after CloseAll the workers hold %v", held)
+	}
+
+	// SIGTERM: one signal event, the workers close what they hold, the whole tree exits.
+	c4 := testenv.StartConnsForTest(t, ns, testenv.ConnsOptions{Addr: h.Addr, N: 30, SourceStart: "127.4.0.1"})
+	waitHolder(t, h, "to hold 30", 5*time.Second, func(s testenv.HolderStats) bool { return s.Open == 30 })
+	before = testenv.MonoNow()
+	if err := h.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	t0 := time.Now()
+	if exited, err := h.Wait(ctxFor(t, 10*time.Second)); !exited || err != nil {
+		t.Fatalf("Wait after SIGTERM: exited=%v err=%v", exited, err)
+	}
+	after := testenv.MonoNow()
+	t.Logf("the tree exited %v after SIGTERM", time.Since(t0))
+	sigs := h.Signals()
+	if len(sigs) != 1 || sigs[0].Signal != syscall.SIGTERM || sigs[0].MonoNS < before || sigs[0].MonoNS > after {
+		t.Fatalf("signals %+v, want one SIGTERM within [%d, %d]", sigs, before, after)
+	}
+	final := h.Snapshot()
+	if final.HeldAtExit != 30 || final.Open != 0 || final.Accepted != 1550 || final.Closed != 1520 ||
+		final.LastCloseMono != lastClose || final.Listening {
+		t.Errorf("final stats %+v (last close before the signal %d)", final, lastClose)
+	}
+	for _, pid := range h.WorkerPIDs {
+		if !gone(pid) {
+			t.Errorf("worker %d still there after the master exited", pid)
+		}
+	}
+	waitFor(t, "client to see the exit", 5*time.Second, func() bool { return c4.Snapshot().PeerEnded == 30 })
+	if byState, _, ln := serverSockets(t, ns, port); ln != nil || byState[tcpEstablished] != 0 {
+		t.Errorf("server-side sockets after the exit: %v, listener %v", byState, ln)
+	}
+}
+
+func TestHolderWorkersPauseAcceptAndCloseListener(t *testing.T) {
+	testenv.Require(t)
+	ns := testenv.NetNSForTest(t)
+	h := testenv.StartHolderForTest(t, ns, testenv.HolderOptions{Addr: "127.0.0.1:0", Backlog: 100, Workers: 2})
+	port := portOf(t, h.Addr)
+	if err := h.PauseAccept(); err != nil {
+		t.Fatal(err)
+	}
+	if st := holderStats(t, h); !st.Paused || !st.Listening {
+		t.Fatalf("after PauseAccept: %+v", st)
+	}
+	c := testenv.StartConnsForTest(t, ns, testenv.ConnsOptions{Addr: h.Addr, N: 60})
+	if _, _, ln := serverSockets(t, ns, port); ln == nil || ln.RQueue != 60 || ln.WQueue != 100 {
+		t.Fatalf("listener while paused: %+v, want accept queue 60 of 100", ln)
+	}
+	if st := holderStats(t, h); st.Accepted != 0 {
+		t.Fatalf("accepted %d while paused", st.Accepted)
+	}
+	if err := h.ResumeAccept(); err != nil {
+		t.Fatal(err)
+	}
+	st := waitHolder(t, h, "to accept the queue", 5*time.Second, func(s testenv.HolderStats) bool { return s.Open == 60 })
+	if st.Paused || st.Accepted != 60 {
+		t.Fatalf("after ResumeAccept: %+v", st)
+	}
+	t.Logf("held by the workers: %v", checkWorkers(t, h, 2))
+
+	if err := h.PauseAccept(); err != nil {
+		t.Fatal(err)
+	}
+	c2 := testenv.StartConnsForTest(t, ns, testenv.ConnsOptions{Addr: h.Addr, N: 10, SourceStart: "127.3.0.1"})
+	if err := h.CloseListener(); err != nil {
+		t.Fatal(err)
+	}
+	if st := holderStats(t, h); st.Listening || st.Open != 60 || st.Accepted != 60 {
+		t.Fatalf("after CloseListener: %+v", st)
+	}
+	if socketFDs(t, h.PID) != 0 {
+		t.Errorf("the master still has a socket after CloseListener")
+	}
+	byState, _, ln := serverSockets(t, ns, port)
+	if ln != nil || byState[tcpEstablished] != 60 {
+		t.Fatalf("sock_diag after CloseListener: %v, listener %+v", byState, ln)
+	}
+	waitFor(t, "the queued ones to be reset", 5*time.Second, func() bool { return c2.Snapshot().PeerEnded == 10 })
+	if c.Snapshot().PeerEnded != 0 {
+		t.Errorf("held connections ended: %+v", c.Snapshot())
+	}
+}
+
+func TestHolderWorkersDie(t *testing.T) {
+	testenv.Require(t)
+	ns := testenv.NetNSForTest(t)
+
+	// A worker that dies takes the holder with it, reported.
+	h := testenv.StartHolderForTest(t, ns, testenv.HolderOptions{Addr: "127.0.0.1:0", Workers: 2})
+	testenv.StartConnsForTest(t, ns, testenv.ConnsOptions{Addr: h.Addr, N: 10})
+	waitHolder(t, h, "to hold 10", 5*time.Second, func(s testenv.HolderStats) bool { return s.Open == 10 })
+	if err := syscall.Kill(h.WorkerPIDs[0], syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	exited, err := h.Wait(ctxFor(t, 10*time.Second))
+	var ee *exec.ExitError
+	if !exited || !errors.As(err, &ee) || ee.ExitCode() != 1 {
+		t.Fatalf("Wait after a worker died: exited=%v err=%v, want exit status 1", exited, err)
+	}
+	if err := h.Err(); err == nil || !strings.Contains(err.Error(), "worker 0") || !strings.Contains(err.Error(), "killed") {
+		t.Errorf("Err() = %v, want worker 0 killed", err)
+	} else {
+		t.Logf("reported: %v", err)
+	}
+	if !gone(h.WorkerPIDs[1]) {
+		t.Errorf("the other worker %d is still there", h.WorkerPIDs[1])
+	}
+
+	// The workers die with the master (Pdeathsig), and Wait waits for all of them.
+	h = testenv.StartHolderForTest(t, ns, testenv.HolderOptions{Addr: "127.0.0.1:0", Workers: 2})
+	if err := syscall.Kill(h.PID, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	if exited, _ := h.Wait(ctxFor(t, 10*time.Second)); !exited || !h.Exited() {
+		t.Fatal("holder did not exit after SIGKILL")
+	}
+	for _, pid := range h.WorkerPIDs {
+		if !gone(pid) {
+			t.Errorf("worker %d still there after the master was killed", pid)
+		}
+	}
+
+	if _, err := testenv.StartHolder(ctxFor(t, 5*time.Second), ns, testenv.HolderOptions{PerWorker: 10}); err == nil {
+		t.Error("PerWorker without Workers accepted")
+	}
+}
+
+// A pre-fork holder with 6 workers holding 100,000 connections (DRAIND_TESTENV_BIG_N if set) from 6 conns
+// processes: one process cannot hold that many when RLIMIT_NOFILE cannot be raised.
+func TestHolderWorkers100k(t *testing.T) {
+	testenv.Require(t)
+	if os.Getenv("DRAIND_TESTENV_BIG") != "1" {
+		t.Skip("set DRAIND_TESTENV_BIG=1 to open 100,000 connections")
+	}
+	n := 100_000
+	if v := os.Getenv("DRAIND_TESTENV_BIG_N"); v != "" {
+		var err error
+		if n, err = strconv.Atoi(v); err != nil || n <= 0 {
+			t.Fatalf("bad DRAIND_TESTENV_BIG_N %q", v)
+		}
+	}
+	const workers, clients = 6, 6
+	if lim := testenv.NofileLimit(); lim < uint64(n/workers)+200 {
+		t.Skipf("%d connections need RLIMIT_NOFILE > %d per process; the children get %d", n, n/workers+200, lim)
+	}
+	ns := testenv.NetNSForTest(t)
+	h := testenv.StartHolderForTest(t, ns, testenv.HolderOptions{Addr: "127.0.0.1:0", Workers: workers})
+	st := holderStats(t, h)
+	t.Logf("holder: master %d, workers %v, MaxFDs %d", h.PID, h.WorkerPIDs, st.MaxFDs)
+
+	start := time.Now()
+	cs := make([]*testenv.Conns, clients)
+	errs := make([]error, clients)
+	var wg sync.WaitGroup
+	for i := range clients {
+		k := n / clients
+		if i < n%clients {
+			k++
+		}
+		opts := testenv.ConnsOptions{Addr: h.Addr, N: k, SourceStart: fmt.Sprintf("127.%d.0.1", 1+10*i)}
+		wg.Go(func() {
+			cs[i], errs[i] = testenv.StartConns(context.Background(), ns, opts)
+		})
+	}
+	wg.Wait()
+	for _, c := range cs {
+		if c != nil {
+			t.Cleanup(func() {
+				_ = c.Kill()
+				_, _ = c.Wait(context.Background())
+			})
+		}
+	}
+	if err := errors.Join(errs...); err != nil {
+		t.Fatal(err)
+	}
+	opened := time.Since(start)
+	st = waitHolder(t, h, "to hold all", time.Minute, func(s testenv.HolderStats) bool { return s.Open == n })
+	held := time.Since(start)
+	t.Logf("%d connections: established by %d clients in %v, all held by the holder after %v", n, clients, opened, held)
+	for i, c := range cs {
+		t.Logf("  client %d: %v, sources %v", i, c.Snapshot().OpenTook, c.Snapshot().Sources)
+	}
+	if st.Accepted != n || st.AcceptErrors != 0 {
+		t.Fatalf("holder stats %+v", st)
+	}
+	perWorker := checkWorkers(t, h, workers)
+	t.Logf("held by the workers: %v", perWorker)
+	if sum(perWorker) != n {
+		t.Errorf("the workers hold %v, together not %d", perWorker, n)
+	}
+	t.Logf("master %s", memOf(t, h.PID))
+	for i, pid := range h.WorkerPIDs {
+		t.Logf("worker %d %s", i, memOf(t, pid))
+	}
+	t.Logf("client 0 %s", memOf(t, cs[0].PID))
+
+	t0 := testenv.MonoNow()
+	for i, c := range cs {
+		wg.Go(func() {
+			errs[i] = c.CloseAll(ctxFor(t, time.Minute), 0)
+		})
+	}
+	wg.Wait()
+	if err := errors.Join(errs...); err != nil {
+		t.Fatal(err)
+	}
+	closed := time.Duration(testenv.MonoNow() - t0)
+	st = waitHolder(t, h, "to close all", time.Minute, func(s testenv.HolderStats) bool { return s.Open == 0 })
+	t.Logf("the clients closed all in %v; the holder closed its last %v after the start", closed,
+		time.Duration(st.LastCloseMono-t0))
+	if st.Closed != n {
+		t.Errorf("holder stats after close %+v", st)
+	}
+	t.Logf("after close: master %s", memOf(t, h.PID))
+	for i, pid := range h.WorkerPIDs {
+		t.Logf("after close: worker %d %s", i, memOf(t, pid))
+	}
 }
