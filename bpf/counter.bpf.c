@@ -5,7 +5,7 @@
 // The draind counter: exact snapshots of what a process tree holds on some ports, and kernel events that say when
 // such a snapshot may have changed.
 //
-// - draind_sockets (iter/task_file) walks every task's file table. Userspace marks some processes (the roots of the
+// - draind_sockets (iter/task_file), the full snapshot, walks every task's file table. Userspace marks some processes (the roots of the
 //   trees it counts, and the subtrees it cuts out of them); for a task with a marked ancestor (itself included) the
 //   iterator emits one record per TCP socket on a watched (netns, port): the socket's inode, state, accept queue and
 //   the marks on the task's way up, nearest first, from which userspace decides which counts the socket belongs to.
@@ -17,8 +17,14 @@
 // - draind_accept/draind_accept4 (syscall exit tracepoints) do the same when a process under a tracked mark accepts
 //   a connection: the accepted socket is not tagged yet, so userspace takes a snapshot to tag it.
 //
-// Fields are read with direct (CO-RE relocated, fault-safe) loads rather than bpf_probe_read_kernel: the iterator
-// runs once per file of every task, and a helper call per field would dominate a snapshot of 100,000 sockets.
+// - draind_tasks (iter/task), the fast snapshot, visits every task once; for a task with a marked ancestor it walks
+//   its fd table itself (bpf_loop) and writes per-port sums of its sockets instead of one record per socket. It
+//   does not tag, so userspace uses it between full snapshots, when no new socket can have come to the tree. It
+//   takes no reference on each file and skips the files of unmarked processes without looking at them, which
+//   makes it two to three times faster than the full snapshot at 100,000 sockets.
+//
+// Fields are read with direct (CO-RE relocated, fault-safe) loads rather than bpf_probe_read_kernel: a snapshot of
+// 100,000 sockets is dominated by cache misses on the sockets, and a helper call per field would add to them.
 //
 // Userspace reads the counts in `mark_events` to know how far a count can have moved since its last snapshot;
 // the ring buffer only wakes it up, so a lost ring buffer record delays a wakeup but never falsifies a count.
@@ -38,6 +44,7 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
 #define MAX_PORTS 4096      // watched (netns, port) pairs
 #define MAX_DEPTH 32        // ancestors looked at above a task
 #define PATH_MARKS 6        // marks reported per task, nearest first
+#define MAX_SLOTS 32        // watched (netns, port) pairs the fast snapshot sums separately
 
 // TCP states (include/net/tcp_states.h).
 #define TCP_FIN_WAIT1 4
@@ -65,7 +72,9 @@ struct {
 	__type(value, struct mark);
 } marks SEC(".maps");
 
-// ports: the (network namespace inode, local port) pairs whose sockets are counted. Value: userspace's reference count.
+// ports: the (network namespace inode, local port) pairs whose sockets are counted. Value: the pair's slot, a small
+// number userspace gives each pair (the fast snapshot sums per slot; pairs with a slot >= MAX_SLOTS need the full
+// snapshot).
 struct port_key {
 	__u32 netns;
 	__u16 port; // host byte order
@@ -144,34 +153,71 @@ struct path {
 	__u32 tracked; // id of the nearest tracked mark, 0 if none
 };
 
+// task_rec: what the fast snapshot writes. For each marked task and slot, one REC_SUM record with the sums over the
+// sockets only this fd holds (their file has a single reference: they cannot be counted twice). A socket whose file
+// has several references (dup'd, inherited, a shared listener) gets a REC_SHARED record of its own, which userspace
+// counts once per distinct socket.
+struct task_rec {
+	__u64 sock;              // REC_SHARED: the socket's address, the key for counting it once; REC_SUM: 0
+	__u16 marks[PATH_MARKS]; // as in sock_rec
+	__u16 slot;              // the (netns, port) pair's slot
+	__u8 kind;               // REC_*
+	__u8 state;              // REC_SHARED: TCP state
+	__u32 conns;             // REC_SUM: non-listening sockets in a state ss lists
+	__u32 queued;            // accept queue lengths of listeners
+};
+
+#define REC_SUM 1
+#define REC_SHARED 2
+
 // Keep the record types in BTF for bpf2go (they are only used through sizeof otherwise).
 const struct event *unused_event __attribute__((unused));
 const struct sock_rec *unused_sock_rec __attribute__((unused));
+const struct task_rec *unused_task_rec __attribute__((unused));
 
 // Per-run cache of the current task's path: the iterator visits a task's files one after another. Userspace runs
 // one iteration at a time, so a global is enough.
 __u64 cached_task;
 struct path cached_path;
 
-// path_of fills p with the marks found walking up from task (itself included).
+// up is the state of a walk up the process tree.
+struct up {
+	struct task_struct *task;
+	struct path *p;
+	__u32 n;
+};
+
+static long up_one(__u64 i, void *data)
+{
+	struct up *u = data;
+	struct task_struct *task = u->task;
+	if (!task)
+		return 1;
+	__u64 ino = task->group_leader->thread_pid->ino;
+	struct mark *m = bpf_map_lookup_elem(&marks, &ino);
+	if (m) {
+		__u32 n = u->n;
+		if (n < PATH_MARKS) {
+			u->p->marks[n] = m->id;
+			u->n = n + 1;
+		}
+		if (!u->p->tracked && (m->flags & MARK_TRACK))
+			u->p->tracked = m->id;
+	}
+	struct task_struct *parent = task->real_parent;
+	if (parent == task || task->tgid <= 1)
+		return 1;
+	u->task = parent;
+	return 0;
+}
+
+// path_of fills p with the marks found walking up from task (itself included). bpf_loop keeps the verifier from
+// exploring every iteration (and every way the marks can fall) separately.
 static __always_inline void path_of(struct task_struct *task, struct path *p)
 {
-	int n = 0;
 	__builtin_memset(p, 0, sizeof(*p));
-	for (int i = 0; i < MAX_DEPTH && task; i++) {
-		__u64 ino = task->group_leader->thread_pid->ino;
-		struct mark *m = bpf_map_lookup_elem(&marks, &ino);
-		if (m) {
-			if (n < PATH_MARKS)
-				p->marks[n++] = m->id;
-			if (!p->tracked && (m->flags & MARK_TRACK))
-				p->tracked = m->id;
-		}
-		struct task_struct *parent = task->real_parent;
-		if (parent == task || task->tgid <= 1)
-			break;
-		task = parent;
-	}
+	struct up u = {.task = task, .p = p};
+	bpf_loop(MAX_DEPTH, up_one, &u, 0);
 }
 
 static __always_inline void notify(__u32 mark, __u8 kind, __u16 port, __u8 oldstate, __u8 newstate)
@@ -294,4 +340,121 @@ SEC("tracepoint/syscalls/sys_exit_accept")
 int draind_accept(struct sys_exit_ctx *ctx)
 {
 	return on_accept(ctx);
+}
+
+extern void *bpf_rdonly_cast(const void *obj, __u32 btf_id) __ksym;
+
+// walk is the state of one task's fd table walk.
+struct walk {
+	struct file **fds;
+	struct seq_file *seq;
+	__u16 marks[PATH_MARKS];
+	__s32 err; // -1: a slot >= MAX_SLOTS; -2: the output of one task did not fit
+	__u32 conns[MAX_SLOTS];
+	__u32 queued[MAX_SLOTS];
+};
+
+static long walk_fd(__u64 i, void *data)
+{
+	struct walk *w = data;
+	struct file *fp;
+
+	if (bpf_probe_read_kernel(&fp, sizeof(fp), &w->fds[i]) || !fp)
+		return 0;
+	struct file *f = bpf_rdonly_cast(fp, bpf_core_type_id_kernel(struct file));
+	// A socket's file points to its struct socket, which points back to the file (no need to read f_op, whose
+	// value, socket_file_ops, is not in kallsyms).
+	struct socket *so = bpf_rdonly_cast(f->private_data, bpf_core_type_id_kernel(struct socket));
+	if (so->file != fp)
+		return 0;
+	struct sock *skp = so->sk;
+	if (!skp)
+		return 0;
+	struct sock *sk = bpf_rdonly_cast(skp, bpf_core_type_id_kernel(struct sock));
+	if (sk->sk_protocol != IPPROTO_TCP)
+		return 0;
+	__u16 family = sk->__sk_common.skc_family;
+	if (family != AF_INET && family != AF_INET6)
+		return 0;
+	struct port_key pk = {
+		.netns = sk->__sk_common.skc_net.net->ns.inum,
+		.port = sk->__sk_common.skc_num,
+	};
+	__u32 *slotp = bpf_map_lookup_elem(&ports, &pk);
+	if (!slotp)
+		return 0;
+	__u32 slot = *slotp;
+	if (slot >= MAX_SLOTS) {
+		w->err = -1;
+		return 1;
+	}
+	__u8 state = sk->__sk_common.skc_state;
+	__u32 queued = state == TCP_LISTEN ? sk->sk_ack_backlog : 0;
+	if (f->f_ref.refcnt.counter != 0) {
+		struct task_rec r = {
+			.sock = (__u64)skp,
+			.slot = slot,
+			.kind = REC_SHARED,
+			.state = state,
+			.queued = queued,
+		};
+		__builtin_memcpy(r.marks, w->marks, sizeof(r.marks));
+		if (bpf_seq_write(w->seq, &r, sizeof(r))) {
+			w->err = -2;
+			return 1;
+		}
+		return 0;
+	}
+	if (state == TCP_LISTEN)
+		w->queued[slot] += queued;
+	else if (state != TCP_CLOSE)
+		w->conns[slot]++;
+	return 0;
+}
+
+// emit_slot writes the sums of slot i, if any.
+static long emit_slot(__u64 i, void *data)
+{
+	struct walk *w = data;
+	if (i >= MAX_SLOTS)
+		return 1;
+	__u32 conns = w->conns[i], queued = w->queued[i];
+	if (!conns && !queued)
+		return 0;
+	struct task_rec r = {.slot = i, .kind = REC_SUM, .conns = conns, .queued = queued};
+	__builtin_memcpy(r.marks, w->marks, sizeof(r.marks));
+	bpf_seq_write(w->seq, &r, sizeof(r));
+	return 0;
+}
+
+SEC("iter/task")
+int draind_tasks(struct bpf_iter__task *ctx)
+{
+	struct task_struct *task = ctx->task;
+	struct seq_file *seq = ctx->meta->seq;
+
+	if (!task)
+		return 0;
+	// Threads share their leader's fd table (unless created without CLONE_FILES): walk it once.
+	if (task != task->group_leader && task->files == task->group_leader->files)
+		return 0;
+	struct path p;
+	path_of(task, &p);
+	if (!p.marks[0])
+		return 0;
+	struct files_struct *files = task->files;
+	if (!files)
+		return 0;
+	struct fdtable *fdt = files->fdt;
+	struct walk w = {.fds = fdt->fd, .seq = seq};
+	__builtin_memcpy(w.marks, p.marks, sizeof(w.marks));
+	bpf_loop(fdt->max_fds, walk_fd, &w, 0);
+	if (w.err) {
+		// Tell userspace to use the full snapshot: a record with slot 0xffff.
+		struct task_rec r = {.slot = 0xffff, .kind = REC_SUM};
+		bpf_seq_write(seq, &r, sizeof(r));
+		return 0;
+	}
+	bpf_loop(MAX_SLOTS, emit_slot, &w, 0);
+	return 0;
 }

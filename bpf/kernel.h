@@ -38,7 +38,10 @@ struct sock {
 	struct socket *sk_socket;
 };
 
+struct file;
+
 struct socket {
+	struct file *file;
 	struct sock *sk;
 };
 
@@ -46,8 +49,27 @@ struct inode {
 	unsigned long i_ino;
 };
 
+typedef struct {
+	__s64 counter;
+} atomic64_t;
+
+typedef struct {
+	atomic64_t refcnt; // references - 1 (Linux >= 6.13)
+} file_ref_t;
+
 struct file {
 	struct inode *f_inode;
+	void *private_data;
+	file_ref_t f_ref;
+};
+
+struct fdtable {
+	unsigned int max_fds;
+	struct file **fd;
+};
+
+struct files_struct {
+	struct fdtable *fdt;
 };
 
 // struct pid: ino is the pidfs inode number of the process, which is what fstat(2) on a pidfd reports. Unique for the
@@ -61,6 +83,7 @@ struct task_struct {
 	struct task_struct *real_parent;
 	struct task_struct *group_leader;
 	struct pid *thread_pid;
+	struct files_struct *files;
 };
 
 struct seq_file;
@@ -69,6 +92,11 @@ struct bpf_iter_meta {
 	struct seq_file *seq;
 	__u64 session_id;
 	__u64 seq_num;
+};
+
+struct bpf_iter__task {
+	struct bpf_iter_meta *meta;
+	struct task_struct *task;
 };
 
 struct bpf_iter__task_file {

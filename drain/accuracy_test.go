@@ -63,10 +63,15 @@ func TestAccuracyUnderChurn(t *testing.T) {
 		for _, side := range []struct {
 			name    string
 			p       *proc.Process
-			c       *drain.Counter
+			count   func() (drain.Count, error)
 			exclude []int
-		}{{"old", oldP, oldC, []int{next.PID}}, {"new", newP, newC, nil}} {
-			got, err := side.c.Count()
+		}{
+			{"old (full snapshot)", oldP, oldC.FullCount, []int{next.PID}},
+			{"old (fast snapshot)", oldP, oldC.FastCount, []int{next.PID}},
+			{"new (fast snapshot)", newP, newC.FastCount, nil},
+			{"new (full snapshot)", newP, newC.FullCount, nil},
+		} {
+			got, err := side.count()
 			if err != nil {
 				t.Fatalf("count %s: %v", side.name, err)
 			}

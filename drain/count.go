@@ -29,6 +29,9 @@ type WaitOptions struct {
 	// Reconcile is the longest Wait goes without a snapshot when no event comes (longer when snapshots are slow:
 	// 200 times the last one's duration).
 	Reconcile time.Duration
+	// Tagged says the caller has just counted the Counter (Count tags a tracked tree's sockets), so Wait may start
+	// with a fast snapshot.
+	Tagged bool
 	// Progress, if set, is called with every count that differs from the previous one, except the final zero (which
 	// Wait returns without delay).
 	Progress func(Count)
@@ -40,10 +43,12 @@ var ErrDeadline = errors.New("drain deadline passed")
 // Wait counts until the total is zero, returning the last count. It returns ErrDeadline (with the last count) if
 // ctx's deadline passes first, and ctx's error if ctx is cancelled.
 //
-// Between snapshots it sleeps until the kernel reports events on the tree's sockets. Each state change of a socket
-// lowers the count by at most one, so after a snapshot of N it needs N such changes (or an accept, or a listener
-// closing, which need a new snapshot) before the count can be zero: a drain of 100,000 connections takes a handful
-// of snapshots, and the last connection's close is seen within one snapshot's time. The Counter must track its tree.
+// Between snapshots it sleeps until the kernel reports events on the tree's sockets. Each counted event lowers the
+// count by at most one, so after a snapshot of N it needs N of them (or an accept, or a listener closing, which need
+// a new snapshot) before the count can be zero: a drain of 100,000 connections takes a handful of snapshots, and the
+// last connection's close is seen within one snapshot's time. The first snapshot, those after an accept or a
+// listener closing, and the reconciliations are full (they tag the tree's sockets for the events); the others are
+// fast. The Counter must track its tree.
 func Wait(ctx context.Context, c *Counter, opts WaitOptions) (Count, error) {
 	if opts.Reconcile <= 0 {
 		opts.Reconcile = DefaultReconcile
@@ -60,17 +65,19 @@ func Wait(ctx context.Context, c *Counter, opts WaitOptions) (Count, error) {
 	}
 	timer := time.NewTimer(time.Hour)
 	defer timer.Stop()
+	full := !opts.Tagged // the first snapshot tags the tree's sockets
 	for {
 		before, err := c.events()
 		if err != nil {
 			return last, err
 		}
 		start := time.Now()
-		n, err := c.Count()
+		n, err := c.count(!full && opts.Poll <= 0)
 		if err != nil {
 			return last, err
 		}
 		took := time.Since(start)
+		full = false
 		if n.Total() == 0 {
 			return n, nil // at once: the caller is waiting to signal
 		}
@@ -95,6 +102,7 @@ func Wait(ctx context.Context, c *Counter, opts WaitOptions) (Count, error) {
 			case <-ctx.Done():
 				return done(ctx.Err())
 			case <-timer.C:
+				full = true // also tags what the events could not see arrive
 				break wait
 			case <-c.wake:
 			}
@@ -102,8 +110,12 @@ func Wait(ctx context.Context, c *Counter, opts WaitOptions) (Count, error) {
 			if err != nil {
 				return last, err
 			}
-			if now.Resnaps != before.Resnaps || now.Changes-before.Changes >= uint64(n.Total()) {
+			if now.Resnaps != before.Resnaps {
+				full = true // an accepted socket must be tagged
 				break wait
+			}
+			if now.Changes-before.Changes >= uint64(n.Total()) {
+				break wait // a fast snapshot will do: nothing new came to the tree
 			}
 		}
 	}

@@ -1,15 +1,7 @@
 package drain
 
-import (
-	"time"
+// FastCount takes a fast snapshot (a full one when the fast one cannot count what c watches).
+func (c *Counter) FastCount() (Count, error) { return c.count(true) }
 
-	"github.com/draind/draind/loader"
-)
-
-// Records runs the iterator once and hands fn what it wrote.
-func (t *Tracker) Records(fn func(*loader.SockRec)) (time.Duration, error) {
-	return t.snapshot(fn)
-}
-
-// Tracker returns the Counter's Tracker.
-func (c *Counter) Tracker() *Tracker { return c.t }
+// FullCount takes a full snapshot.
+func (c *Counter) FullCount() (Count, error) { return c.count(false) }

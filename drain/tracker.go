@@ -31,7 +31,7 @@ type Tracker struct {
 	marks    map[uint64]*mark // by the process's pidfs inode
 	ids      map[uint32]*mark // by mark id
 	counters map[*Counter]struct{}
-	ports    map[loader.PortKey]int
+	ports    map[loader.PortKey]*portRef
 	closed   bool
 	once     sync.Once
 	closeErr error
@@ -69,7 +69,7 @@ func NewTracker(opts TrackerOptions) (*Tracker, error) {
 	t := &Tracker{
 		log: opts.Logger, k: k, done: make(chan struct{}),
 		marks: map[uint64]*mark{}, ids: map[uint32]*mark{}, counters: map[*Counter]struct{}{},
-		ports: map[loader.PortKey]int{},
+		ports: map[loader.PortKey]*portRef{},
 	}
 	go t.read()
 	return t, nil
@@ -167,13 +167,17 @@ func (t *Tracker) Watch(p *proc.Process, ports []uint16, opts WatchOptions) (_ *
 	// already (by another Counter): marks are shared and counted.
 	for _, port := range c.ports {
 		k := loader.PortKey{Netns: c.netns, Port: port}
-		if t.ports[k] == 0 {
-			if err := t.k.PutPort(k); err != nil {
+		ref := t.ports[k]
+		if ref == nil {
+			ref = &portRef{slot: t.freeSlotLocked()}
+			if err := t.k.PutPort(k, ref.slot); err != nil {
 				return nil, err
 			}
+			t.ports[k] = ref
 		}
-		t.ports[k]++
+		ref.refs++
 		c.portKeys = append(c.portKeys, k)
+		c.slots = append(c.slots, uint16(ref.slot))
 	}
 	for _, i := range exclIno {
 		m, err := t.markLocked(i)
@@ -198,6 +202,26 @@ func (t *Tracker) Watch(p *proc.Process, ports []uint16, opts WatchOptions) (_ *
 	}
 	t.counters[c] = struct{}{}
 	return c, nil
+}
+
+// portRef is a watched (netns, port) pair: how many Counters watch it, and its slot in the fast snapshot.
+type portRef struct {
+	refs int
+	slot uint32
+}
+
+// freeSlotLocked is the lowest slot no watched pair uses. Slots from loader.MaxSlots on work, but only with the full
+// snapshot.
+func (t *Tracker) freeSlotLocked() uint32 {
+	used := map[uint32]bool{}
+	for _, r := range t.ports {
+		used[r.slot] = true
+	}
+	var s uint32
+	for used[s] {
+		s++
+	}
+	return s
 }
 
 // markLocked returns the mark of the process with pidfs inode ino, with one more reference.
@@ -251,17 +275,18 @@ func (t *Tracker) unwatchLocked(c *Counter) error {
 	}
 	c.excl = nil
 	for _, k := range c.portKeys {
-		t.ports[k]--
-		if t.ports[k] == 0 {
+		ref := t.ports[k]
+		ref.refs--
+		if ref.refs == 0 {
 			delete(t.ports, k)
 			errs = append(errs, t.k.DeletePort(k))
 		}
 	}
-	c.portKeys = nil
+	c.portKeys, c.slots = nil, nil
 	return errors.Join(errs...)
 }
 
-// snapshot runs the iterator once and hands every record to fn.
+// snapshot runs the full snapshot once and hands every record to fn.
 func (t *Tracker) snapshot(fn func(r *loader.SockRec)) (time.Duration, error) {
 	t.snapMu.Lock()
 	defer t.snapMu.Unlock()
@@ -271,6 +296,23 @@ func (t *Tracker) snapshot(fn func(r *loader.SockRec)) (time.Duration, error) {
 		n++
 		fn(r)
 	})
+	return t.record(start, n, err)
+}
+
+// sums runs the fast snapshot once and hands every record to fn.
+func (t *Tracker) sums(fn func(r *loader.TaskRec)) (time.Duration, error) {
+	t.snapMu.Lock()
+	defer t.snapMu.Unlock()
+	start := time.Now()
+	n := 0
+	err := t.k.Sums(func(r *loader.TaskRec) {
+		n++
+		fn(r)
+	})
+	return t.record(start, n, err)
+}
+
+func (t *Tracker) record(start time.Time, records int, err error) (time.Duration, error) {
 	if err != nil {
 		return 0, err
 	}
@@ -279,7 +321,7 @@ func (t *Tracker) snapshot(fn func(r *loader.SockRec)) (time.Duration, error) {
 	t.stats.Snapshots++
 	t.stats.SnapshotTime += d
 	t.stats.SnapshotMax = max(t.stats.SnapshotMax, d)
-	t.stats.Records += int64(n)
+	t.stats.Records += int64(records)
 	t.mu.Unlock()
 	return d, nil
 }
@@ -296,16 +338,17 @@ type Counter struct {
 	root     *mark   // the tree's root
 	excl     []*mark // the subtrees cut out of it
 	portKeys []loader.PortKey
+	slots    []uint16 // the slots of portKeys
 
 	seen   map[uint64]struct{}
 	closed bool
 	stats  CounterStats
 }
 
-// CounterStats says how many snapshots a Counter took.
+// CounterStats says how many snapshots a Counter took, of each kind.
 type CounterStats struct {
-	Snapshots   int
-	SnapshotMax time.Duration
+	Full, Fast       int           // full snapshots (they tag the sockets of a tracked tree), fast ones
+	FullMax, FastMax time.Duration // the longest of each
 }
 
 // Stats returns the Counter's snapshot figures so far.
@@ -316,8 +359,17 @@ func (c *Counter) Stats() CounterStats {
 }
 
 // Count takes one exact snapshot: what the tree holds on the ports now, the way `ss` sees it. Sockets held by
-// several processes of the tree (inherited, passed) count once.
+// several processes of the tree (inherited, passed) count once. A tracked Counter takes a full snapshot, which also
+// tags the tree's sockets for the events; an untracked one takes the fast snapshot when it can.
 func (c *Counter) Count() (Count, error) {
+	if c.track {
+		return c.count(false)
+	}
+	return c.count(true)
+}
+
+// count takes a fast snapshot if fast is set and the fast snapshot can count what c watches, else a full one.
+func (c *Counter) count(fast bool) (Count, error) {
 	c.t.mu.Lock()
 	if c.closed || c.root == nil {
 		c.t.mu.Unlock()
@@ -335,33 +387,65 @@ func (c *Counter) Count() (Count, error) {
 	if c.seen == nil {
 		c.seen = map[uint64]struct{}{}
 	}
+	if fast {
+		clear(c.seen)
+		var n Count
+		d, err := c.t.sums(func(r *loader.TaskRec) {
+			if !slices.Contains(c.slots, r.Slot) || !below(r.Marks[:], root, excl) {
+				return
+			}
+			if r.Kind == loader.RecSum {
+				n.Conns += int(r.Conns)
+				n.Queued += int(r.Queued)
+				return
+			}
+			if _, dup := c.seen[r.Sock]; !dup {
+				c.seen[r.Sock] = struct{}{}
+				n.add(r.State, r.Queued)
+			}
+		})
+		if err == nil {
+			c.t.mu.Lock()
+			c.stats.Fast++
+			c.stats.FastMax = max(c.stats.FastMax, d)
+			c.t.mu.Unlock()
+			return n, nil
+		}
+		if !errors.Is(err, loader.ErrNoFastSnapshot) {
+			return Count{}, fmt.Errorf("count connections: %w", err)
+		}
+	}
 	clear(c.seen)
 	var n Count
 	d, err := c.t.snapshot(func(r *loader.SockRec) {
 		if r.Netns != c.netns || !slices.Contains(c.ports, r.Port) || !below(r.Marks[:], root, excl) {
 			return
 		}
-		if _, dup := c.seen[r.Ino]; dup {
-			return
-		}
-		c.seen[r.Ino] = struct{}{}
-		switch r.State {
-		case loader.TCPListen:
-			n.Queued += int(r.Queue)
-		case loader.TCPClose:
-			// Reset or never connected, still held by the process: gone from the kernel's tables (and from ss).
-		default:
-			n.Conns++
+		if _, dup := c.seen[r.Ino]; !dup {
+			c.seen[r.Ino] = struct{}{}
+			n.add(r.State, r.Queue)
 		}
 	})
 	if err != nil {
 		return Count{}, fmt.Errorf("count connections: %w", err)
 	}
 	c.t.mu.Lock()
-	c.stats.Snapshots++
-	c.stats.SnapshotMax = max(c.stats.SnapshotMax, d)
+	c.stats.Full++
+	c.stats.FullMax = max(c.stats.FullMax, d)
 	c.t.mu.Unlock()
 	return n, nil
+}
+
+// add counts one socket: a listener's accept queue, or a connection in a state `ss` lists (not CLOSE: reset or
+// never connected, still held by the process but gone from the kernel's tables).
+func (n *Count) add(state uint8, queue uint32) {
+	switch state {
+	case loader.TCPListen:
+		n.Queued += int(queue)
+	case loader.TCPClose:
+	default:
+		n.Conns++
+	}
 }
 
 // below reports whether a socket whose holder has the marks path above it (nearest first) is in the tree rooted at

@@ -81,29 +81,31 @@ const (
 
 // Result reports a handoff.
 type Result struct {
-	Outcome        Outcome       `json:"outcome"`
-	From           int           `json:"from"`
-	To             int           `json:"to"`
-	Listeners      []string      `json:"listeners"`         // addresses handed off
-	InFlightAtFlip int           `json:"in_flight_at_flip"` // old side's connections when the flip happened
-	Left           int           `json:"left"`              // connections left when the drain ended
-	DrainTime      time.Duration `json:"drain_time_ns"`     // from the flip to zero (or to the deadline)
-	Signal         string        `json:"signal,omitempty"`  // signal sent to the old process
-	Signalled      bool          `json:"signalled"`         // it was delivered
-	Killed         bool          `json:"killed"`            // SIGKILL followed
-	ExitSeen       bool          `json:"exit_seen"`         // the old process's exit was seen
-	ExitWait       time.Duration `json:"exit_wait_ns"`      // from the signal to the exit
-	RollbackReason string        `json:"rollback_reason,omitempty"`
-	FlippedAt      int64         `json:"flipped_at_mono_ns,omitempty"`     // CLOCK_MONOTONIC of the flip
-	RolledBackAt   int64         `json:"rolled_back_at_mono_ns,omitempty"` // CLOCK_MONOTONIC of the rollback
-	SteeringLeft   bool          `json:"steering_left"`                    // the selector stays because old listeners are still open
-	Steered        uint64        `json:"steered"`                          // selector decisions for the target side
-	Fallbacks      uint64        `json:"fallbacks"`                        // decisions that fell back to the other side
-	Migrated       uint64        `json:"migrated"`                         // connections migrated off a closing listener
-	Failed         uint64        `json:"selector_failed"`                  // decisions left to the kernel (no draind listener alive)
-	Probed         uint64        `json:"probed"`                           // readiness probes sent to the new side before the flip
-	Snapshots      int           `json:"snapshots"`                        // exact counts of the old side taken during the drain
-	SnapshotMax    time.Duration `json:"snapshot_max_ns"`                  // the longest of them
+	Outcome         Outcome       `json:"outcome"`
+	From            int           `json:"from"`
+	To              int           `json:"to"`
+	Listeners       []string      `json:"listeners"`         // addresses handed off
+	InFlightAtFlip  int           `json:"in_flight_at_flip"` // old side's connections when the flip happened
+	Left            int           `json:"left"`              // connections left when the drain ended
+	DrainTime       time.Duration `json:"drain_time_ns"`     // from the flip to zero (or to the deadline)
+	Signal          string        `json:"signal,omitempty"`  // signal sent to the old process
+	Signalled       bool          `json:"signalled"`         // it was delivered
+	Killed          bool          `json:"killed"`            // SIGKILL followed
+	ExitSeen        bool          `json:"exit_seen"`         // the old process's exit was seen
+	ExitWait        time.Duration `json:"exit_wait_ns"`      // from the signal to the exit
+	RollbackReason  string        `json:"rollback_reason,omitempty"`
+	FlippedAt       int64         `json:"flipped_at_mono_ns,omitempty"`     // CLOCK_MONOTONIC of the flip
+	RolledBackAt    int64         `json:"rolled_back_at_mono_ns,omitempty"` // CLOCK_MONOTONIC of the rollback
+	SteeringLeft    bool          `json:"steering_left"`                    // the selector stays because old listeners are still open
+	Steered         uint64        `json:"steered"`                          // selector decisions for the target side
+	Fallbacks       uint64        `json:"fallbacks"`                        // decisions that fell back to the other side
+	Migrated        uint64        `json:"migrated"`                         // connections migrated off a closing listener
+	Failed          uint64        `json:"selector_failed"`                  // decisions left to the kernel (no draind listener alive)
+	Probed          uint64        `json:"probed"`                           // readiness probes sent to the new side before the flip
+	Snapshots       int           `json:"snapshots"`                        // full snapshots of the old side (they tag its sockets for the events)
+	SnapshotMax     time.Duration `json:"snapshot_max_ns"`                  // the longest of them
+	FastSnapshots   int           `json:"fast_snapshots"`                   // fast snapshots (exact counts between full ones)
+	FastSnapshotMax time.Duration `json:"fast_snapshot_max_ns"`             // the longest of them
 }
 
 func (o *Options) defaults() error {
@@ -297,11 +299,13 @@ func (h *run) run(ctx context.Context) (*Result, error) {
 	}()
 	left, err := drain.Wait(drainCtx, h.counter, drain.WaitOptions{
 		Poll:     h.opts.Poll,
+		Tagged:   true, // by the count at the flip
 		Progress: func(c drain.Count) { h.opts.Progress(Progress{Stage: StageDraining, Count: c, New: h.newCount()}) },
 	})
 	h.res.DrainTime = time.Since(flipAt)
 	cs := h.counter.Stats()
-	h.res.Snapshots, h.res.SnapshotMax = cs.Snapshots, cs.SnapshotMax
+	h.res.Snapshots, h.res.SnapshotMax = cs.Full, cs.FullMax
+	h.res.FastSnapshots, h.res.FastSnapshotMax = cs.Fast, cs.FastMax
 	h.res.Left = left.Total()
 	timedOut := false
 	switch {

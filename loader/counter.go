@@ -19,11 +19,15 @@ import (
 const (
 	MaxMarks  = 4096 // mark ids are 1..MaxMarks-1
 	PathMarks = 6    // marks a SockRec carries, nearest first
+	MaxSlots  = 32   // (netns, port) pairs the fast snapshot sums separately: slots 0..MaxSlots-1
 	MarkTrack = 1    // Mark.Flags: remember the sockets below the mark and count their events
 
 	EventState    = 1 // Event.Kind: a remembered socket changed state
 	EventListener = 2 // Event.Kind: a remembered listener closed
 	EventAccept   = 3 // Event.Kind: a process under a tracked mark accepted a connection
+
+	RecSum    = 1 // TaskRec.Kind: sums over a task's unshared sockets on one slot
+	RecShared = 2 // TaskRec.Kind: one socket whose file has several references
 
 	TCPClose  = 7  // TCP_CLOSE
 	TCPListen = 10 // TCP_LISTEN
@@ -31,7 +35,8 @@ const (
 
 // Exported forms of the counter's generated types, for drain/.
 type (
-	SockRec   = counterSockRec   // one socket, as written by the iterator
+	SockRec   = counterSockRec   // one socket, as written by the full snapshot
+	TaskRec   = counterTaskRec   // one record of the fast snapshot
 	Event     = counterEvent     // one wakeup from the ring buffer
 	Mark      = counterMark      // a marked process: its id and flags
 	PortKey   = counterPortKey   // a watched (netns inode, port)
@@ -47,7 +52,8 @@ type CounterOptions struct {
 // to one draind process (nothing is pinned): counting starts afresh with every process, from a snapshot.
 type Counter struct {
 	objs  counterObjects
-	iter  *link.Iter
+	iter  *link.Iter // full snapshot (iter/task_file)
+	tasks *link.Iter // fast snapshot (iter/task)
 	links []link.Link
 	rd    *ringbuf.Reader
 	buf   []byte
@@ -81,6 +87,9 @@ func LoadCounter(opts CounterOptions) (_ *Counter, err error) {
 	if c.iter, err = link.AttachIter(link.IterOptions{Program: p.DraindSockets}); err != nil {
 		return nil, fmt.Errorf("attach socket iterator: %w", wrapPerm(err))
 	}
+	if c.tasks, err = link.AttachIter(link.IterOptions{Program: p.DraindTasks}); err != nil {
+		return nil, fmt.Errorf("attach task iterator: %w", wrapPerm(err))
+	}
 	l, err := link.AttachTracing(link.TracingOptions{Program: p.DraindState})
 	if err != nil {
 		return nil, fmt.Errorf("attach tracepoint inet_sock_set_state: %w", wrapPerm(err))
@@ -102,45 +111,83 @@ func LoadCounter(opts CounterOptions) (_ *Counter, err error) {
 	return c, nil
 }
 
-// recSize is the size of SockRec as the iterator writes it.
+// recSize is the size of SockRec and TaskRec as the iterators write them.
 const recSize = 32
 
-// Snapshot runs the iterator once and hands fn every socket it reports. One snapshot at a time: the iterator
-// program caches per run, so concurrent callers must serialize.
+// Snapshot runs the full snapshot once and hands fn every socket it reports; it also tags the sockets of tracked
+// marks. One snapshot (of either kind) at a time: the programs cache per run, so concurrent callers must serialize.
 func (c *Counter) Snapshot(fn func(r *SockRec)) error {
-	rd, err := c.iter.Open()
+	var rec SockRec
+	return c.read(c.iter, func(b []byte) error {
+		rec.Ino = binary.LittleEndian.Uint64(b[0:])
+		for i := range rec.Marks {
+			rec.Marks[i] = binary.LittleEndian.Uint16(b[8+2*i:])
+		}
+		rec.Queue = binary.LittleEndian.Uint32(b[20:])
+		rec.Netns = binary.LittleEndian.Uint32(b[24:])
+		rec.Port = binary.LittleEndian.Uint16(b[28:])
+		rec.State = b[30]
+		rec.Family = b[31]
+		fn(&rec)
+		return nil
+	})
+}
+
+// ErrNoFastSnapshot is returned by Sums when the fast snapshot cannot count what is watched (a slot >= MaxSlots, or
+// a task with too many shared sockets for one output buffer): use Snapshot.
+var ErrNoFastSnapshot = errors.New("fast snapshot not possible")
+
+// Sums runs the fast snapshot once and hands fn its records. It does not tag sockets.
+func (c *Counter) Sums(fn func(r *TaskRec)) error {
+	var rec TaskRec
+	err := c.read(c.tasks, func(b []byte) error {
+		rec.Sock = binary.LittleEndian.Uint64(b[0:])
+		for i := range rec.Marks {
+			rec.Marks[i] = binary.LittleEndian.Uint16(b[8+2*i:])
+		}
+		rec.Slot = binary.LittleEndian.Uint16(b[20:])
+		rec.Kind = b[22]
+		rec.State = b[23]
+		rec.Conns = binary.LittleEndian.Uint32(b[24:])
+		rec.Queued = binary.LittleEndian.Uint32(b[28:])
+		if rec.Slot >= MaxSlots {
+			return ErrNoFastSnapshot
+		}
+		fn(&rec)
+		return nil
+	})
+	if errors.Is(err, unix.E2BIG) {
+		return fmt.Errorf("%w: %w", ErrNoFastSnapshot, err)
+	}
+	return err
+}
+
+// read runs an iterator and hands fn each record.
+func (c *Counter) read(it *link.Iter, fn func(b []byte) error) error {
+	rd, err := it.Open()
 	if err != nil {
-		return fmt.Errorf("run socket iterator: %w", err)
+		return fmt.Errorf("run iterator: %w", err)
 	}
 	defer rd.Close()
 	if c.buf == nil {
 		c.buf = make([]byte, 64<<10)
 	}
 	var pending int
-	var rec SockRec
 	for {
 		m, err := rd.Read(c.buf[pending:])
 		m += pending
 		full := m - m%recSize
 		for off := 0; off < full; off += recSize {
-			b := c.buf[off : off+recSize]
-			rec.Ino = binary.LittleEndian.Uint64(b[0:])
-			for i := range rec.Marks {
-				rec.Marks[i] = binary.LittleEndian.Uint16(b[8+2*i:])
+			if err := fn(c.buf[off : off+recSize]); err != nil {
+				return err
 			}
-			rec.Queue = binary.LittleEndian.Uint32(b[20:])
-			rec.Netns = binary.LittleEndian.Uint32(b[24:])
-			rec.Port = binary.LittleEndian.Uint16(b[28:])
-			rec.State = b[30]
-			rec.Family = b[31]
-			fn(&rec)
 		}
 		pending = copy(c.buf, c.buf[full:m])
 		if errors.Is(err, io.EOF) {
 			return nil
 		}
 		if err != nil {
-			return fmt.Errorf("read socket iterator: %w", err)
+			return fmt.Errorf("read iterator: %w", err)
 		}
 	}
 }
@@ -189,9 +236,9 @@ func (c *Counter) DeleteMark(ino uint64) error {
 	return nil
 }
 
-// PutPort makes the iterator report sockets on k.
-func (c *Counter) PutPort(k PortKey) error {
-	if err := c.objs.Ports.Put(k, uint32(1)); err != nil {
+// PutPort makes the snapshots report sockets on k, summed under slot in the fast one.
+func (c *Counter) PutPort(k PortKey, slot uint32) error {
+	if err := c.objs.Ports.Put(k, slot); err != nil {
 		return fmt.Errorf("watch port %d: %w", k.Port, err)
 	}
 	return nil
@@ -215,8 +262,10 @@ func (c *Counter) Close() error {
 		for _, l := range c.links {
 			errs = append(errs, l.Close())
 		}
-		if c.iter != nil {
-			errs = append(errs, c.iter.Close())
+		for _, it := range []*link.Iter{c.iter, c.tasks} {
+			if it != nil {
+				errs = append(errs, it.Close())
+			}
 		}
 		errs = append(errs, c.objs.Close())
 		if err := errors.Join(errs...); err != nil {

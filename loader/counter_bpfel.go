@@ -64,6 +64,17 @@ type counterSockRec struct {
 	Family uint8
 }
 
+type counterTaskRec struct {
+	_      structs.HostLayout
+	Sock   uint64
+	Marks  [6]uint16
+	Slot   uint16
+	Kind   uint8
+	State  uint8
+	Conns  uint32
+	Queued uint32
+}
+
 // Names of all BPF objects in the ELF.
 //
 // Used for safe lookups in a Collection or CollectionSpec.
@@ -77,10 +88,12 @@ const (
 	counterProgDraindAccept4 = "draind_accept4"
 	counterProgDraindSockets = "draind_sockets"
 	counterProgDraindState   = "draind_state"
+	counterProgDraindTasks   = "draind_tasks"
 	counterVarCachedPath     = "cached_path"
 	counterVarCachedTask     = "cached_task"
 	counterVarUnusedEvent    = "unused_event"
 	counterVarUnusedSockRec  = "unused_sock_rec"
+	counterVarUnusedTaskRec  = "unused_task_rec"
 )
 
 // loadCounter returns the embedded CollectionSpec for counter.
@@ -129,6 +142,7 @@ type counterProgramSpecs struct {
 	DraindAccept4 *ebpf.ProgramSpec `ebpf:"draind_accept4"`
 	DraindSockets *ebpf.ProgramSpec `ebpf:"draind_sockets"`
 	DraindState   *ebpf.ProgramSpec `ebpf:"draind_state"`
+	DraindTasks   *ebpf.ProgramSpec `ebpf:"draind_tasks"`
 }
 
 // counterMapSpecs contains maps before they are loaded into the kernel.
@@ -150,6 +164,7 @@ type counterVariableSpecs struct {
 	CachedTask    *ebpf.VariableSpec `ebpf:"cached_task"`
 	UnusedEvent   *ebpf.VariableSpec `ebpf:"unused_event"`
 	UnusedSockRec *ebpf.VariableSpec `ebpf:"unused_sock_rec"`
+	UnusedTaskRec *ebpf.VariableSpec `ebpf:"unused_task_rec"`
 }
 
 // counterObjects contains all objects after they have been loaded into the kernel.
@@ -197,6 +212,7 @@ type counterVariables struct {
 	CachedTask    *ebpf.Variable `ebpf:"cached_task"`
 	UnusedEvent   *ebpf.Variable `ebpf:"unused_event"`
 	UnusedSockRec *ebpf.Variable `ebpf:"unused_sock_rec"`
+	UnusedTaskRec *ebpf.Variable `ebpf:"unused_task_rec"`
 }
 
 // counterPrograms contains all programs after they have been loaded into the kernel.
@@ -207,6 +223,7 @@ type counterPrograms struct {
 	DraindAccept4 *ebpf.Program `ebpf:"draind_accept4"`
 	DraindSockets *ebpf.Program `ebpf:"draind_sockets"`
 	DraindState   *ebpf.Program `ebpf:"draind_state"`
+	DraindTasks   *ebpf.Program `ebpf:"draind_tasks"`
 }
 
 func (p *counterPrograms) Close() error {
@@ -215,6 +232,7 @@ func (p *counterPrograms) Close() error {
 		p.DraindAccept4,
 		p.DraindSockets,
 		p.DraindState,
+		p.DraindTasks,
 	)
 }
 
