@@ -26,8 +26,8 @@ type WaitOptions struct {
 	// Poll, if positive, replaces the events: a snapshot every Poll (the way draind worked before the events; kept
 	// as the baseline of the reaction benchmark).
 	Poll time.Duration
-	// Reconcile is the longest Wait goes without a snapshot when no event comes (longer when snapshots are slow:
-	// 200 times the last one's duration).
+	// Reconcile is the longest Wait goes without a snapshot when no event comes (longer when full snapshots are
+	// slow: 500 times the last one's duration).
 	Reconcile time.Duration
 	// Tagged says the caller has just counted the Counter (Count tags a tracked tree's sockets), so Wait may start
 	// with a fast snapshot.
@@ -65,7 +65,8 @@ func Wait(ctx context.Context, c *Counter, opts WaitOptions) (Count, error) {
 	}
 	timer := time.NewTimer(time.Hour)
 	defer timer.Stop()
-	full := !opts.Tagged // the first snapshot tags the tree's sockets
+	full := !opts.Tagged          // the first snapshot tags the tree's sockets
+	fullTook := c.Stats().FullMax // the caller's full snapshot, if Tagged
 	for {
 		before, err := c.events()
 		if err != nil {
@@ -76,7 +77,9 @@ func Wait(ctx context.Context, c *Counter, opts WaitOptions) (Count, error) {
 		if err != nil {
 			return last, err
 		}
-		took := time.Since(start)
+		if full {
+			fullTook = time.Since(start)
+		}
 		full = false
 		if n.Total() == 0 {
 			return n, nil // at once: the caller is waiting to signal
@@ -94,8 +97,8 @@ func Wait(ctx context.Context, c *Counter, opts WaitOptions) (Count, error) {
 			}
 			continue
 		}
-		// Reconciliations cost at most 0.5% of a CPU, however many sockets the snapshots walk.
-		timer.Reset(max(opts.Reconcile, 200*took))
+		// Reconciliations (full snapshots) cost at most 0.2% of a CPU, however many sockets they walk.
+		timer.Reset(max(opts.Reconcile, 500*fullTook))
 	wait:
 		for {
 			select {

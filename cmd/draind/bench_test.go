@@ -89,8 +89,8 @@ func reportLatency(b *testing.B, lat []time.Duration) {
 
 // BenchmarkScale100k: an old server holds 100,000 established connections; draind hands its port off, waits while
 // nothing changes, then the clients close everything over 5 seconds and draind signals the old server once it holds
-// nothing. Reported: the time of one snapshot at 100k (taken by this process with draind's code), draind's CPU time
-// while idle and during the drain, and its peak RSS.
+// nothing. Reported: the time of one snapshot at 100k (fast, and full with tagging; taken by this process with
+// draind's code), draind's CPU time while idle and during the drain, and its peak RSS.
 //
 // No process here may hold more than 20,000 fds (root lacks CAP_SYS_RESOURCE and the hard RLIMIT_NOFILE is 20,000),
 // so the old server is a pre-fork one (a master and 6 workers sharing its listener, nginx-style: draind counts the
@@ -116,7 +116,7 @@ func BenchmarkScale100k(b *testing.B) {
 		hopts.Workers = 0
 		next := testenv.StartHolderForTest(b, ns, hopts)
 
-		snap := snapshotTimes(b, old.PID, n)
+		full, fast := snapshotTimes(b, old.PID, n, true), snapshotTimes(b, old.PID, n, false)
 		h := startHandoff(b, "--from", strconv.Itoa(old.PID), "--to", strconv.Itoa(next.PID), "--pin-dir", pins, "--timeout", "2m")
 		h.waitFor(b, "] draining:", 30*time.Second) // the first counts after the flip are done
 		b.Logf("draind after the flip: %s", hwm(h.cmd.Process.Pid))
@@ -143,22 +143,24 @@ func BenchmarkScale100k(b *testing.B) {
 		}
 		ru := h.cmd.ProcessState.SysUsage().(*syscall.Rusage)
 		total := time.Duration(syscall.TimevalToNsec(ru.Utime) + syscall.TimevalToNsec(ru.Stime))
-		b.ReportMetric(float64(snap[len(snap)/2])/1e6, "snapshot-p50-ms")
-		b.ReportMetric(float64(snap[len(snap)-1])/1e6, "snapshot-max-ms")
+		b.ReportMetric(float64(fast[len(fast)/2])/1e6, "fast-snapshot-p50-ms")
+		b.ReportMetric(float64(fast[len(fast)-1])/1e6, "fast-snapshot-max-ms")
+		b.ReportMetric(float64(full[len(full)/2])/1e6, "full-snapshot-p50-ms")
 		b.ReportMetric(float64(cpu1-cpu0)/float64(idle)*100, "idle-cpu-%")
 		b.ReportMetric((total - cpu1).Seconds(), "drain-cpu-s")
 		b.ReportMetric(float64(ru.Maxrss)/1024, "peak-rss-MiB")
 		b.ReportMetric(out.DrainTime.Seconds(), "drain-s")
-		b.ReportMetric(float64(out.Snapshots), "snapshots")
+		b.ReportMetric(float64(out.Snapshots+out.FastSnapshots), "snapshots")
 		b.ReportMetric(0, "ns/op")
-		b.Logf("snapshots at %d connections (this process): %v", n, snap)
-		b.Logf("draind: idle %v CPU in %v; drain %v (from the clients' first close %v), %d snapshots (longest %v), %v CPU in total, peak RSS %d KiB",
-			cpu1-cpu0, idle, out.DrainTime.Round(time.Millisecond), time.Since(start).Round(time.Millisecond), out.Snapshots, out.SnapshotMax, total, ru.Maxrss)
+		b.Logf("snapshots at %d connections (this process): fast %v; full (tagging) %v", n, fast, full)
+		b.Logf("draind: idle %v CPU in %v; drain %v (from the clients' first close %v), %d full snapshots (longest %v) and %d fast (longest %v), %v CPU in total, peak RSS %d KiB",
+			cpu1-cpu0, idle, out.DrainTime.Round(time.Millisecond), time.Since(start).Round(time.Millisecond), out.Snapshots, out.SnapshotMax, out.FastSnapshots, out.FastSnapshotMax, total, ru.Maxrss)
 	}
 }
 
-// snapshotTimes counts pid's connections on the port ten times with a fresh Tracker and returns the sorted durations.
-func snapshotTimes(b *testing.B, pid, want int) []time.Duration {
+// snapshotTimes counts pid's connections on the port ten times with a fresh Tracker and returns the sorted durations:
+// full snapshots if track (a tracked Counter's Count tags the sockets), else fast ones.
+func snapshotTimes(b *testing.B, pid, want int, track bool) []time.Duration {
 	tr, err := drain.NewTracker(drain.TrackerOptions{})
 	if err != nil {
 		b.Fatal(err)
@@ -169,7 +171,7 @@ func snapshotTimes(b *testing.B, pid, want int) []time.Duration {
 		b.Fatal(err)
 	}
 	defer p.Close()
-	c, err := tr.Watch(p, []uint16{8080}, drain.WatchOptions{Track: true})
+	c, err := tr.Watch(p, []uint16{8080}, drain.WatchOptions{Track: track})
 	if err != nil {
 		b.Fatal(err)
 	}

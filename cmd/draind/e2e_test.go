@@ -210,7 +210,7 @@ func requireGone(t testing.TB, pins string) {
 func TestHandoffUnderLoad(t *testing.T) {
 	ns, pins := setup(t)
 	old := server(t, ns, "old", testenv.ServerOptions{Delay: time.Millisecond})
-	const hold = 1500 * time.Millisecond
+	const hold = 3 * time.Second // long enough to outlast starting the new server and draind
 	loadStart := testenv.MonoNow()
 	load := testenv.StartLoadForTest(t, ns, testenv.LoadOptions{
 		Addr: addr, Concurrency: 32, Duration: 20 * time.Second,
@@ -328,7 +328,7 @@ func TestAcceptQueueMigrates(t *testing.T) {
 func TestPreForkServer(t *testing.T) {
 	ns, pins := setup(t)
 	old := server(t, ns, "old", testenv.ServerOptions{Workers: 2, Delay: time.Millisecond})
-	const hold = time.Second
+	const hold = 3 * time.Second // long enough to outlast starting the new server and draind
 	loadStart := testenv.MonoNow()
 	load := testenv.StartLoadForTest(t, ns, testenv.LoadOptions{
 		Addr: addr, Concurrency: 32, Duration: 20 * time.Second,
