@@ -96,6 +96,8 @@ type Result struct {
 	RollbackReason  string        `json:"rollback_reason,omitempty"`
 	FlippedAt       int64         `json:"flipped_at_mono_ns,omitempty"`     // CLOCK_MONOTONIC of the flip
 	RolledBackAt    int64         `json:"rolled_back_at_mono_ns,omitempty"` // CLOCK_MONOTONIC of the rollback
+	DrainedAt       int64         `json:"drained_at_mono_ns,omitempty"`     // CLOCK_MONOTONIC when the drain ended (zero seen, or the deadline)
+	SignalledAt     int64         `json:"signalled_at_mono_ns,omitempty"`   // CLOCK_MONOTONIC just before the signal was sent
 	SteeringLeft    bool          `json:"steering_left"`                    // the selector stays because old listeners are still open
 	Steered         uint64        `json:"steered"`                          // selector decisions for the target side
 	Fallbacks       uint64        `json:"fallbacks"`                        // decisions that fell back to the other side
@@ -303,6 +305,7 @@ func (h *run) run(ctx context.Context) (*Result, error) {
 		Progress: func(c drain.Count) { h.opts.Progress(Progress{Stage: StageDraining, Count: c, New: h.newCount()}) },
 	})
 	h.res.DrainTime = time.Since(flipAt)
+	h.res.DrainedAt = monoNow()
 	cs := h.counter.Stats()
 	h.res.Snapshots, h.res.SnapshotMax = cs.Full, cs.FullMax
 	h.res.FastSnapshots, h.res.FastSnapshotMax = cs.Fast, cs.FastMax
@@ -335,6 +338,7 @@ func (h *run) run(ctx context.Context) (*Result, error) {
 		sig = syscall.SIGKILL
 	}
 	h.res.Signal = drain.SignalName(sig)
+	h.res.SignalledAt = monoNow()
 	out, err := drain.Signal(context.WithoutCancel(ctx), h.oldP, sig, drain.SignalOptions{KillAfter: h.opts.KillAfter, ExitWait: h.opts.ExitWait})
 	h.res.Signalled, h.res.Killed, h.res.ExitSeen, h.res.ExitWait = out.Sent, out.Killed, out.Exited, out.ExitWait
 	if err != nil {

@@ -38,7 +38,7 @@ func BenchmarkReaction(b *testing.B) {
 			ns, pins := setup(b)
 			hopts := testenv.HolderOptions{Addr: addr, ReusePort: true}
 			old := testenv.StartHolderForTest(b, ns, hopts)
-			var lat []time.Duration
+			var lat, seen, sent []time.Duration // close -> signal received; close -> zero seen; zero seen -> signal sent
 			var rss int64
 			for b.Loop() {
 				conns := testenv.StartConnsForTest(b, ns, testenv.ConnsOptions{Addr: addr, N: 3})
@@ -65,9 +65,15 @@ func BenchmarkReaction(b *testing.B) {
 					b.Fatalf("old holder: signals %v, last close at %d", sigs, closed)
 				}
 				lat = append(lat, time.Duration(sigs[0].MonoNS-closed))
+				seen = append(seen, time.Duration(out.DrainedAt-closed))
+				sent = append(sent, time.Duration(out.SignalledAt-out.DrainedAt))
 				old = next
 			}
 			reportLatency(b, lat)
+			slices.Sort(seen)
+			slices.Sort(sent)
+			b.Logf("of which: last close -> draind sees zero: p50 %v p99 %v; zero seen -> signal sent: p50 %v p99 %v",
+				seen[len(seen)/2], seen[int(0.99*float64(len(seen)-1))], sent[len(sent)/2], sent[int(0.99*float64(len(sent)-1))])
 			b.ReportMetric(float64(rss)/1024, "peak-rss-MiB")
 		})
 	}
