@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"runtime"
 	"slices"
 	"sync"
 	"time"
@@ -97,6 +98,9 @@ func (t *Tracker) read() {
 			}
 		}
 		t.mu.Unlock()
+		// Let the woken waiter run on this P now: otherwise it may sit in this P's run queue while this goroutine
+		// blocks in epoll_wait, until the runtime's sysmon takes the P back (up to 10ms on an idle machine).
+		runtime.Gosched()
 	}
 }
 
