@@ -27,7 +27,9 @@ demo: build
 	./$(BIN) demo
 
 # The counting benchmarks (root): reaction time of the signal after the last close, kernel events vs 1s polling
-# (100 handoffs each), then one old server holding 100,000 connections draining to zero.
+# (100 handoffs each); one old server holding 100,000 connections draining to zero; the two snapshot kinds at 19,000
+# sockets.
 bench-count:
 	$(GO) test -run '^$$' -bench Reaction -benchtime 100x -timeout 30m ./cmd/draind
 	$(GO) test -run '^$$' -bench Scale100k -benchtime 1x -timeout 30m ./cmd/draind
+	$(GO) test -run '^$$' -bench Snapshot -benchtime 20x -timeout 30m ./drain

@@ -136,7 +136,7 @@ func printDemo(w io.Writer, r *handoff.Result, lr testenv.LoadResult) {
 		row("handoff outcome", r.Outcome)
 		row("connections drained (at the flip)", r.InFlightAtFlip)
 		row("time to drain", r.DrainTime.Round(time.Millisecond))
-		row("counting", fmt.Sprintf("%d full + %d fast exact snapshots (longest %s, %s), woken by kernel events", r.Snapshots, r.FastSnapshots, r.SnapshotMax.Round(time.Microsecond), r.FastSnapshotMax.Round(time.Microsecond)))
+		row("exact counts (woken by events)", fmt.Sprintf("%d full + %d fast, longest %s / %s", r.Snapshots, r.FastSnapshots, r.SnapshotMax.Round(10*time.Microsecond), r.FastSnapshotMax.Round(10*time.Microsecond)))
 		row("signal sent", fmt.Sprintf("SIG%s (delivered: %v)", r.Signal, r.Signalled))
 		row("old process exit seen", fmt.Sprintf("%v (%s after the signal)", r.ExitSeen, r.ExitWait.Round(time.Millisecond)))
 		row("selector decisions", fmt.Sprintf("%d steered, %d fell back, %d migrated", r.Steered, r.Fallbacks, r.Migrated))
