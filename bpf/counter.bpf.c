@@ -5,10 +5,11 @@
 // The draind counter: exact snapshots of what a process tree holds on some ports, and kernel events that say when
 // such a snapshot may have changed.
 //
-// - draind_sockets (iter/task_file), the full snapshot, walks every task's file table. Userspace marks some processes (the roots of the
-//   trees it counts, and the subtrees it cuts out of them); for a task with a marked ancestor (itself included) the
-//   iterator emits one record per TCP socket on a watched (netns, port): the socket's inode, state, accept queue and
-//   the marks on the task's way up, nearest first, from which userspace decides which counts the socket belongs to.
+// - draind_sockets (iter/task_file), the full snapshot, walks every task's file table. Userspace marks some
+//   processes (the roots of the trees it counts, and the subtrees it cuts out of them); for a task with a marked
+//   ancestor (itself included) the iterator emits one record per TCP socket on a watched (netns, port): the
+//   socket's inode, state, accept queue and the marks on the task's way up, nearest first, from which userspace
+//   decides which counts the socket belongs to.
 //   When one of those marks is "tracked" (the old side of a handoff, whose drain draind waits for) it also tags the
 //   socket (socket local storage `sock_marks`), so that the tracepoint below can tell the socket's later state
 //   changes from the others'.
