@@ -307,7 +307,8 @@ int BPF_PROG(draind_state, struct sock *sk, int oldstate, int newstate)
 	// A counted socket stops counting when its fd is closed or it is reset. close(2) moves it to FIN_WAIT1 (we close
 	// first), LAST_ACK (the peer did) or CLOSE (unread data: reset); a reset moves it to CLOSE. Other changes (the
 	// peer's FIN, ACKs of our FIN) cannot lower the count and wake nobody.
-	if (newstate == TCP_FIN_WAIT1 || newstate == TCP_LAST_ACK || newstate == TCP_CLOSE)
+	// close(2) after shutdown(2) calls tcp_set_state with the state it already has (FIN_WAIT1/2, CLOSING, LAST_ACK).
+	if (newstate == TCP_FIN_WAIT1 || newstate == TCP_LAST_ACK || newstate == TCP_CLOSE || oldstate == newstate)
 		notify(t->mark, EVENT_STATE, sk->__sk_common.skc_num, oldstate, newstate);
 	return 0;
 }

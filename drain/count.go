@@ -18,7 +18,7 @@ type Count struct {
 func (c Count) Total() int { return c.Conns + c.Queued }
 
 // DefaultReconcile is how often Wait takes a snapshot even though no event said the count may have moved: a guard
-// against what the events cannot see (an fd closed after shutdown(2), an accept through io_uring).
+// against what the events cannot see (a socket passed over SCM_RIGHTS, an accept through io_uring).
 const DefaultReconcile = 3 * time.Second
 
 // WaitOptions configures Wait. The zero value waits for kernel events and reconciles every DefaultReconcile.
@@ -59,6 +59,13 @@ func Wait(ctx context.Context, c *Counter, opts WaitOptions) (Count, error) {
 	last := Count{Conns: -1}
 	done := func(err error) (Count, error) {
 		if errors.Is(err, context.DeadlineExceeded) {
+			// One last exact count: the tree may have drained since the last snapshot.
+			if n, cerr := c.count(false); cerr == nil {
+				if n.Total() == 0 {
+					return n, nil
+				}
+				last = n
+			}
 			return last, ErrDeadline
 		}
 		return last, err

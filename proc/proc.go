@@ -57,7 +57,7 @@ func (p *Process) FD() int { return p.fd }
 func (p *Process) Exited() bool {
 	fds := []unix.PollFd{{Fd: int32(p.fd), Events: unix.POLLIN}}
 	n, err := unix.Poll(fds, 0)
-	return err == nil && n > 0
+	return err == nil && n > 0 && fds[0].Revents&unix.POLLIN != 0
 }
 
 // Alive is the opposite of Exited, checked with a null signal as well.
