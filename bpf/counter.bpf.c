@@ -242,6 +242,18 @@ static __always_inline void notify(__u32 mark, __u8 kind, __u16 port, __u8 oldst
 	bpf_ringbuf_submit(ev, 0);
 }
 
+// tcp_port_key fills pk with sk's (netns, local port) and reports whether sk is a TCP socket over IPv4 or IPv6.
+static __always_inline int tcp_port_key(struct sock *sk, struct port_key *pk)
+{
+	__u16 family = sk->__sk_common.skc_family;
+	if (sk->sk_protocol != IPPROTO_TCP || (family != AF_INET && family != AF_INET6))
+		return 0;
+	pk->netns = sk->__sk_common.skc_net.net->ns.inum;
+	pk->port = sk->__sk_common.skc_num;
+	pk->pad = 0;
+	return 1;
+}
+
 SEC("iter/task_file")
 int draind_sockets(struct bpf_iter__task_file *ctx)
 {
@@ -262,17 +274,10 @@ int draind_sockets(struct bpf_iter__task_file *ctx)
 	if (!sock)
 		return 0;
 	struct sock *sk = sock->sk;
-	if (!sk || sk->sk_protocol != IPPROTO_TCP)
+	struct port_key pk;
+	if (!sk || !tcp_port_key(sk, &pk) || !bpf_map_lookup_elem(&ports, &pk))
 		return 0;
 	__u16 family = sk->__sk_common.skc_family;
-	if (family != AF_INET && family != AF_INET6)
-		return 0;
-	struct port_key pk = {
-		.netns = sk->__sk_common.skc_net.net->ns.inum,
-		.port = sk->__sk_common.skc_num,
-	};
-	if (!bpf_map_lookup_elem(&ports, &pk))
-		return 0;
 
 	struct sock_rec rec = {
 		.ino = file->f_inode->i_ino,
@@ -373,15 +378,9 @@ static long walk_fd(__u64 i, void *data)
 	if (!skp)
 		return 0;
 	struct sock *sk = bpf_rdonly_cast(skp, bpf_core_type_id_kernel(struct sock));
-	if (sk->sk_protocol != IPPROTO_TCP)
+	struct port_key pk;
+	if (!tcp_port_key(sk, &pk))
 		return 0;
-	__u16 family = sk->__sk_common.skc_family;
-	if (family != AF_INET && family != AF_INET6)
-		return 0;
-	struct port_key pk = {
-		.netns = sk->__sk_common.skc_net.net->ns.inum,
-		.port = sk->__sk_common.skc_num,
-	};
 	__u32 *slotp = bpf_map_lookup_elem(&ports, &pk);
 	if (!slotp)
 		return 0;

@@ -12,7 +12,6 @@ import (
 	"net/netip"
 	"os"
 	"os/exec"
-	"os/signal"
 	"sync"
 	"syscall"
 	"testing"
@@ -304,25 +303,8 @@ func runChurn(optsJSON []byte) error {
 
 	// Stop on stdin EOF (or "stop"), SIGINT/SIGTERM, or after Duration. Nothing here watches the clock against
 	// the process being frozen.
-	ctx, stop := context.WithTimeout(context.Background(), opts.Duration)
+	ctx, stop := runContext(opts.Duration)
 	defer stop()
-	sigc := make(chan os.Signal, 1)
-	signal.Notify(sigc, syscall.SIGINT, syscall.SIGTERM)
-	go func() {
-		select {
-		case <-sigc:
-			stop()
-		case <-ctx.Done():
-		}
-	}()
-	go func() {
-		readControl(func(cmd string, _ int) {
-			if cmd == "stop" {
-				stop()
-			}
-		})
-		stop()
-	}()
 
 	var wg sync.WaitGroup
 	for w := range opts.Concurrency {

@@ -303,25 +303,8 @@ func runLoad(optsJSON []byte) error {
 	}
 
 	// Stop on stdin EOF (or "stop"), SIGINT/SIGTERM, or after Duration.
-	ctx, stop := context.WithTimeout(context.Background(), opts.Duration)
+	ctx, stop := runContext(opts.Duration)
 	defer stop()
-	sigc := make(chan os.Signal, 1)
-	signal.Notify(sigc, syscall.SIGINT, syscall.SIGTERM)
-	go func() {
-		select {
-		case <-sigc:
-			stop()
-		case <-ctx.Done():
-		}
-	}()
-	go func() {
-		readControl(func(cmd string, _ int) {
-			if cmd == "stop" {
-				stop()
-			}
-		})
-		stop()
-	}()
 
 	var wg sync.WaitGroup
 	var opened sync.WaitGroup
@@ -696,4 +679,28 @@ func classify(err error) string {
 		return FailTimeout
 	}
 	return FailOther
+}
+
+// runContext ends after d, on SIGINT/SIGTERM, or when the parent says "stop" or closes stdin: the life of a client
+// child.
+func runContext(d time.Duration) (context.Context, context.CancelFunc) {
+	ctx, stop := context.WithTimeout(context.Background(), d)
+	sigc := make(chan os.Signal, 1)
+	signal.Notify(sigc, syscall.SIGINT, syscall.SIGTERM)
+	go func() {
+		select {
+		case <-sigc:
+			stop()
+		case <-ctx.Done():
+		}
+	}()
+	go func() {
+		readControl(func(cmd string, _ int) {
+			if cmd == "stop" {
+				stop()
+			}
+		})
+		stop()
+	}()
+	return ctx, stop
 }
