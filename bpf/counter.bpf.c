@@ -18,6 +18,9 @@
 // - draind_accept/draind_accept4 (syscall exit tracepoints) do the same when a process under a tracked mark accepts
 //   a connection: the accepted socket is not tagged yet, so userspace takes a snapshot to tag it.
 //
+// - draind_held (iter/tcp, in one network namespace) lists the tagged connections that a socket file still holds.
+//   With the tag cloned from a tagged listener to the connections born on it, this finds the connections a tree
+//   holds where no fd table shows them (in flight over SCM_RIGHTS, io_uring fixed files) before draind signals it.
 // - draind_tasks (iter/task), the fast snapshot, visits every task once; for a task with a marked ancestor it walks
 //   its fd table itself (bpf_loop) and writes per-port sums of its sockets instead of one record per socket. It
 //   does not tag, so userspace uses it between full snapshots, when no new socket can have come to the tree. It
@@ -58,6 +61,7 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
 // Flags of a mark.
 #define MARK_TRACK 1 // tag the sockets below it and count their events
+#define MARK_CUT 2   // its subtree is cut out of the trees above: a tracked mark above it does not tag its sockets
 
 // marks: processes userspace marked, keyed by their pidfs inode number (fstat of a pidfd), which is unique, never
 // reused and the same in every PID namespace.
@@ -90,14 +94,16 @@ struct {
 } ports SEC(".maps");
 
 // sock_marks: the tag of a socket held under a tracked mark: the id of the nearest tracked mark above the process
-// that held it at the last snapshot. Socket local storage: found in O(1) from the socket, and freed with it.
+// that held it at the last snapshot (0: none any more). Socket local storage: found in O(1) from the socket, and
+// freed with it. BPF_F_CLONE: a connection that arrives on a tagged listener is born with the listener's tag, so the
+// tree's connections are tagged even when no fd table ever holds them (accepted through io_uring as a fixed file).
 struct sock_mark {
 	__u32 mark;
 };
 
 struct {
 	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(map_flags, BPF_F_NO_PREALLOC | BPF_F_CLONE);
 	__type(key, int);
 	__type(value, struct sock_mark);
 } sock_marks SEC(".maps");
@@ -171,21 +177,44 @@ struct task_rec {
 #define REC_SUM 1
 #define REC_SHARED 2
 
+// held_rec: what draind_held writes for each tagged connection that some file still holds.
+struct held_rec {
+	__u64 sock; // the socket's address
+	__u32 mark; // its tag
+	__u16 port; // local port, host byte order
+	__u8 state; // TCP state
+	__u8 pad;
+};
+
 // Keep the record types in BTF for bpf2go (they are only used through sizeof otherwise).
 const struct event *unused_event __attribute__((unused));
 const struct sock_rec *unused_sock_rec __attribute__((unused));
 const struct task_rec *unused_task_rec __attribute__((unused));
+const struct held_rec *unused_held_rec __attribute__((unused));
 
 // Per-run cache of the current task's path: the iterator visits a task's files one after another. Userspace runs
 // one iteration at a time, so a global is enough.
 __u64 cached_task;
 struct path cached_path;
 
+// run_id: set by userspace before each fast snapshot, for `walked`.
+volatile __u64 run_id;
+
+// walked: the fd tables shared between processes (files_struct->count > 1) that the current fast snapshot already
+// walked (value: its run_id), so that processes created with CLONE_FILES are not counted twice.
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u64);
+	__type(value, __u64);
+} walked SEC(".maps");
+
 // up is the state of a walk up the process tree.
 struct up {
 	struct task_struct *task;
 	struct path *p;
 	__u32 n;
+	__u32 cut; // a MARK_CUT mark was passed: no tracked mark above it counts
 };
 
 static long up_one(__u64 i, void *data)
@@ -202,8 +231,10 @@ static long up_one(__u64 i, void *data)
 			u->p->marks[n] = m->id;
 			u->n = n + 1;
 		}
-		if (!u->p->tracked && (m->flags & MARK_TRACK))
+		if (!u->p->tracked && !u->cut && (m->flags & MARK_TRACK))
 			u->p->tracked = m->id;
+		if (m->flags & MARK_CUT)
+			u->cut = 1;
 	}
 	struct task_struct *parent = task->real_parent;
 	if (parent == task || task->tgid <= 1)
@@ -295,6 +326,12 @@ int draind_sockets(struct bpf_iter__task_file *ctx)
 		struct sock_mark *t = bpf_sk_storage_get(&sock_marks, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
 		if (t)
 			t->mark = cached_path.tracked;
+	} else if (!cached_path.tracked) {
+		// Held outside every tracked tree (the new side took it, e.g. a queued connection that migrated to its
+		// listener): no longer the tracked tree's, whatever tag it was born with.
+		struct sock_mark *t = bpf_sk_storage_get(&sock_marks, sk, 0, 0);
+		if (t)
+			t->mark = 0;
 	}
 	return 0;
 }
@@ -309,6 +346,10 @@ int BPF_PROG(draind_state, struct sock *sk, int oldstate, int newstate)
 		notify(t->mark, EVENT_LISTENER, sk->__sk_common.skc_num, oldstate, newstate);
 		return 0;
 	}
+	// No socket file: closed already (a later step of its teardown, counted when its fd was closed), or still in an
+	// accept queue (counted in the listener's queue, which its changes do not alter).
+	if (!sk->sk_socket)
+		return 0;
 	// A counted socket stops counting when its fd is closed or it is reset. close(2) moves it to FIN_WAIT1 (we close
 	// first), LAST_ACK (the peer did) or CLOSE (unread data: reset); a reset moves it to CLOSE. Other changes (the
 	// peer's FIN, ACKs of our FIN) cannot lower the count and wake nobody.
@@ -318,6 +359,23 @@ int BPF_PROG(draind_state, struct sock *sk, int oldstate, int newstate)
 	return 0;
 }
 
+extern void *bpf_rdonly_cast(const void *obj, __u32 btf_id) __ksym;
+
+// file_sock returns the socket of file fp (read through bpf_rdonly_cast), or NULL if fp is not a socket's file. A
+// socket's file points to its struct socket, which points back to the file (no need to read f_op, whose value,
+// socket_file_ops, is not in kallsyms).
+static __always_inline struct sock *file_sock(struct file *fp)
+{
+	struct file *f = bpf_rdonly_cast(fp, bpf_core_type_id_kernel(struct file));
+	struct socket *so = bpf_rdonly_cast(f->private_data, bpf_core_type_id_kernel(struct socket));
+	if (so->file != fp)
+		return NULL;
+	struct sock *skp = so->sk;
+	if (!skp)
+		return NULL;
+	return bpf_rdonly_cast(skp, bpf_core_type_id_kernel(struct sock));
+}
+
 // The classic tracepoint's context for syscalls:sys_exit_*: the common header, the syscall number, the result.
 struct sys_exit_ctx {
 	__u64 common;
@@ -325,15 +383,27 @@ struct sys_exit_ctx {
 	__s64 ret;
 };
 
+// on_accept wakes the tracked tree that accepted a connection on a watched port: the new socket must be tagged (unless
+// it was born tagged, from a tagged listener, which the accept cannot tell).
 static __always_inline int on_accept(struct sys_exit_ctx *ctx)
 {
 	if (ctx->ret < 0)
 		return 0;
+	struct task_struct *task = bpf_get_current_task_btf();
 	struct path p;
-	path_of(bpf_get_current_task_btf(), &p);
+	path_of(task, &p);
 	if (!p.tracked)
 		return 0;
-	notify(p.tracked, EVENT_ACCEPT, 0, 0, 0);
+	struct fdtable *fdt = task->files->fdt;
+	struct file *fp;
+	if (ctx->ret >= fdt->max_fds ||
+	    bpf_probe_read_kernel(&fp, sizeof(fp), (void *)((__u64)fdt->fd + ctx->ret * sizeof(fp))) || !fp)
+		return 0;
+	struct sock *sk = file_sock(fp);
+	struct port_key pk;
+	if (!sk || !tcp_port_key(sk, &pk) || !bpf_map_lookup_elem(&ports, &pk))
+		return 0;
+	notify(p.tracked, EVENT_ACCEPT, pk.port, 0, 0);
 	return 0;
 }
 
@@ -349,14 +419,12 @@ int draind_accept(struct sys_exit_ctx *ctx)
 	return on_accept(ctx);
 }
 
-extern void *bpf_rdonly_cast(const void *obj, __u32 btf_id) __ksym;
-
 // walk is the state of one task's fd table walk.
 struct walk {
 	struct file **fds;
 	struct seq_file *seq;
 	__u16 marks[PATH_MARKS];
-	__s32 err; // -1: a slot >= MAX_SLOTS; -2: the output of one task did not fit
+	__s32 err; // -1: a slot >= MAX_SLOTS; -2: the output of one task did not fit; -3: too many fds for bpf_loop
 	__u32 conns[MAX_SLOTS];
 	__u32 queued[MAX_SLOTS];
 };
@@ -368,16 +436,10 @@ static long walk_fd(__u64 i, void *data)
 
 	if (bpf_probe_read_kernel(&fp, sizeof(fp), &w->fds[i]) || !fp)
 		return 0;
+	struct sock *sk = file_sock(fp);
+	if (!sk)
+		return 0;
 	struct file *f = bpf_rdonly_cast(fp, bpf_core_type_id_kernel(struct file));
-	// A socket's file points to its struct socket, which points back to the file (no need to read f_op, whose
-	// value, socket_file_ops, is not in kallsyms).
-	struct socket *so = bpf_rdonly_cast(f->private_data, bpf_core_type_id_kernel(struct socket));
-	if (so->file != fp)
-		return 0;
-	struct sock *skp = so->sk;
-	if (!skp)
-		return 0;
-	struct sock *sk = bpf_rdonly_cast(skp, bpf_core_type_id_kernel(struct sock));
 	struct port_key pk;
 	if (!tcp_port_key(sk, &pk))
 		return 0;
@@ -393,7 +455,7 @@ static long walk_fd(__u64 i, void *data)
 	__u32 queued = state == TCP_LISTEN ? sk->sk_ack_backlog : 0;
 	if (f->f_ref.refcnt.counter != 0) {
 		struct task_rec r = {
-			.sock = (__u64)skp,
+			.sock = (__u64)sk,
 			.slot = slot,
 			.kind = REC_SHARED,
 			.state = state,
@@ -446,10 +508,19 @@ int draind_tasks(struct bpf_iter__task *ctx)
 	struct files_struct *files = task->files;
 	if (!files)
 		return 0;
+	if (files->count.counter > 1) {
+		// Shared with other tasks: threads (skipped above) or processes created with CLONE_FILES. Walk it once.
+		__u64 key = (__u64)files, run = run_id;
+		__u64 *seen = bpf_map_lookup_elem(&walked, &key);
+		if (seen && *seen == run)
+			return 0;
+		bpf_map_update_elem(&walked, &key, &run, BPF_ANY);
+	}
 	struct fdtable *fdt = files->fdt;
 	struct walk w = {.fds = fdt->fd, .seq = seq};
 	__builtin_memcpy(w.marks, p.marks, sizeof(w.marks));
-	bpf_loop(fdt->max_fds, walk_fd, &w, 0);
+	if (bpf_loop(fdt->max_fds, walk_fd, &w, 0) < 0)
+		w.err = -3;
 	if (w.err) {
 		// Tell userspace to use the full snapshot: a record with slot 0xffff.
 		struct task_rec r = {.slot = 0xffff, .kind = REC_SUM};
@@ -457,5 +528,34 @@ int draind_tasks(struct bpf_iter__task *ctx)
 		return 0;
 	}
 	bpf_loop(MAX_SLOTS, emit_slot, &w, 0);
+	return 0;
+}
+
+// draind_held (iter/tcp, run in one network namespace) reports the tagged connections that a socket file still
+// holds (not closed, accepted: not waiting in a queue). Userspace runs it when a tracked tree's count reaches zero:
+// a connection reported here is held where no fd table shows it (a file in flight in an SCM_RIGHTS message, or an
+// io_uring fixed file), and the tree has not drained yet.
+SEC("iter/tcp")
+int draind_held(struct bpf_iter__tcp *ctx)
+{
+	struct seq_file *seq = ctx->meta->seq;
+	struct sock_common *skc = ctx->sk_common;
+	if (!skc)
+		return 0;
+	struct tcp_sock *tp = bpf_skc_to_tcp_sock(skc);
+	if (!tp)
+		return 0; // a request or time-wait socket: nobody holds it
+	struct sock *sk = (struct sock *)tp;
+	__u8 state = sk->__sk_common.skc_state;
+	if (state == TCP_LISTEN || state == TCP_CLOSE || !sk->sk_socket)
+		return 0;
+	struct sock_mark *t = bpf_sk_storage_get(&sock_marks, tp, 0, 0);
+	if (!t || !t->mark)
+		return 0;
+	struct port_key pk;
+	if (!tcp_port_key(sk, &pk) || !bpf_map_lookup_elem(&ports, &pk))
+		return 0;
+	struct held_rec r = {.sock = (__u64)sk, .mark = t->mark, .port = pk.port, .state = state};
+	bpf_seq_write(seq, &r, sizeof(r));
 	return 0;
 }

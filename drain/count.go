@@ -12,13 +12,17 @@ import (
 type Count struct {
 	Conns  int // connections held by the tree (accepted, not listening), in any state `ss` lists
 	Queued int // connections waiting in the accept queues of its listeners on those ports
+	// Detached: connections the tree took that no fd table holds but a socket file still does (in flight in an
+	// SCM_RIGHTS message, or an io_uring fixed file). Only Wait looks for them, when the others reach zero.
+	Detached int
 }
 
-// Total is Conns+Queued: the drain is over when it is zero.
-func (c Count) Total() int { return c.Conns + c.Queued }
+// Total is Conns+Queued+Detached: the drain is over when it is zero.
+func (c Count) Total() int { return c.Conns + c.Queued + c.Detached }
 
 // DefaultReconcile is how often Wait takes a snapshot even though no event said the count may have moved: a guard
-// against what the events cannot see (a socket passed over SCM_RIGHTS, an accept through io_uring).
+// against what the events cannot see (an accept through io_uring into a plain fd, a socket received over
+// SCM_RIGHTS from outside the tree).
 const DefaultReconcile = 3 * time.Second
 
 // WaitOptions configures Wait. The zero value waits for kernel events and reconciles every DefaultReconcile.
@@ -48,7 +52,8 @@ var ErrDeadline = errors.New("drain deadline passed")
 // a new snapshot) before the count can be zero: a drain of 100,000 connections takes a handful of snapshots, and the
 // last connection's close is seen within one snapshot's time. The first snapshot, those after an accept or a
 // listener closing, and the reconciliations are full (they tag the tree's sockets for the events); the others are
-// fast. The Counter must track its tree.
+// fast. When the count reaches zero, Wait also looks for connections the tree took that no fd table holds (see
+// Count.Detached) and goes on waiting while there are some. The Counter must track its tree.
 func Wait(ctx context.Context, c *Counter, opts WaitOptions) (Count, error) {
 	if opts.Reconcile <= 0 {
 		opts.Reconcile = DefaultReconcile
@@ -57,10 +62,18 @@ func Wait(ctx context.Context, c *Counter, opts WaitOptions) (Count, error) {
 		return Count{}, errors.New("wait for drain: counter does not track its tree")
 	}
 	last := Count{Conns: -1}
+	// exact counts what the tree holds, and at zero what it holds outside fd tables.
+	exact := func(fast bool) (Count, error) {
+		n, err := c.count(fast)
+		if err != nil || n.Total() > 0 {
+			return n, err
+		}
+		return c.settle()
+	}
 	done := func(err error) (Count, error) {
 		if errors.Is(err, context.DeadlineExceeded) {
 			// One last exact count: the tree may have drained since the last snapshot.
-			if n, cerr := c.count(false); cerr == nil {
+			if n, cerr := exact(false); cerr == nil {
 				if n.Total() == 0 {
 					return n, nil
 				}
@@ -79,8 +92,11 @@ func Wait(ctx context.Context, c *Counter, opts WaitOptions) (Count, error) {
 		if err != nil {
 			return last, err
 		}
+		if before.Resnaps != c.tagEvents().Resnaps {
+			full = true // an accept since the last full snapshot (perhaps the caller's): tag what it brought
+		}
 		start := time.Now()
-		n, err := c.count(!full && opts.Poll <= 0)
+		n, err := exact(!full && opts.Poll <= 0)
 		if err != nil {
 			return last, err
 		}

@@ -11,6 +11,7 @@ import (
 
 	"github.com/draind/draind/loader"
 	"github.com/draind/draind/proc"
+	"golang.org/x/sys/unix"
 )
 
 // TrackerOptions configures NewTracker. The zero value logs to slog.Default().
@@ -33,6 +34,7 @@ type Tracker struct {
 	ids      map[uint32]*mark // by mark id
 	counters map[*Counter]struct{}
 	ports    map[loader.PortKey]*portRef
+	lastID   uint32 // the mark id given last: ids are given round the ring, so a freed one is reused last
 	closed   bool
 	once     sync.Once
 	closeErr error
@@ -56,6 +58,7 @@ type mark struct {
 	id       uint32
 	refs     int // Counters rooted here or cutting this subtree out
 	tracking int // Counters rooted here that track
+	cutting  int // Counters cutting this subtree out
 }
 
 // NewTracker loads the counter programs and attaches them.
@@ -188,6 +191,7 @@ func (t *Tracker) Watch(p *proc.Process, ports []uint16, opts WatchOptions) (_ *
 		if err != nil {
 			return nil, err
 		}
+		m.cutting++
 		c.excl = append(c.excl, m)
 		if err := t.syncMarkLocked(m); err != nil {
 			return nil, err
@@ -232,10 +236,14 @@ func (t *Tracker) freeSlotLocked() uint32 {
 func (t *Tracker) markLocked(ino uint64) (*mark, error) {
 	m := t.marks[ino]
 	if m == nil {
+		// Sockets may keep the tag of a freed id for a while (until the next snapshot of another tree retags
+		// them): give the id freed longest ago.
 		m = &mark{ino: ino}
-		for id := uint32(1); id < loader.MaxMarks && m.id == 0; id++ {
-			if t.ids[id] == nil {
-				m.id = id
+		for range loader.MaxMarks - 1 {
+			t.lastID = t.lastID%(loader.MaxMarks-1) + 1
+			if t.ids[t.lastID] == nil {
+				m.id = t.lastID
+				break
 			}
 		}
 		if m.id == 0 {
@@ -256,7 +264,10 @@ func (t *Tracker) syncMarkLocked(m *mark) error {
 	}
 	v := loader.Mark{Id: m.id}
 	if m.tracking > 0 {
-		v.Flags = loader.MarkTrack
+		v.Flags |= loader.MarkTrack
+	}
+	if m.cutting > 0 {
+		v.Flags |= loader.MarkCut
 	}
 	return t.k.PutMark(m.ino, v)
 }
@@ -275,6 +286,7 @@ func (t *Tracker) unwatchLocked(c *Counter) error {
 	}
 	for _, m := range c.excl {
 		m.refs--
+		m.cutting--
 		errs = append(errs, t.syncMarkLocked(m))
 	}
 	c.excl = nil
@@ -301,6 +313,13 @@ func (t *Tracker) snapshot(fn func(r *loader.SockRec)) (time.Duration, error) {
 		fn(r)
 	})
 	return t.record(start, n, err)
+}
+
+// held runs the iterator of held tagged connections once in the network namespace nsfd.
+func (t *Tracker) held(nsfd int, fn func(r *loader.HeldRec)) error {
+	t.snapMu.Lock()
+	defer t.snapMu.Unlock()
+	return t.k.Held(nsfd, fn)
 }
 
 // sums runs the fast snapshot once and hands every record to fn.
@@ -344,7 +363,9 @@ type Counter struct {
 	portKeys []loader.PortKey
 	slots    []uint16 // the slots of portKeys
 
+	mu     sync.Mutex // one count at a time (seen, tagged)
 	seen   map[uint64]struct{}
+	tagged loader.MarkCount // the root mark's events just before the last full snapshot
 	closed bool
 	stats  CounterStats
 }
@@ -374,6 +395,12 @@ func (c *Counter) Count() (Count, error) {
 
 // count takes a fast snapshot if fast is set and the fast snapshot can count what c watches, else a full one.
 func (c *Counter) count(fast bool) (Count, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.countLocked(fast)
+}
+
+func (c *Counter) countLocked(fast bool) (Count, error) {
 	c.t.mu.Lock()
 	if c.closed || c.root == nil {
 		c.t.mu.Unlock()
@@ -419,6 +446,14 @@ func (c *Counter) count(fast bool) (Count, error) {
 			return Count{}, fmt.Errorf("count connections: %w", err)
 		}
 	}
+	if c.track {
+		// Whatever happens from here on is seen by the snapshot or counted after these.
+		ev, err := c.events()
+		if err != nil {
+			return Count{}, err
+		}
+		c.tagged = ev
+	}
 	clear(c.seen)
 	var n Count
 	d, err := c.t.snapshot(func(r *loader.SockRec) {
@@ -438,6 +473,61 @@ func (c *Counter) count(fast bool) (Count, error) {
 	c.stats.FullMax = max(c.stats.FullMax, d)
 	c.t.mu.Unlock()
 	return n, nil
+}
+
+// settle is called when a count is zero: it looks, in the tree's network namespace, for connections the tree took that
+// a socket file still holds outside every fd table (in flight in an SCM_RIGHTS message, or an io_uring fixed file),
+// and returns the count with them as Detached. Sockets born on the tree's listener but taken by another watched tree
+// (queued connections that migrated to the new side) are told apart by a full snapshot, which retags them.
+func (c *Counter) settle() (Count, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	k, err := c.heldLocked()
+	if err != nil || k == 0 {
+		return Count{}, err
+	}
+	n, err := c.countLocked(false)
+	if err != nil || n.Total() > 0 {
+		return n, err
+	}
+	n.Detached, err = c.heldLocked()
+	return n, err
+}
+
+// heldLocked counts the connections tagged with the tree's mark that a socket file holds.
+func (c *Counter) heldLocked() (int, error) {
+	if !c.track || c.p.Exited() {
+		return 0, nil
+	}
+	c.t.mu.Lock()
+	if c.closed || c.root == nil {
+		c.t.mu.Unlock()
+		return 0, errors.New("count connections: counter closed")
+	}
+	id := c.root.id
+	c.t.mu.Unlock()
+	nsfd, err := c.p.NetNS()
+	if err != nil {
+		return 0, fmt.Errorf("count connections: %w", err)
+	}
+	defer unix.Close(nsfd)
+	k := 0
+	err = c.t.held(nsfd, func(r *loader.HeldRec) {
+		if r.Mark == id && slices.Contains(c.ports, r.Port) {
+			k++
+		}
+	})
+	if err != nil {
+		return 0, fmt.Errorf("count connections: %w", err)
+	}
+	return k, nil
+}
+
+// tagEvents returns the root mark's events read just before the last full snapshot.
+func (c *Counter) tagEvents() loader.MarkCount {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.tagged
 }
 
 // add counts one socket: a listener's accept queue, or a connection in a state `ss` lists (not CLOSE: reset or

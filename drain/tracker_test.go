@@ -2,6 +2,7 @@ package drain_test
 
 import (
 	"context"
+	"errors"
 	"net"
 	"os"
 	"testing"
@@ -10,6 +11,7 @@ import (
 	"github.com/draind/draind/drain"
 	"github.com/draind/draind/proc"
 	"github.com/draind/draind/testenv"
+	"golang.org/x/sys/unix"
 )
 
 func TestMain(m *testing.M) { testenv.Main(m) }
@@ -210,5 +212,153 @@ func waitFor(t *testing.T, cond func() bool) {
 			t.Fatal("condition not met within 10s")
 		}
 		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// TestDetached: a connection the tree took but no fd table holds (here its file is in flight in an SCM_RIGHTS
+// message that nobody received yet) keeps the drain going: Wait reports it as Detached instead of returning zero,
+// and returns zero once it is closed.
+func TestDetached(t *testing.T) {
+	c, ln := selfCounter(t, true)
+	mustCount(t, c, drain.Count{}) // tags the listener: what arrives on it is born tagged
+	var d net.Dialer
+	d.SetMultipathTCP(false)
+	cl, err := d.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cl.Close()
+	s, err := ln.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	f, err := s.(*net.TCPConn).File()
+	s.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	pair, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(pair[0])
+	defer unix.Close(pair[1])
+	if err := unix.Sendmsg(pair[0], []byte{1}, unix.UnixRights(int(f.Fd())), nil, 0); err != nil {
+		t.Fatal(err)
+	}
+	f.Close() // the only reference left is the message's
+	mustCount(t, c, drain.Count{})
+
+	ctx, cancel := context.WithTimeout(context.Background(), 500*time.Millisecond)
+	defer cancel()
+	n, err := drain.Wait(ctx, c, drain.WaitOptions{})
+	if !errors.Is(err, drain.ErrDeadline) || n != (drain.Count{Detached: 1}) {
+		t.Fatalf("wait with the connection in flight = %+v, %v; want {Detached:1}, the deadline", n, err)
+	}
+
+	// Receive it (back in an fd table), then close it while Wait waits.
+	buf, oob := make([]byte, 1), make([]byte, unix.CmsgSpace(4))
+	_, oobn, _, _, err := unix.Recvmsg(pair[1], buf, oob, unix.MSG_CMSG_CLOEXEC)
+	if err != nil {
+		t.Fatal(err)
+	}
+	msgs, err := unix.ParseSocketControlMessage(oob[:oobn])
+	if err != nil || len(msgs) != 1 {
+		t.Fatalf("parse control message: %v (%d)", err, len(msgs))
+	}
+	fds, err := unix.ParseUnixRights(&msgs[0])
+	if err != nil || len(fds) != 1 {
+		t.Fatalf("parse rights: %v %v", err, fds)
+	}
+	mustCount(t, c, drain.Count{Conns: 1})
+	go func() {
+		time.Sleep(50 * time.Millisecond)
+		unix.Close(fds[0])
+	}()
+	ctx, cancel = context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if n, err := drain.Wait(ctx, c, drain.WaitOptions{Tagged: true}); err != nil || n.Total() != 0 {
+		t.Fatalf("wait after the close = %+v, %v", n, err)
+	}
+}
+
+// TestCutSubtreeIsQuiet: a subtree cut out of a tracked tree (the new side of an nginx-style handoff, started by the
+// old process) does not wake the tree's waiter: its accepts and closes are not the tree's events.
+func TestCutSubtreeIsQuiet(t *testing.T) {
+	testenv.Require(t)
+	ns := testenv.NetNSForTest(t)
+	srv := testenv.StartServerForTest(t, ns, testenv.ServerOptions{Addr: "127.0.0.1:8080", Workers: 1})
+	tr, err := drain.NewTracker(drain.TrackerOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tr.Close()
+	ports := []uint16{8080}
+	master, worker := openProc(t, srv.PID), openProc(t, srv.WorkerPIDs[0])
+	c, err := tr.Watch(master, ports, drain.WatchOptions{Track: true, Exclude: []*proc.Process{worker}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	// The worker is also watched on its own (as draind watches the new side), untracked.
+	wc, err := tr.Watch(worker, ports, drain.WatchOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer wc.Close()
+	if _, err := c.Count(); err != nil {
+		t.Fatal(err)
+	}
+	before, err := c.Events()
+	if err != nil {
+		t.Fatal(err)
+	}
+	load := testenv.StartLoadForTest(t, ns, testenv.LoadOptions{Addr: "127.0.0.1:8080", Concurrency: 4, Duration: time.Second})
+	time.Sleep(time.Second)
+	res, err := load.Stop()
+	if err != nil {
+		t.Fatal(err)
+	}
+	after, err := c.Events()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.OK == 0 {
+		t.Fatalf("the load got no answer: %+v", res)
+	}
+	if after != before {
+		t.Fatalf("the cut-out worker served %d requests and the tree's events went from %+v to %+v; want no change", res.OK, before, after)
+	}
+	t.Logf("worker served %d requests, tree events %+v", res.OK, after)
+}
+
+// TestAcceptBeforeWait: a connection that was queued before the tree's first snapshot (so not born tagged) and
+// accepted between the caller's snapshot and Wait still wakes Wait when it closes: Wait sees that an accept happened
+// since the last full snapshot and takes a full one, which tags it. (Reconciliation is off: only the events can end
+// this Wait.)
+func TestAcceptBeforeWait(t *testing.T) {
+	c, ln := selfCounter(t, true)
+	var d net.Dialer
+	d.SetMultipathTCP(false)
+	cl, err := d.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cl.Close()
+	time.Sleep(20 * time.Millisecond)
+	mustCount(t, c, drain.Count{Queued: 1})
+	s, err := ln.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	go func() {
+		time.Sleep(100 * time.Millisecond)
+		s.Close()
+	}()
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	time.AfterFunc(10*time.Second, cancel)
+	if n, err := drain.Wait(ctx, c, drain.WaitOptions{Tagged: true, Reconcile: time.Hour}); err != nil || n.Total() != 0 {
+		t.Fatalf("wait = %+v, %v; want zero, woken by the close", n, err)
 	}
 }

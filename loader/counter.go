@@ -7,6 +7,7 @@ import (
 	"io"
 	"log/slog"
 	"os"
+	"runtime"
 	"sync"
 
 	"github.com/cilium/ebpf"
@@ -21,6 +22,7 @@ const (
 	PathMarks = 6    // marks a SockRec carries, nearest first
 	MaxSlots  = 32   // (netns, port) pairs the fast snapshot sums separately: slots 0..MaxSlots-1
 	MarkTrack = 1    // Mark.Flags: remember the sockets below the mark and count their events
+	MarkCut   = 2    // Mark.Flags: the subtree is cut out of the trees above (a tracked mark above does not tag it)
 
 	EventState    = 1 // Event.Kind: a remembered socket changed state
 	EventListener = 2 // Event.Kind: a remembered listener closed
@@ -41,6 +43,7 @@ type (
 	Mark      = counterMark      // a marked process: its id and flags
 	PortKey   = counterPortKey   // a watched (netns inode, port)
 	MarkCount = counterMarkCount // per-mark event counts
+	HeldRec   = counterHeldRec   // a tagged connection some file still holds, as written by Held
 )
 
 // CounterOptions configures LoadCounter. The zero value logs to slog.Default().
@@ -54,9 +57,11 @@ type Counter struct {
 	objs  counterObjects
 	iter  *link.Iter // full snapshot (iter/task_file)
 	tasks *link.Iter // fast snapshot (iter/task)
+	held  *link.Iter // tagged connections still held (iter/tcp)
 	links []link.Link
 	rd    *ringbuf.Reader
 	buf   []byte
+	run   uint64 // fast snapshots so far (run_id)
 	once  sync.Once
 	err   error
 }
@@ -90,6 +95,9 @@ func LoadCounter(opts CounterOptions) (_ *Counter, err error) {
 	if c.tasks, err = link.AttachIter(link.IterOptions{Program: p.DraindTasks}); err != nil {
 		return nil, fmt.Errorf("attach task iterator: %w", wrapPerm(err))
 	}
+	if c.held, err = link.AttachIter(link.IterOptions{Program: p.DraindHeld}); err != nil {
+		return nil, fmt.Errorf("attach tcp iterator: %w", wrapPerm(err))
+	}
 	l, err := link.AttachTracing(link.TracingOptions{Program: p.DraindState})
 	if err != nil {
 		return nil, fmt.Errorf("attach tracepoint inet_sock_set_state: %w", wrapPerm(err))
@@ -111,14 +119,17 @@ func LoadCounter(opts CounterOptions) (_ *Counter, err error) {
 	return c, nil
 }
 
-// recSize is the size of SockRec and TaskRec as the iterators write them.
-const recSize = 32
+// recSize is the size of SockRec and TaskRec as the iterators write them; heldSize that of HeldRec.
+const (
+	recSize  = 32
+	heldSize = 16
+)
 
 // Snapshot runs the full snapshot once and hands fn every socket it reports; it also tags the sockets of tracked
 // marks. One snapshot (of either kind) at a time: the programs cache per run, so concurrent callers must serialize.
 func (c *Counter) Snapshot(fn func(r *SockRec)) error {
 	var rec SockRec
-	return c.read(c.iter, func(b []byte) error {
+	return c.read(c.iter, recSize, func(b []byte) error {
 		rec.Ino = binary.LittleEndian.Uint64(b[0:])
 		for i := range rec.Marks {
 			rec.Marks[i] = binary.LittleEndian.Uint16(b[8+2*i:])
@@ -139,8 +150,12 @@ var ErrNoFastSnapshot = errors.New("fast snapshot not possible")
 
 // Sums runs the fast snapshot once and hands fn its records. It does not tag sockets.
 func (c *Counter) Sums(fn func(r *TaskRec)) error {
+	c.run++
+	if err := c.objs.RunId.Set(c.run); err != nil {
+		return fmt.Errorf("start fast snapshot: %w", err)
+	}
 	var rec TaskRec
-	err := c.read(c.tasks, func(b []byte) error {
+	err := c.read(c.tasks, recSize, func(b []byte) error {
 		rec.Sock = binary.LittleEndian.Uint64(b[0:])
 		for i := range rec.Marks {
 			rec.Marks[i] = binary.LittleEndian.Uint16(b[8+2*i:])
@@ -162,12 +177,59 @@ func (c *Counter) Sums(fn func(r *TaskRec)) error {
 	return err
 }
 
-// read runs an iterator and hands fn each record.
-func (c *Counter) read(it *link.Iter, fn func(b []byte) error) error {
+// Held hands fn every tagged connection, in the network namespace nsfd refers to, that a socket file still holds: not
+// closed, and accepted (not waiting in a listener's queue). The same serialization as Snapshot applies.
+func (c *Counter) Held(nsfd int, fn func(r *HeldRec)) error {
+	rd, err := openInNetNS(c.held, nsfd)
+	if err != nil {
+		return err
+	}
+	var rec HeldRec
+	return c.readFrom(rd, heldSize, func(b []byte) error {
+		rec.Sock = binary.LittleEndian.Uint64(b[0:])
+		rec.Mark = binary.LittleEndian.Uint32(b[8:])
+		rec.Port = binary.LittleEndian.Uint16(b[12:])
+		rec.State = b[14]
+		fn(&rec)
+		return nil
+	})
+}
+
+// openInNetNS starts a run of it in the network namespace nsfd refers to: iterators over a namespace's sockets see
+// the namespace of the thread that opens them.
+func openInNetNS(it *link.Iter, nsfd int) (io.ReadCloser, error) {
+	runtime.LockOSThread()
+	orig, err := os.Open("/proc/thread-self/ns/net")
+	if err != nil {
+		runtime.UnlockOSThread()
+		return nil, fmt.Errorf("open network namespace: %w", err)
+	}
+	defer orig.Close()
+	if err := unix.Setns(nsfd, unix.CLONE_NEWNET); err != nil {
+		runtime.UnlockOSThread()
+		return nil, fmt.Errorf("enter network namespace: %w", wrapPerm(err))
+	}
+	rd, err := it.Open()
+	if rerr := unix.Setns(int(orig.Fd()), unix.CLONE_NEWNET); rerr == nil {
+		runtime.UnlockOSThread()
+	} // else the thread stays locked, and dies with the goroutine's end: it is in the wrong namespace
+	if err != nil {
+		return nil, fmt.Errorf("run iterator: %w", err)
+	}
+	return rd, nil
+}
+
+// read runs an iterator and hands fn each record of size bytes.
+func (c *Counter) read(it *link.Iter, size int, fn func(b []byte) error) error {
 	rd, err := it.Open()
 	if err != nil {
 		return fmt.Errorf("run iterator: %w", err)
 	}
+	return c.readFrom(rd, size, fn)
+}
+
+// readFrom reads an iterator run to its end and hands fn each record of size bytes.
+func (c *Counter) readFrom(rd io.ReadCloser, size int, fn func(b []byte) error) error {
 	defer rd.Close()
 	if c.buf == nil {
 		c.buf = make([]byte, 64<<10)
@@ -176,9 +238,9 @@ func (c *Counter) read(it *link.Iter, fn func(b []byte) error) error {
 	for {
 		m, err := rd.Read(c.buf[pending:])
 		m += pending
-		full := m - m%recSize
-		for off := 0; off < full; off += recSize {
-			if err := fn(c.buf[off : off+recSize]); err != nil {
+		full := m - m%size
+		for off := 0; off < full; off += size {
+			if err := fn(c.buf[off : off+size]); err != nil {
 				return err
 			}
 		}
@@ -262,7 +324,7 @@ func (c *Counter) Close() error {
 		for _, l := range c.links {
 			errs = append(errs, l.Close())
 		}
-		for _, it := range []*link.Iter{c.iter, c.tasks} {
+		for _, it := range []*link.Iter{c.iter, c.tasks, c.held} {
 			if it != nil {
 				errs = append(errs, it.Close())
 			}

@@ -23,6 +23,15 @@ type counterEvent struct {
 	Pad      [3]uint8
 }
 
+type counterHeldRec struct {
+	_     structs.HostLayout
+	Sock  uint64
+	Mark  uint32
+	Port  uint16
+	State uint8
+	Pad   uint8
+}
+
 type counterMark struct {
 	_     structs.HostLayout
 	Id    uint32
@@ -84,14 +93,18 @@ const (
 	counterMapMarks          = "marks"
 	counterMapPorts          = "ports"
 	counterMapSockMarks      = "sock_marks"
+	counterMapWalked         = "walked"
 	counterProgDraindAccept  = "draind_accept"
 	counterProgDraindAccept4 = "draind_accept4"
+	counterProgDraindHeld    = "draind_held"
 	counterProgDraindSockets = "draind_sockets"
 	counterProgDraindState   = "draind_state"
 	counterProgDraindTasks   = "draind_tasks"
 	counterVarCachedPath     = "cached_path"
 	counterVarCachedTask     = "cached_task"
+	counterVarRunId          = "run_id"
 	counterVarUnusedEvent    = "unused_event"
+	counterVarUnusedHeldRec  = "unused_held_rec"
 	counterVarUnusedSockRec  = "unused_sock_rec"
 	counterVarUnusedTaskRec  = "unused_task_rec"
 )
@@ -140,6 +153,7 @@ type counterSpecs struct {
 type counterProgramSpecs struct {
 	DraindAccept  *ebpf.ProgramSpec `ebpf:"draind_accept"`
 	DraindAccept4 *ebpf.ProgramSpec `ebpf:"draind_accept4"`
+	DraindHeld    *ebpf.ProgramSpec `ebpf:"draind_held"`
 	DraindSockets *ebpf.ProgramSpec `ebpf:"draind_sockets"`
 	DraindState   *ebpf.ProgramSpec `ebpf:"draind_state"`
 	DraindTasks   *ebpf.ProgramSpec `ebpf:"draind_tasks"`
@@ -154,6 +168,7 @@ type counterMapSpecs struct {
 	Marks      *ebpf.MapSpec `ebpf:"marks"`
 	Ports      *ebpf.MapSpec `ebpf:"ports"`
 	SockMarks  *ebpf.MapSpec `ebpf:"sock_marks"`
+	Walked     *ebpf.MapSpec `ebpf:"walked"`
 }
 
 // counterVariableSpecs contains global variables before they are loaded into the kernel.
@@ -162,7 +177,9 @@ type counterMapSpecs struct {
 type counterVariableSpecs struct {
 	CachedPath    *ebpf.VariableSpec `ebpf:"cached_path"`
 	CachedTask    *ebpf.VariableSpec `ebpf:"cached_task"`
+	RunId         *ebpf.VariableSpec `ebpf:"run_id"`
 	UnusedEvent   *ebpf.VariableSpec `ebpf:"unused_event"`
+	UnusedHeldRec *ebpf.VariableSpec `ebpf:"unused_held_rec"`
 	UnusedSockRec *ebpf.VariableSpec `ebpf:"unused_sock_rec"`
 	UnusedTaskRec *ebpf.VariableSpec `ebpf:"unused_task_rec"`
 }
@@ -192,6 +209,7 @@ type counterMaps struct {
 	Marks      *ebpf.Map `ebpf:"marks"`
 	Ports      *ebpf.Map `ebpf:"ports"`
 	SockMarks  *ebpf.Map `ebpf:"sock_marks"`
+	Walked     *ebpf.Map `ebpf:"walked"`
 }
 
 func (m *counterMaps) Close() error {
@@ -201,6 +219,7 @@ func (m *counterMaps) Close() error {
 		m.Marks,
 		m.Ports,
 		m.SockMarks,
+		m.Walked,
 	)
 }
 
@@ -210,7 +229,9 @@ func (m *counterMaps) Close() error {
 type counterVariables struct {
 	CachedPath    *ebpf.Variable `ebpf:"cached_path"`
 	CachedTask    *ebpf.Variable `ebpf:"cached_task"`
+	RunId         *ebpf.Variable `ebpf:"run_id"`
 	UnusedEvent   *ebpf.Variable `ebpf:"unused_event"`
+	UnusedHeldRec *ebpf.Variable `ebpf:"unused_held_rec"`
 	UnusedSockRec *ebpf.Variable `ebpf:"unused_sock_rec"`
 	UnusedTaskRec *ebpf.Variable `ebpf:"unused_task_rec"`
 }
@@ -221,6 +242,7 @@ type counterVariables struct {
 type counterPrograms struct {
 	DraindAccept  *ebpf.Program `ebpf:"draind_accept"`
 	DraindAccept4 *ebpf.Program `ebpf:"draind_accept4"`
+	DraindHeld    *ebpf.Program `ebpf:"draind_held"`
 	DraindSockets *ebpf.Program `ebpf:"draind_sockets"`
 	DraindState   *ebpf.Program `ebpf:"draind_state"`
 	DraindTasks   *ebpf.Program `ebpf:"draind_tasks"`
@@ -230,6 +252,7 @@ func (p *counterPrograms) Close() error {
 	return _CounterClose(
 		p.DraindAccept,
 		p.DraindAccept4,
+		p.DraindHeld,
 		p.DraindSockets,
 		p.DraindState,
 		p.DraindTasks,

@@ -196,7 +196,11 @@ func (p *progress) report(ev handoff.Progress) {
 	}
 	at := time.Since(p.start).Round(time.Millisecond)
 	if ev.Stage == handoff.StageDraining {
-		line := fmt.Sprintf("[%8s] draining: %d connection(s) left (%d accepted, %d queued); new side: %d", at, ev.Count.Total(), ev.Count.Conns, ev.Count.Queued, ev.New.Total())
+		detached := ""
+		if ev.Count.Detached > 0 {
+			detached = fmt.Sprintf(", %d held outside any fd table", ev.Count.Detached)
+		}
+		line := fmt.Sprintf("[%8s] draining: %d connection(s) left (%d accepted, %d queued%s); new side: %d", at, ev.Count.Total(), ev.Count.Conns, ev.Count.Queued, detached, ev.New.Total())
 		if p.tty {
 			fmt.Fprintf(p.w, "\r\033[K%s", line)
 			p.open = true
