@@ -28,9 +28,16 @@ var ErrBadInput = errors.New("bad input")
 // everything and was not signalled.
 var ErrRolledBack = errors.New("handoff rolled back")
 
+// ErrLeft is the context cause with which a daemon that stops cancels its handoffs: they return ErrLeft at once
+// and leave the steering and the processes as they are, for the next draind process to Resume. Any other cause
+// (or none) rolls a handoff back if its old process was not signalled yet.
+var ErrLeft = errors.New("left for the next draind process")
+
 // Options for Run. Zero values are the documented defaults.
 type Options struct {
 	From, To     int             // old and new PID (required)
+	FromProc     *proc.Process   // if set, the old process itself (From is then only its PID, for reports); the caller closes it after Run
+	ToProc       *proc.Process   // the same for the new process
 	Ports        []uint16        // hand off only these ports (default: every port the old side listens on)
 	Signal       syscall.Signal  // sent to the old process once drained (default SIGTERM)
 	Timeout      time.Duration   // drain deadline (default 5m)
@@ -44,6 +51,33 @@ type Options struct {
 	Tracker      *drain.Tracker  // counts connections; nil: Run starts its own and closes it
 	Logger       *slog.Logger    // default slog.Default()
 	Progress     func(Progress)  // optional progress callback
+	// Claim, if set, is called with the pairs once the listeners are found and paired, before anything changes; an
+	// error refuses the handoff as bad input (a daemon refuses listeners another of its handoffs is using).
+	Claim func(pairs []steer.Pair) error
+	// Persist, if set, is called with the handoff's state at each stage a draind restarted mid-handoff needs to
+	// finish it (Resume): steering begun, flipped, signalled. An error before the flip rolls back; later ones are
+	// logged.
+	Persist func(State) error
+}
+
+// State is what a draind process that takes over a handoff (Resume) needs to know about it.
+type State struct {
+	Stage          Stage              `json:"stage"` // StageSteering, StageFlipped or StageSignalled
+	From           int                `json:"from"`
+	To             int                `json:"to"`
+	FromIno        uint64             `json:"from_ino"` // pidfs inode numbers: the processes' identities (a PID may be reused)
+	ToIno          uint64             `json:"to_ino"`
+	Ports          []uint16           `json:"ports"`
+	Listeners      []string           `json:"listeners"`
+	Groups         []steer.GroupState `json:"groups"`
+	Signal         int                `json:"signal"`
+	Timeout        time.Duration      `json:"timeout_ns"`
+	OnTimeout      drain.OnTimeout    `json:"on_timeout"`
+	KillAfter      time.Duration      `json:"kill_after_ns"`
+	ExitWait       time.Duration      `json:"exit_wait_ns"`
+	FlippedAt      time.Time          `json:"flipped_at,omitzero"` // wall clock: the drain deadline is FlippedAt+Timeout
+	FlippedAtMono  int64              `json:"flipped_at_mono_ns,omitempty"`
+	InFlightAtFlip int                `json:"in_flight_at_flip"`
 }
 
 // Stage names a step of the handoff, reported through Progress.
@@ -157,16 +191,20 @@ func Run(ctx context.Context, opts Options) (*Result, error) {
 		return nil, err
 	}
 	res := &Result{From: opts.From, To: opts.To, Outcome: OutcomeFailed}
-	oldP, err := proc.Open(opts.From)
-	if err != nil {
-		return res, bad(fmt.Errorf("old process: %w", err))
+	oldP, newP := opts.FromProc, opts.ToProc
+	var err error
+	if oldP == nil {
+		if oldP, err = proc.Open(opts.From); err != nil {
+			return res, bad(fmt.Errorf("old process: %w", err))
+		}
+		defer oldP.Close()
 	}
-	defer oldP.Close()
-	newP, err := proc.Open(opts.To)
-	if err != nil {
-		return res, bad(fmt.Errorf("new process: %w", err))
+	if newP == nil {
+		if newP, err = proc.Open(opts.To); err != nil {
+			return res, bad(fmt.Errorf("new process: %w", err))
+		}
+		defer newP.Close()
 	}
-	defer newP.Close()
 
 	oldSide, err := steer.Discover(oldP, newP.PID)
 	if err != nil {
@@ -182,6 +220,11 @@ func Run(ctx context.Context, opts Options) (*Result, error) {
 	if err != nil {
 		return res, bad(err)
 	}
+	if opts.Claim != nil {
+		if err := opts.Claim(pairs); err != nil {
+			return res, bad(err)
+		}
+	}
 	var ports []uint16
 	for _, p := range pairs {
 		res.Listeners = append(res.Listeners, p.Addr.String())
@@ -190,60 +233,113 @@ func Run(ctx context.Context, opts Options) (*Result, error) {
 		}
 	}
 
-	objs, err := loader.Open(loader.Options{PinDir: opts.PinDir, Logger: opts.Logger})
-	if err != nil {
-		return res, bad(err)
-	}
-	defer objs.Close()
-	defer func() {
-		if _, err := objs.RemoveUnusedPins(); err != nil {
-			opts.Logger.Warn("remove unused pins", "err", err)
-		}
-	}()
-	tracker := opts.Tracker
-	if tracker == nil {
-		if tracker, err = drain.NewTracker(drain.TrackerOptions{Logger: opts.Logger}); err != nil {
-			if errors.Is(err, loader.ErrNotPermitted) {
-				return res, bad(err)
-			}
-			return res, err
-		}
-		defer tracker.Close()
-	}
-	counter, err := tracker.Watch(oldP, ports, drain.WatchOptions{Exclude: []*proc.Process{newP}, Track: true})
-	if err != nil {
+	h := &run{opts: opts, res: res, oldP: oldP, newP: newP, ports: ports}
+	defer h.close()
+	if err := h.open(); err != nil {
 		return res, err
 	}
-	defer counter.Close()
-	newCounter, err := tracker.Watch(newP, ports, drain.WatchOptions{})
-	if err != nil {
-		return res, err
-	}
-	defer newCounter.Close()
-
-	st, err := steer.Begin(objs, pairs, steer.Options{Logger: opts.Logger})
+	st, err := steer.Begin(h.objs, pairs, steer.Options{Logger: opts.Logger})
 	if err != nil {
 		if errors.Is(err, loader.ErrNotPermitted) || errors.Is(err, proc.ErrNotPermitted) || errors.Is(err, steer.ErrAlreadyActive) {
 			return res, bad(err)
 		}
 		return res, fmt.Errorf("begin steering: %w", err)
 	}
+	h.st = st
 	opts.Progress(Progress{Stage: StageSteering, Message: fmt.Sprintf("selector attached to %d group(s), target: old", len(pairs))})
-	h := &run{opts: opts, res: res, st: st, objs: objs, oldP: oldP, newP: newP, counter: counter, newCounter: newCounter}
+	h.state = State{
+		Stage: StageSteering, From: opts.From, To: opts.To, Ports: ports, Listeners: res.Listeners,
+		Groups: st.State(), Signal: int(opts.Signal), Timeout: opts.Timeout, OnTimeout: opts.OnTimeout,
+		KillAfter: opts.KillAfter, ExitWait: opts.ExitWait,
+	}
+	if h.state.FromIno, err = oldP.Ino(); err == nil {
+		h.state.ToIno, err = newP.Ino()
+	}
+	if err != nil {
+		return h.rollback(fmt.Sprintf("identify processes: %v", err))
+	}
+	if err := h.persist(); err != nil {
+		return h.rollback(fmt.Sprintf("persist handoff: %v", err))
+	}
 	return h.run(ctx)
 }
 
 type run struct {
-	opts       Options
-	res        *Result
-	st         *steer.Steering
-	objs       *loader.Objects
-	oldP, newP *proc.Process
-	counter    *drain.Counter // the old side's tree
-	newCounter *drain.Counter // the new side's
+	ctx         context.Context // the handoff's: its cause says whether to roll back or leave
+	opts        Options
+	res         *Result
+	st          *steer.Steering
+	objs        *loader.Objects
+	tracker     *drain.Tracker
+	ownTracker  bool
+	oldP, newP  *proc.Process
+	ports       []uint16
+	counter     *drain.Counter // the old side's tree
+	newCounter  *drain.Counter // the new side's
+	state       State
+	persistErrs int
+}
+
+// openMaps opens the pinned maps.
+func (h *run) openMaps() (err error) {
+	if h.objs, err = loader.Open(loader.Options{PinDir: h.opts.PinDir, Logger: h.opts.Logger}); err != nil {
+		return bad(err)
+	}
+	return nil
+}
+
+// open loads what the handoff needs: the pinned maps, the tracker, and the counters of both sides.
+func (h *run) open() (err error) {
+	if err := h.openMaps(); err != nil {
+		return err
+	}
+	h.tracker = h.opts.Tracker
+	if h.tracker == nil {
+		if h.tracker, err = drain.NewTracker(drain.TrackerOptions{Logger: h.opts.Logger}); err != nil {
+			if errors.Is(err, loader.ErrNotPermitted) {
+				return bad(err)
+			}
+			return err
+		}
+		h.ownTracker = true
+	}
+	if h.counter, err = h.tracker.Watch(h.oldP, h.ports, drain.WatchOptions{Exclude: []*proc.Process{h.newP}, Track: true}); err != nil {
+		return err
+	}
+	h.newCounter, err = h.tracker.Watch(h.newP, h.ports, drain.WatchOptions{})
+	return err
+}
+
+// close releases what open loaded (not the steering: its end is the handoff's business).
+func (h *run) close() {
+	for _, c := range []*drain.Counter{h.newCounter, h.counter} {
+		if c != nil {
+			c.Close()
+		}
+	}
+	if h.ownTracker {
+		h.tracker.Close()
+	}
+	if h.objs != nil {
+		if _, err := h.objs.RemoveUnusedPins(); err != nil {
+			h.opts.Logger.Warn("remove unused pins", "err", err)
+		}
+		h.objs.Close()
+	}
+}
+
+// persist hands the state to Options.Persist.
+func (h *run) persist() error {
+	if h.opts.Persist == nil {
+		return nil
+	}
+	return h.opts.Persist(h.state)
 }
 
 func (h *run) rollback(reason string) (*Result, error) {
+	if h.leaving() {
+		return h.leave()
+	}
 	h.res.Outcome = OutcomeRolledBack
 	h.res.RollbackReason = reason
 	h.readCounters()
@@ -256,18 +352,50 @@ func (h *run) rollback(reason string) (*Result, error) {
 	return h.res, fmt.Errorf("%w: %s", ErrRolledBack, reason)
 }
 
-func (h *run) run(ctx context.Context) (*Result, error) {
-	// Watch the new process: if it dies before the old one is signalled, roll back.
-	newDied := make(chan struct{})
-	watchCtx, stopWatch := context.WithCancel(ctx)
+// leaving reports whether the handoff's context was cancelled with ErrLeft.
+func (h *run) leaving() bool {
+	return h.ctx != nil && errors.Is(context.Cause(h.ctx), ErrLeft)
+}
+
+// leave gives the handoff up without touching steering or processes: the next draind process resumes it.
+func (h *run) leave() (*Result, error) {
+	if h.st != nil {
+		h.st.Abandon()
+	}
+	h.readCounters()
+	return h.res, ErrLeft
+}
+
+// interrupted is the rollback reason for a cancelled ctx: its cause if one was given (an abort says who asked).
+func interrupted(ctx context.Context) string {
+	if c := context.Cause(ctx); c != nil && !errors.Is(c, context.Canceled) {
+		return c.Error()
+	}
+	return "interrupted"
+}
+
+// watchNew watches the new process: newDied is closed if it exits before stop is called. stop waits for the watcher
+// (it uses the new process's pidfd, which is closed after the handoff returns); calling it twice is fine.
+func (h *run) watchNew(ctx context.Context) (newDied <-chan struct{}, stop func()) {
+	died := make(chan struct{})
+	watchCtx, cancel := context.WithCancel(ctx)
 	var watching sync.WaitGroup
-	defer watching.Wait() // the watcher uses newP's pidfd, which Run closes after we return
-	defer stopWatch()
 	watching.Go(func() {
 		if h.newP.WaitExit(watchCtx) && watchCtx.Err() == nil {
-			close(newDied)
+			close(died)
 		}
 	})
+	return died, func() {
+		cancel()
+		watching.Wait()
+	}
+}
+
+func (h *run) run(ctx context.Context) (*Result, error) {
+	h.ctx = ctx
+	// Watch the new process: if it dies before the old one is signalled, roll back.
+	newDied, stopWatch := h.watchNew(ctx)
+	defer stopWatch()
 
 	if err := h.waitReady(ctx, newDied); err != nil {
 		return h.rollback(err.Error())
@@ -277,17 +405,29 @@ func (h *run) run(ctx context.Context) (*Result, error) {
 	if err := h.st.Flip(); err != nil {
 		return h.rollback(fmt.Sprintf("flip: %v", err))
 	}
-	flipAt := time.Now()
-	h.res.FlippedAt = monoNow()
+	h.state.FlippedAt = time.Now()
+	h.state.FlippedAtMono = monoNow()
 	first, err := h.counter.Count()
 	if err != nil {
 		return h.rollback(fmt.Sprintf("count connections: %v", err))
 	}
-	h.res.InFlightAtFlip = first.Total()
+	h.state.InFlightAtFlip = first.Total()
+	h.state.Stage = StageFlipped
+	if err := h.persist(); err != nil {
+		return h.rollback(fmt.Sprintf("persist handoff: %v", err))
+	}
 	h.opts.Progress(Progress{Stage: StageFlipped, Count: first, New: h.newCount(), Message: fmt.Sprintf("new connections go to %d", h.opts.To)})
+	return h.drain(ctx, newDied, stopWatch, true)
+}
 
+// drain waits for the old side to drain (the flip is done), signals it and finishes the steering. tagged says the
+// old side's sockets were just counted (and tagged) at the flip.
+func (h *run) drain(ctx context.Context, newDied <-chan struct{}, stopWatch func(), tagged bool) (*Result, error) {
+	h.res.FlippedAt = h.state.FlippedAtMono
+	h.res.InFlightAtFlip = h.state.InFlightAtFlip
+	flipAt := h.state.FlippedAt
 	// Drain, unless the new side dies or we are interrupted.
-	dctx, cancel := context.WithTimeout(ctx, h.opts.Timeout)
+	dctx, cancel := context.WithDeadline(ctx, flipAt.Add(h.state.Timeout))
 	defer cancel()
 	drainCtx, stopDrain := context.WithCancelCause(dctx)
 	defer stopDrain(nil)
@@ -301,7 +441,7 @@ func (h *run) run(ctx context.Context) (*Result, error) {
 	}()
 	left, err := drain.Wait(drainCtx, h.counter, drain.WaitOptions{
 		Poll:     h.opts.Poll,
-		Tagged:   true, // by the count at the flip
+		Tagged:   tagged,
 		Progress: func(c drain.Count) { h.opts.Progress(Progress{Stage: StageDraining, Count: c, New: h.newCount()}) },
 	})
 	h.res.DrainTime = time.Since(flipAt)
@@ -316,11 +456,11 @@ func (h *run) run(ctx context.Context) (*Result, error) {
 	case errors.Is(context.Cause(drainCtx), errNewDied):
 		return h.rollback(fmt.Sprintf("new process %d exited during the drain", h.opts.To))
 	case ctx.Err() != nil:
-		return h.rollback("interrupted")
+		return h.rollback(interrupted(ctx))
 	case errors.Is(err, drain.ErrDeadline):
 		timedOut = true
-		if h.opts.OnTimeout == drain.TimeoutAbort {
-			return h.rollback(fmt.Sprintf("drain deadline %s passed with %d connection(s) left (--on-timeout abort)", h.opts.Timeout, left.Total()))
+		if h.state.OnTimeout == drain.TimeoutAbort {
+			return h.rollback(fmt.Sprintf("drain deadline %s passed with %d connection(s) left (--on-timeout abort)", h.state.Timeout, left.Total()))
 		}
 	default:
 		return h.rollback(fmt.Sprintf("count connections: %v", err))
@@ -333,24 +473,48 @@ func (h *run) run(ctx context.Context) (*Result, error) {
 	}
 	stopWatch()
 
-	sig := h.opts.Signal
-	if timedOut && h.opts.OnTimeout == drain.TimeoutKill {
+	sig := syscall.Signal(h.state.Signal)
+	if timedOut && h.state.OnTimeout == drain.TimeoutKill {
 		sig = syscall.SIGKILL
-	}
-	h.res.Signal = drain.SignalName(sig)
-	h.res.SignalledAt = monoNow()
-	out, err := drain.Signal(context.WithoutCancel(ctx), h.oldP, sig, drain.SignalOptions{KillAfter: h.opts.KillAfter, ExitWait: h.opts.ExitWait})
-	h.res.Signalled, h.res.Killed, h.res.ExitSeen, h.res.ExitWait = out.Sent, out.Killed, out.Exited, out.ExitWait
-	if err != nil {
-		return h.res, fmt.Errorf("signal old process: %w", err)
-	}
-	h.opts.Progress(Progress{Stage: StageSignalled, Message: "SIG" + h.res.Signal})
-	if out.Exited {
-		h.opts.Progress(Progress{Stage: StageExited})
 	}
 	h.res.Outcome = OutcomeDrained
 	if timedOut {
 		h.res.Outcome = OutcomeTimedOut
+	}
+	h.state.Stage = StageSignalled
+	if err := h.persist(); err != nil {
+		// Signal anyway: a restarted draind would then signal again, which the old process can take (it is the
+		// signal it was about to get), rather than never.
+		h.opts.Logger.Error("persist handoff", "err", err)
+	}
+	h.res.Signal = drain.SignalName(sig)
+	h.res.SignalledAt = monoNow()
+	// Once signalled, an interruption does not stop the exit watch, except a daemon leaving the handoff (the next
+	// one watches instead).
+	sigCtx, stopSig := context.WithCancel(context.WithoutCancel(ctx))
+	defer stopSig()
+	context.AfterFunc(ctx, func() {
+		if h.leaving() {
+			stopSig()
+		}
+	})
+	out, err := drain.Signal(sigCtx, h.oldP, sig, drain.SignalOptions{KillAfter: h.state.KillAfter, ExitWait: h.state.ExitWait})
+	h.res.Signalled, h.res.Killed, h.res.ExitSeen, h.res.ExitWait = out.Sent, out.Killed, out.Exited, out.ExitWait
+	if h.leaving() {
+		return h.leave()
+	}
+	if err != nil {
+		h.res.Outcome = OutcomeFailed
+		return h.res, fmt.Errorf("signal old process: %w", err)
+	}
+	h.opts.Progress(Progress{Stage: StageSignalled, Message: "SIG" + h.res.Signal})
+	return h.finish(out.Exited)
+}
+
+// finish ends a handoff whose old process was signalled: it reports the exit and frees the steering.
+func (h *run) finish(exited bool) (*Result, error) {
+	if exited {
+		h.opts.Progress(Progress{Stage: StageExited})
 	}
 	h.readCounters()
 	if err := h.st.Finish(); err != nil {

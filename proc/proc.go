@@ -12,6 +12,7 @@ import (
 	"strings"
 	"sync"
 	"syscall"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 )
@@ -290,4 +291,77 @@ func Sockets(pid int) ([]SocketFD, error) {
 		out = append(out, SocketFD{PID: pid, FD: fd, Inode: n})
 	}
 	return out, nil
+}
+
+// Info is what the kernel says about a process through its pidfd (PIDFD_GET_INFO, Linux 6.13).
+type Info struct {
+	PID  int    // thread-group id, in draind's PID namespace
+	PPID int    // parent's, in draind's PID namespace
+	RUID uint32 // real user id
+	EUID uint32 // effective user id
+}
+
+// pidfdInfo mirrors struct pidfd_info (include/uapi/linux/pidfd.h), version 0 (64 bytes).
+type pidfdInfo struct {
+	Mask                     uint64
+	CgroupID                 uint64
+	PID, TGID, PPID          uint32
+	RUID, RGID, EUID, EGID   uint32
+	SUID, SGID, FSUID, FSGID uint32
+	ExitCode                 int32
+	CoredumpMask             uint32
+	Spare                    uint32
+}
+
+const (
+	pidfdGetInfo   = 0xc040ff0b // _IOWR(PIDFS_IOCTL_MAGIC, 11, struct pidfd_info)
+	pidfdInfoPID   = 1 << 0
+	pidfdInfoCreds = 1 << 1
+)
+
+// ErrNotPidfd is returned by FromPidfd for a file descriptor that is not a pidfd.
+var ErrNotPidfd = errors.New("not a pidfd")
+
+// pidfdGetInfoOf asks the kernel about the process behind pidfd fd.
+func pidfdGetInfoOf(fd int) (Info, error) {
+	in := pidfdInfo{Mask: pidfdInfoPID | pidfdInfoCreds}
+	_, _, errno := unix.Syscall(unix.SYS_IOCTL, uintptr(fd), pidfdGetInfo, uintptr(unsafe.Pointer(&in)))
+	switch {
+	case errno == unix.ESRCH:
+		return Info{}, ErrNoProcess
+	case errno == unix.ENOTTY || errno == unix.EBADF || errno == unix.EINVAL:
+		return Info{}, ErrNotPidfd
+	case errno != 0:
+		return Info{}, errno
+	}
+	return Info{PID: int(in.TGID), PPID: int(in.PPID), RUID: in.RUID, EUID: in.EUID}, nil
+}
+
+// Info asks the kernel about the process: its PID as draind sees it, and its owner.
+func (p *Process) Info() (Info, error) {
+	in, err := pidfdGetInfoOf(p.fd)
+	if err != nil {
+		return Info{}, fmt.Errorf("read process %d: %w", p.PID, err)
+	}
+	return in, nil
+}
+
+// FromPidfd takes ownership of fd, a pidfd another process passed to draind (SCM_RIGHTS), and returns the process
+// with its PID as draind sees it, whatever PID namespace the sender is in. fd is closed on error.
+func FromPidfd(fd int) (*Process, error) {
+	in, err := pidfdGetInfoOf(fd)
+	if err != nil {
+		unix.Close(fd)
+		return nil, fmt.Errorf("open passed process: %w", err)
+	}
+	if in.PID == 0 {
+		unix.Close(fd)
+		return nil, fmt.Errorf("open passed process: %w (not in draind's PID namespace)", ErrNoProcess)
+	}
+	p := &Process{PID: in.PID, fd: fd}
+	if p.Exited() {
+		p.Close()
+		return nil, fmt.Errorf("open passed process %d: %w (it has exited)", in.PID, ErrNoProcess)
+	}
+	return p, nil
 }

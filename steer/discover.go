@@ -41,6 +41,9 @@ type Listener struct {
 }
 
 func (l *Listener) String() string {
+	if l.Holder == nil {
+		return fmt.Sprintf("%s (closed)", l.Addr)
+	}
 	return fmt.Sprintf("%s (pid %d fd %d)", l.Addr, l.Holder.PID, l.FD)
 }
 

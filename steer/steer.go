@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"slices"
@@ -31,7 +32,6 @@ type group struct {
 	oldGen uint32
 	newGen uint32
 	slots  map[uint64]uint32 // listener cookie -> slot
-	lease  int               // flock'd lease dir fd
 }
 
 // Options for Begin. The zero value logs to slog.Default().
@@ -82,11 +82,10 @@ func (s *Steering) begin(p Pair) (*group, error) {
 	if err != nil {
 		return nil, err
 	}
-	lease, err := s.takeLease(id)
-	if err != nil {
+	if err := takeLease(leaseDir(s.objs, id), id); err != nil {
 		return nil, err
 	}
-	g := &group{id: id, pair: p, slots: map[uint64]uint32{}, lease: lease}
+	g := &group{id: id, pair: p, slots: map[uint64]uint32{}}
 	var gv loader.Group
 	if created {
 		if err := s.objs.GroupKeys.Put(id, key); err != nil {
@@ -211,25 +210,59 @@ func (s *Steering) findGroup(key loader.GroupKey) (id uint32, created bool, err 
 	return uint32(free), true, nil
 }
 
-// takeLease locks the group's lease directory for the life of this handoff, so two draind processes never steer
-// one group at once. A lease that is not held (its draind died) is taken over.
-func (s *Steering) takeLease(id uint32) (int, error) {
-	dir := leaseDir(s.objs, id)
+// leases are the group leases this process holds: lease dir -> its flock'd fd and how many handoffs of this process
+// use it (a daemon runs A->B and B->C on one group at once; which handoffs may share a group is its business).
+var leases = struct {
+	sync.Mutex
+	m map[string]*lease
+}{m: map[string]*lease{}}
+
+type lease struct {
+	fd   int
+	refs int
+}
+
+// takeLease locks the group's lease directory for the life of a handoff, so two draind processes never steer one
+// group at once. A lease that is not held (its draind died) is taken over; one this process holds is shared.
+func takeLease(dir string, id uint32) error {
+	leases.Lock()
+	defer leases.Unlock()
+	if l := leases.m[dir]; l != nil {
+		l.refs++
+		return nil
+	}
 	if err := os.Mkdir(dir, 0o700); err != nil && !errors.Is(err, os.ErrExist) {
-		return -1, fmt.Errorf("create lease: %w", err)
+		return fmt.Errorf("create lease: %w", err)
 	}
 	fd, err := unix.Open(dir, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
 	if err != nil {
-		return -1, fmt.Errorf("open lease: %w", err)
+		return fmt.Errorf("open lease: %w", err)
 	}
 	if err := unix.Flock(fd, unix.LOCK_EX|unix.LOCK_NB); err != nil {
 		unix.Close(fd)
 		if errors.Is(err, unix.EWOULDBLOCK) {
-			return -1, fmt.Errorf("take lease of group %d: %w by another draind", id, ErrAlreadyActive)
+			return fmt.Errorf("take lease of group %d: %w by another draind", id, ErrAlreadyActive)
 		}
-		return -1, fmt.Errorf("lock lease: %w", err)
+		return fmt.Errorf("lock lease: %w", err)
 	}
-	return fd, nil
+	leases.m[dir] = &lease{fd: fd, refs: 1}
+	return nil
+}
+
+// releaseLease drops one use of the lease, and the lease itself with the last one (which it reports).
+func releaseLease(dir string) (last bool) {
+	leases.Lock()
+	defer leases.Unlock()
+	l := leases.m[dir]
+	if l == nil {
+		return true
+	}
+	if l.refs--; l.refs > 0 {
+		return false
+	}
+	unix.Close(l.fd)
+	delete(leases.m, dir)
+	return true
 }
 
 func leaseDir(objs *loader.Objects, id uint32) string {
@@ -384,6 +417,17 @@ func (s *Steering) Undo() error {
 	return s.release(false)
 }
 
+// Abandon lets go of the steering without changing it (a daemon that stops leaves it for the next one, which
+// Adopts it): only this process's leases are released.
+func (s *Steering) Abandon() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, g := range s.groups {
+		releaseLease(leaseDir(s.objs, g.id))
+	}
+	s.groups = nil
+}
+
 // Finish ends a handoff whose old side is gone: the new side keeps the group alone, so the selector is detached
 // and slots and groups are freed. When old listeners are still open it leaves steering in place (target: new) and
 // says so.
@@ -418,7 +462,7 @@ func (s *Steering) release(toNew bool) error {
 // selector is detached and the group freed; otherwise the kept side stays the target of the selector that the
 // other generation's drain still needs.
 func (s *Steering) releaseGroup(g *group, toNew bool) error {
-	defer unix.Close(g.lease)
+	last := releaseLease(leaseDir(s.objs, g.id))
 	var gv loader.Group
 	if err := s.objs.Groups.Lookup(g.id, &gv); err != nil {
 		return fmt.Errorf("read group %d: %w", g.id, err)
@@ -428,7 +472,9 @@ func (s *Steering) releaseGroup(g *group, toNew bool) error {
 		keep, drop, dropped = g.newGen, g.oldGen, g.pair.Old
 	}
 	var errs []error
-	if keep != 0 {
+	if gv.TargetGen == drop {
+		// Only when this handoff's dropped side is the target: a later generation's handoff (B->C while A->B
+		// drains) may own the target now.
 		gv.TargetGen = keep
 	}
 	gv.ProbePort = 0
@@ -466,7 +512,9 @@ func (s *Steering) releaseGroup(g *group, toNew bool) error {
 		if err := s.objs.GroupKeys.Put(g.id, loader.GroupKey{}); err != nil {
 			errs = append(errs, fmt.Errorf("free group %d: %w", g.id, err))
 		}
-		os.Remove(leaseDir(s.objs, g.id))
+		if last {
+			os.Remove(leaseDir(s.objs, g.id))
+		}
 	}
 	return errors.Join(errs...)
 }
@@ -484,6 +532,9 @@ func (s *Steering) detach(g *group, toNew bool) error {
 		order = append(append([]*Listener{}, g.pair.New...), g.pair.Old...)
 	}
 	for _, l := range order {
+		if l.Holder == nil {
+			continue // closed before this draind adopted the steering
+		}
 		fd, err := l.Copy()
 		if err != nil {
 			continue
@@ -513,4 +564,144 @@ func (s *Steering) Pairs() []Pair {
 		out = append(out, g.pair)
 	}
 	return out
+}
+
+// GroupState is one group of a handoff's steering, as a draind process that takes the handoff over needs it.
+type GroupState struct {
+	ID     uint32      `json:"id"`
+	Addr   string      `json:"addr"`
+	OldGen uint32      `json:"old_gen"`
+	NewGen uint32      `json:"new_gen"`
+	Old    []SlotState `json:"old"` // the old side's listeners
+	New    []SlotState `json:"new"` // the new side's
+}
+
+// SlotState is one listener of a group and its slot in the socket array.
+type SlotState struct {
+	Cookie uint64 `json:"cookie"`
+	Slot   uint32 `json:"slot"`
+}
+
+// State describes the steering, for Adopt.
+func (s *Steering) State() []GroupState {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var out []GroupState
+	for _, g := range s.groups {
+		gs := GroupState{ID: g.id, Addr: g.pair.Addr.String(), OldGen: g.oldGen, NewGen: g.newGen}
+		for _, l := range g.pair.Old {
+			gs.Old = append(gs.Old, SlotState{Cookie: l.Cookie, Slot: g.slots[l.Cookie]})
+		}
+		for _, l := range g.pair.New {
+			gs.New = append(gs.New, SlotState{Cookie: l.Cookie, Slot: g.slots[l.Cookie]})
+		}
+		out = append(out, gs)
+	}
+	return out
+}
+
+// Flipped reports whether every group of the steering has the new side as its target, and whether any has.
+func (s *Steering) Flipped() (all, any bool, err error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	all = true
+	for _, g := range s.groups {
+		var gv loader.Group
+		if err := s.objs.Groups.Lookup(g.id, &gv); err != nil {
+			return false, false, fmt.Errorf("read group %d: %w", g.id, err)
+		}
+		on := gv.TargetGen == g.newGen
+		all, any = all && on, any || on
+	}
+	return all, any, nil
+}
+
+// Adopt takes over the steering described by states, left in the kernel by a draind process that is gone (or that
+// handed it over), without changing it. old and new are the two sides as discovered now; listeners that are gone
+// (an old process may have closed its own) are fine, but the groups must still exist with both generations, and the
+// new side's listeners must still be the ones in their slots.
+func Adopt(objs *loader.Objects, states []GroupState, old, new *Side, opts Options) (_ *Steering, err error) {
+	if opts.Logger == nil {
+		opts.Logger = slog.Default()
+	}
+	s := &Steering{objs: objs, log: opts.Logger}
+	defer func() {
+		if err != nil {
+			for _, g := range s.groups {
+				releaseLease(leaseDir(objs, g.id))
+			}
+			s.groups = nil
+		}
+	}()
+	unlock, err := objs.Lock()
+	if err != nil {
+		return nil, err
+	}
+	defer unlock()
+	byCookie := map[uint64]*Listener{}
+	for _, side := range []*Side{old, new} {
+		if side == nil {
+			continue
+		}
+		for _, l := range side.Listeners {
+			byCookie[l.Cookie] = l
+		}
+	}
+	for _, st := range states {
+		addr, err := netip.ParseAddrPort(st.Addr)
+		if err != nil {
+			return nil, fmt.Errorf("adopt group %d: %w", st.ID, err)
+		}
+		if st.ID >= loader.MaxGroups {
+			return nil, fmt.Errorf("adopt group %d: no such group", st.ID)
+		}
+		var key loader.GroupKey
+		var gv loader.Group
+		if err := objs.GroupKeys.Lookup(st.ID, &key); err != nil {
+			return nil, fmt.Errorf("adopt group %d: %w", st.ID, err)
+		}
+		if err := objs.Groups.Lookup(st.ID, &gv); err != nil {
+			return nil, fmt.Errorf("adopt group %d: %w", st.ID, err)
+		}
+		if key.NetnsCookie == 0 || key.Port != addr.Port() {
+			return nil, fmt.Errorf("adopt group %d (%s): the group was freed", st.ID, addr)
+		}
+		hasGen := func(gen uint32) bool {
+			for _, m := range members(&gv) {
+				if m.Gen == gen {
+					return true
+				}
+			}
+			return false
+		}
+		if !hasGen(st.NewGen) {
+			return nil, fmt.Errorf("adopt group %d (%s): the new side is no longer a member", st.ID, addr)
+		}
+		if err := takeLease(leaseDir(objs, st.ID), st.ID); err != nil {
+			return nil, err
+		}
+		g := &group{id: st.ID, pair: Pair{Addr: addr}, oldGen: st.OldGen, newGen: st.NewGen, slots: map[uint64]uint32{}}
+		s.groups = append(s.groups, g)
+		for _, side := range []struct {
+			refs []SlotState
+			out  *[]*Listener
+			old  bool
+		}{{st.Old, &g.pair.Old, true}, {st.New, &g.pair.New, false}} {
+			for _, r := range side.refs {
+				var c uint64
+				live := objs.Sockets.Lookup(r.Slot, &c) == nil && c == r.Cookie
+				l := byCookie[r.Cookie]
+				if !side.old && (!live || l == nil) {
+					return nil, fmt.Errorf("adopt group %d (%s): a new listener is gone", st.ID, addr)
+				}
+				g.slots[r.Cookie] = r.Slot
+				if l == nil {
+					// A closed old listener: keep its cookie for the slot bookkeeping.
+					l = &Listener{Cookie: r.Cookie, Addr: addr}
+				}
+				*side.out = append(*side.out, l)
+			}
+		}
+	}
+	return s, nil
 }

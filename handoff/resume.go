@@ -1,0 +1,146 @@
+package handoff
+
+import (
+	"context"
+	"fmt"
+	"syscall"
+	"time"
+
+	"github.com/draind/draind/drain"
+	"github.com/draind/draind/proc"
+	"github.com/draind/draind/steer"
+)
+
+// Resume finishes a handoff that another draind process began (one that was killed, or stopped), from the last State
+// it persisted. It adopts the steering as the kernel kept it, then goes on where the handoff was:
+//   - not flipped yet: rolls back (the caller that asked for the handoff is gone with that process);
+//   - flipped: drains the old side until the deadline the handoff started with, signals it, finishes;
+//   - signalled: does not signal again, watches for the exit, finishes.
+//
+// The processes are found by PID and must have the pidfs inode numbers of State: a PID that now names another
+// process counts as gone. With the old process gone the handoff is over (steering is finished); with the new one
+// gone before the old one was signalled, it rolls back. Options gives the logger, tracker, progress, pin directory
+// and hooks; the handoff's own parameters come from State.
+func Resume(ctx context.Context, st State, opts Options) (*Result, error) {
+	opts.From, opts.To = st.From, st.To
+	opts.Signal, opts.Timeout, opts.OnTimeout = 0, st.Timeout, st.OnTimeout
+	if err := opts.defaults(); err != nil {
+		return nil, err
+	}
+	res := &Result{From: st.From, To: st.To, Outcome: OutcomeFailed, Listeners: st.Listeners}
+	oldP, newP := openSame(st.From, st.FromIno), openSame(st.To, st.ToIno)
+	for _, p := range []*proc.Process{oldP, newP} {
+		if p != nil {
+			defer p.Close()
+		}
+	}
+	h := &run{ctx: ctx, opts: opts, res: res, oldP: oldP, newP: newP, ports: st.Ports, state: st}
+	defer h.close()
+	var err error
+	if oldP != nil && newP != nil {
+		err = h.open()
+	} else {
+		err = h.openMaps()
+	}
+	if err != nil {
+		return res, fmt.Errorf("resume handoff: %w", err)
+	}
+	var oldSide, newSide *steer.Side
+	if oldP != nil {
+		exclude := 0
+		if newP != nil {
+			exclude = newP.PID
+		}
+		if oldSide, err = steer.Discover(oldP, exclude); err == nil {
+			defer oldSide.Close()
+		}
+	}
+	if newP != nil {
+		exclude := 0
+		if oldP != nil {
+			exclude = oldP.PID
+		}
+		if newSide, err = steer.Discover(newP, exclude); err == nil {
+			defer newSide.Close()
+		}
+	}
+	if h.st, err = steer.Adopt(h.objs, st.Groups, oldSide, newSide, steer.Options{Logger: opts.Logger}); err != nil {
+		return res, fmt.Errorf("resume handoff: %w", err)
+	}
+	opts.Progress(Progress{Stage: st.Stage, Message: "resumed by a new draind process"})
+
+	switch {
+	case oldP == nil:
+		// The old process exited while no draind watched it: nothing left to drain or signal.
+		res.Outcome, res.ExitSeen = OutcomeDrained, true
+		res.Signalled = st.Stage == StageSignalled
+		res.Signal = signalNameIf(res.Signalled, st.Signal)
+		if newP == nil {
+			return h.rollback("both processes exited while draind was down")
+		}
+		return h.finish(true)
+	case newP == nil && st.Stage != StageSignalled:
+		return h.rollback(fmt.Sprintf("new process %d exited while draind was down", st.To))
+	case newP == nil:
+		return h.rollback(fmt.Sprintf("new process %d exited after the old one was signalled", st.To))
+	}
+
+	newDied, stopWatch := h.watchNew(ctx)
+	defer stopWatch()
+	switch st.Stage {
+	case StageSteering:
+		all, any, err := h.st.Flipped()
+		if err != nil {
+			return h.rollback(fmt.Sprintf("read steering: %v", err))
+		}
+		if !any {
+			return h.rollback("draind restarted before the flip")
+		}
+		if !all {
+			if err := h.st.Flip(); err != nil {
+				return h.rollback(fmt.Sprintf("flip: %v", err))
+			}
+		}
+		// The flip happened; when exactly is not known: start the deadline now.
+		h.state.FlippedAt, h.state.FlippedAtMono = time.Now(), monoNow()
+		first, err := h.counter.Count()
+		if err != nil {
+			return h.rollback(fmt.Sprintf("count connections: %v", err))
+		}
+		h.state.InFlightAtFlip, h.state.Stage = first.Total(), StageFlipped
+		if err := h.persist(); err != nil {
+			opts.Logger.Error("persist handoff", "err", err)
+		}
+		return h.drain(ctx, newDied, stopWatch, true)
+	case StageFlipped:
+		return h.drain(ctx, newDied, stopWatch, false)
+	case StageSignalled:
+		stopWatch()
+		res.Outcome, res.Signalled, res.Signal = OutcomeDrained, true, signalNameIf(true, st.Signal)
+		wctx, cancel := context.WithTimeout(ctx, st.ExitWait)
+		defer cancel()
+		res.ExitSeen = oldP.WaitExit(wctx)
+		return h.finish(res.ExitSeen)
+	}
+	return res, fmt.Errorf("resume handoff: unknown stage %q", st.Stage)
+}
+
+// openSame opens the process with this PID if it still is the one with pidfs inode ino, else returns nil.
+func openSame(pid int, ino uint64) *proc.Process {
+	p, err := proc.Open(pid)
+	if err != nil {
+		return nil
+	}
+	if got, err := p.Ino(); err != nil || got != ino || p.Exited() {
+		p.Close()
+		return nil
+	}
+	return p
+}
+
+func signalNameIf(sent bool, sig int) string {
+	if !sent {
+		return ""
+	}
+	return drain.SignalName(syscall.Signal(sig))
+}
