@@ -17,6 +17,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/draind/draind/api"
 	"github.com/draind/draind/drain"
 	"github.com/draind/draind/handoff"
 )
@@ -55,6 +56,9 @@ func cmdHandoff(args []string, stdout, stderr io.Writer) int {
 		poll         = fs.Duration("poll", 0, "count the old side's connections by polling at this interval instead of waiting for kernel events (for comparison; 0: events)")
 		jsonOut      = fs.Bool("json", false, "print the result as JSON")
 		verbose      = fs.Bool("v", false, "debug logs")
+		socket       = fs.String("socket", api.DefaultSocket, "the daemon's socket: used when it exists")
+		standalone   = fs.Bool("standalone", false, "run the handoff in this process even if a daemon serves --socket")
+		viaDaemon    = fs.Bool("daemon", false, "require the daemon (fail if it does not serve --socket)")
 	)
 	fs.Var(&ports, "port", "hand off only this port (repeatable; default: every port the old process listens on)")
 	if err := fs.Parse(args); err != nil {
@@ -84,6 +88,14 @@ func cmdHandoff(args []string, stdout, stderr io.Writer) int {
 	if *readyTimeout <= 0 || *exitWait <= 0 || *killAfter < 0 || *poll < 0 {
 		return fail("--ready-timeout and --exit-wait must be positive, --kill-after and --poll not negative")
 	}
+	if *standalone && *viaDaemon {
+		return fail("--standalone and --daemon exclude each other")
+	}
+	client := &api.Client{Socket: *socket}
+	useDaemon := *viaDaemon || (!*standalone && client.Available())
+	if useDaemon && (*poll > 0 || *pinDir != "") {
+		return fail("--poll and --pin-dir are for --standalone runs (the daemon has its own pin dir)")
+	}
 	level := slog.LevelWarn
 	if *verbose {
 		level = slog.LevelDebug
@@ -93,25 +105,39 @@ func cmdHandoff(args []string, stdout, stderr io.Writer) int {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	pr := newProgress(stderr, false) // progress goes to stderr, so --json output on stdout stays clean
-	res, err := handoff.Run(ctx, handoff.Options{
-		From: *from, To: *to, Ports: ports, Signal: sig, Timeout: *timeout, OnTimeout: ot,
-		KillAfter: *killAfter, ExitWait: *exitWait, ReadyURL: *readyURL, ReadyTimeout: *readyTimeout,
-		PinDir: *pinDir, Poll: *poll, Logger: logger, Progress: pr.report,
-	})
+	var (
+		res  *handoff.Result
+		code int
+		id   string
+	)
+	if useDaemon {
+		req := api.HandoffRequest{
+			Ports: ports, Signal: *sigName, Timeout: api.Duration(*timeout), OnTimeout: *onTimeout,
+			KillAfter: api.Duration(*killAfter), ExitWait: api.Duration(*exitWait), ReadyURL: *readyURL, ReadyTimeout: api.Duration(*readyTimeout),
+		}
+		res, id, code, err = handoffViaDaemon(ctx, client, *from, *to, req, pr)
+	} else {
+		res, err = handoff.Run(ctx, handoff.Options{
+			From: *from, To: *to, Ports: ports, Signal: sig, Timeout: *timeout, OnTimeout: ot,
+			KillAfter: *killAfter, ExitWait: *exitWait, ReadyURL: *readyURL, ReadyTimeout: *readyTimeout,
+			PinDir: *pinDir, Poll: *poll, Logger: logger, Progress: pr.report,
+		})
+		code = exitCode(res, err)
+	}
 	pr.done()
-	code := exitCode(res, err)
 	if *jsonOut {
 		out := struct {
 			*handoff.Result
+			ID       string `json:"id,omitempty"`
 			Error    string `json:"error,omitempty"`
 			ExitCode int    `json:"exit_code"`
-		}{res, errString(err), code}
+		}{res, id, errString(err), code}
 		enc := json.NewEncoder(stdout)
 		enc.SetIndent("", "  ")
 		enc.Encode(out)
 		return code
 	}
-	if err != nil && (res == nil || res.Outcome == handoff.OutcomeFailed) {
+	if err != nil && (res == nil || res.Outcome == handoff.OutcomeFailed && res.Listeners == nil) {
 		fmt.Fprintf(stderr, "draind: %v\n", strings.TrimPrefix(err.Error(), handoff.ErrBadInput.Error()+": "))
 		return code
 	}

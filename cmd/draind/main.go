@@ -22,7 +22,10 @@ const (
 const usage = `usage: draind <command> [flags]
 
 commands:
-  handoff   hand the listeners of --from over to --to, drain --from, signal it
+  handoff   hand the listeners of --from over to --to, drain --from, signal it (through the daemon if it runs)
+  serve     run the daemon: a local API for handoffs, which survive the daemon's restarts
+  status    list the daemon's handoffs in progress
+  abort     roll back one of the daemon's handoffs (before its old process was signalled)
   demo      a real handoff under load between two built-in servers in a private network namespace
 
 Run "draind <command> -h" for the flags of a command.
@@ -41,6 +44,12 @@ func run(args []string, stdout, stderr io.Writer) int {
 	switch args[0] {
 	case "handoff":
 		return cmdHandoff(args[1:], stdout, stderr)
+	case "serve":
+		return cmdServe(args[1:], stdout, stderr)
+	case "status":
+		return cmdStatus(args[1:], stdout, stderr)
+	case "abort":
+		return cmdAbort(args[1:], stdout, stderr)
 	case "demo":
 		return cmdDemo(args[1:], stdout, stderr)
 	case "-h", "--help", "help":

@@ -1,0 +1,215 @@
+package main
+
+import (
+	"bufio"
+
+	"encoding/json"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/draind/draind/api"
+	"github.com/draind/draind/handoff"
+	"github.com/draind/draind/testenv"
+)
+
+// daemonProc is a `draind serve` running for one test, with its own socket, state directory and pin directory.
+type daemonProc struct {
+	t      testing.TB
+	dir    string // holds the socket (reachable by nobody) and the state directory
+	pins   string
+	socket string
+	cmd    *exec.Cmd
+	mu     sync.Mutex
+	logs   strings.Builder
+	done   chan struct{}
+	code   int
+}
+
+// newDaemonDir makes the directory for a test daemon's socket and state; nobody may reach the socket.
+func newDaemonDir(t testing.TB) string {
+	t.Helper()
+	dir, err := os.MkdirTemp("", "draind-daemon-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	os.Chmod(dir, 0o755)
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	return dir
+}
+
+// startDaemon starts `draind serve` and waits until its socket answers.
+func startDaemon(t testing.TB, dir, pins string) *daemonProc {
+	t.Helper()
+	d := &daemonProc{t: t, dir: dir, pins: pins, socket: filepath.Join(dir, "draind.sock"), done: make(chan struct{})}
+	d.cmd = exec.Command(draindBin(t), "serve", "--socket", d.socket, "--state-dir", filepath.Join(dir, "state"),
+		"--pin-dir", pins, "--socket-group", "65534", "--log-level", "debug")
+	errPipe, err := d.cmd.StderrPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := d.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() {
+		defer close(d.done)
+		sc := bufio.NewScanner(errPipe)
+		sc.Buffer(make([]byte, 64<<10), 1<<20)
+		for sc.Scan() {
+			d.mu.Lock()
+			d.logs.WriteString(sc.Text() + "\n")
+			d.mu.Unlock()
+		}
+		err := d.cmd.Wait()
+		if ee, ok := err.(*exec.ExitError); ok {
+			d.code = ee.ExitCode()
+			if ws, ok := ee.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
+				d.code = -int(ws.Signal())
+			}
+		}
+	}()
+	t.Cleanup(func() {
+		d.cmd.Process.Kill()
+		<-d.done
+		if t.Failed() {
+			t.Logf("daemon log:\n%s", d.log())
+		}
+	})
+	deadline := time.Now().Add(15 * time.Second)
+	for {
+		if c, err := net.Dial("unix", d.socket); err == nil {
+			c.Close()
+			return d
+		}
+		select {
+		case <-d.done:
+			t.Fatalf("draind serve exited (%d) before serving: %s", d.code, d.log())
+		default:
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("draind serve did not serve within 15s: %s", d.log())
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+func (d *daemonProc) log() string {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.logs.String()
+}
+
+// signal sends sig and waits for the daemon to exit; it returns the exit code (-N: killed by signal N).
+func (d *daemonProc) signal(sig syscall.Signal) int {
+	d.t.Helper()
+	d.cmd.Process.Signal(sig)
+	select {
+	case <-d.done:
+	case <-time.After(30 * time.Second):
+		d.t.Fatalf("draind serve did not exit within 30s of %v: %s", sig, d.log())
+	}
+	return d.code
+}
+
+// records reads the daemon's state file (the handoffs it would resume).
+func (d *daemonProc) records() []json.RawMessage {
+	d.t.Helper()
+	b, err := os.ReadFile(filepath.Join(d.dir, "state", "handoffs.json"))
+	if os.IsNotExist(err) {
+		return nil
+	}
+	if err != nil {
+		d.t.Fatal(err)
+	}
+	var doc struct {
+		Handoffs []json.RawMessage `json:"handoffs"`
+	}
+	if err := json.Unmarshal(b, &doc); err != nil {
+		d.t.Fatalf("state file: %v: %s", err, b)
+	}
+	return doc.Handoffs
+}
+
+// status runs `draind status --json` against the daemon.
+func (d *daemonProc) status() []api.Handoff {
+	d.t.Helper()
+	out, err := exec.Command(draindBin(d.t), "status", "--json", "--socket", d.socket).Output()
+	if err != nil {
+		d.t.Fatalf("draind status: %v", err)
+	}
+	var hs []api.Handoff
+	if err := json.Unmarshal(out, &hs); err != nil {
+		d.t.Fatalf("draind status output %q: %v", out, err)
+	}
+	return hs
+}
+
+// daemonArgs are the handoff flags to go through the test daemon.
+func daemonArgs(d *daemonProc, old, new *testenv.Server) []string {
+	return []string{"--daemon", "--socket", d.socket, "--from", strconv.Itoa(old.PID), "--to", strconv.Itoa(new.PID)}
+}
+
+// TestDaemonHandoffUnderLoad: `draind handoff` through the daemon gives what a standalone run gives: zero failed
+// connections, long-lived connections left alone, the old process signalled once they closed; `draind status` shows
+// the handoff while it drains, and nothing is left behind.
+func TestDaemonHandoffUnderLoad(t *testing.T) {
+	ns, pins := setup(t)
+	d := startDaemon(t, newDaemonDir(t), pins)
+	old := server(t, ns, "old", testenv.ServerOptions{Delay: time.Millisecond})
+	const hold = 3 * time.Second
+	loadStart := testenv.MonoNow()
+	load := testenv.StartLoadForTest(t, ns, testenv.LoadOptions{
+		Addr: addr, Concurrency: 32, Duration: 20 * time.Second,
+		KeepAlive: 8, KeepAliveEvery: 20 * time.Millisecond, KeepAliveFor: hold,
+	})
+	time.Sleep(300 * time.Millisecond)
+	newS := server(t, ns, "new", testenv.ServerOptions{Delay: time.Millisecond})
+	before := selectorPrograms(t)
+
+	h := startHandoff(t, append(daemonArgs(d, old, newS), "--ready-url", "http://"+addr+"/ready")...)
+	h.waitFor(t, "draining:", 10*time.Second)
+	hs := d.status()
+	if len(hs) != 1 || hs[0].From != old.PID || hs[0].To != newS.PID || hs[0].Old.Conns == 0 || hs[0].Deadline.IsZero() {
+		t.Fatalf("status during the drain: %+v", hs)
+	}
+	out, code := h.wait(t, 30*time.Second)
+	time.Sleep(300 * time.Millisecond)
+	r, err := load.Stop()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("handoff: %+v", out.Result)
+	t.Logf("load: requests %d ok %d failures %v by server %v; keep-alive %+v", r.Requests, r.OK, r.Failures, r.ByServer, r.KeepAlive)
+	if code != exitOK || out.Outcome != handoff.OutcomeDrained {
+		t.Fatalf("exit %d outcome %s: %s", code, out.Outcome, h.errText())
+	}
+	requireNoFailures(t, r)
+	if r.ByServer["new"] == 0 || r.KeepAlive.ByServer["old"] == 0 {
+		t.Fatalf("load did not reach both servers: %v, keep-alive %v", r.ByServer, r.KeepAlive.ByServer)
+	}
+	sigs := old.Signals()
+	if len(sigs) != 1 || sigs[0].Signal != syscall.SIGTERM || sigs[0].MonoNS < loadStart+hold.Nanoseconds() {
+		t.Fatalf("old got signals %v, want one SIGTERM after its long-lived connections closed", sigs)
+	}
+	if !out.ExitSeen || !old.Exited() || len(newS.Signals()) != 0 {
+		t.Fatalf("old exit seen %v, exited %v; new signals %v", out.ExitSeen, old.Exited(), newS.Signals())
+	}
+	if hs := d.status(); len(hs) != 0 {
+		t.Fatalf("status after the end: %+v", hs)
+	}
+	if recs := d.records(); len(recs) != 0 {
+		t.Fatalf("state file still holds %d handoff(s)", len(recs))
+	}
+	requireGone(t, pins)
+	requireDetached(t, before)
+	if code := d.signal(syscall.SIGTERM); code != 0 {
+		t.Fatalf("draind serve exited %d on SIGTERM", code)
+	}
+}
