@@ -5,7 +5,6 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -107,10 +106,11 @@ func (c *Client) Handoff(ctx context.Context, req HandoffRequest, fds []int, on 
 			return ev, nil
 		}
 	}
-	if err := sc.Err(); err != nil {
-		return Event{}, fmt.Errorf("read handoff events: %w", err)
+	err = sc.Err()
+	if err == nil {
+		err = io.ErrUnexpectedEOF
 	}
-	return Event{}, errors.New("read handoff events: draind ended the stream before the result (it may have stopped: the handoff goes on when it restarts)")
+	return Event{}, fmt.Errorf("read handoff events: %w: draind ended the stream before the result (if it stopped, the handoff goes on when it restarts)", err)
 }
 
 // List returns the handoffs in progress.

@@ -435,6 +435,9 @@ func (h *run) drain(ctx context.Context, newDied <-chan struct{}, stopWatch func
 	go func() {
 		select {
 		case <-newDied:
+			if h.st.Superseded() {
+				return // a later handoff took over from the new process: its exit is that handoff's business
+			}
 			stopDrain(errNewDied)
 		case <-drainCtx.Done():
 		}
@@ -468,7 +471,9 @@ func (h *run) drain(ctx context.Context, newDied <-chan struct{}, stopWatch func
 	// Last chance to keep the old side: the new one must still be alive.
 	select {
 	case <-newDied:
-		return h.rollback(fmt.Sprintf("new process %d exited before the old one was signalled", h.opts.To))
+		if !h.st.Superseded() {
+			return h.rollback(fmt.Sprintf("new process %d exited before the old one was signalled", h.opts.To))
+		}
 	default:
 	}
 	stopWatch()

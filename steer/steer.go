@@ -458,9 +458,9 @@ func (s *Steering) release(toNew bool) error {
 }
 
 // releaseGroup gives the group back to one side: the new one (Finish) or the old one (Undo). Only what this
-// handoff added goes: the dropped side's members and slots. When no other generation is left in the group, the
-// selector is detached and the group freed; otherwise the kept side stays the target of the selector that the
-// other generation's drain still needs.
+// handoff added goes: the dropped side's members and slots. When only the target generation is left in the group,
+// the selector is detached and the group freed; otherwise the selector stays for the other generations' drains (an
+// old listener that closes needs it to migrate its queue).
 func (s *Steering) releaseGroup(g *group, toNew bool) error {
 	last := releaseLease(leaseDir(s.objs, g.id))
 	var gv loader.Group
@@ -479,13 +479,14 @@ func (s *Steering) releaseGroup(g *group, toNew bool) error {
 	}
 	gv.ProbePort = 0
 	others := false
+	var theirs []uint32 // slots of other handoffs' members, freed with the group
 	for i := range members(&gv) {
 		m := &gv.Members[i]
 		switch {
 		case m.Gen == 0:
 		case m.Gen == drop:
 			m.Gen = 0
-		case m.Gen != keep:
+		case m.Gen != gv.TargetGen:
 			others = true
 		}
 	}
@@ -494,6 +495,12 @@ func (s *Steering) releaseGroup(g *group, toNew bool) error {
 			errs = append(errs, err)
 		}
 		dropped = append(slices.Clone(g.pair.Old), g.pair.New...)
+		// The members left are a later generation's (A->B ending after B->C): their slots go with the group.
+		for _, m := range members(&gv) {
+			if m.Gen != 0 {
+				theirs = append(theirs, m.Slot)
+			}
+		}
 		gv = loader.Group{}
 	}
 	if err := s.objs.Groups.Put(g.id, gv); err != nil {
@@ -506,6 +513,11 @@ func (s *Steering) releaseGroup(g *group, toNew bool) error {
 			if err := s.objs.Sockets.Delete(slot); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 				errs = append(errs, fmt.Errorf("clear slot %d: %w", slot, err))
 			}
+		}
+	}
+	for _, slot := range theirs {
+		if err := s.objs.Sockets.Delete(slot); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			errs = append(errs, fmt.Errorf("clear slot %d: %w", slot, err))
 		}
 	}
 	if !others {
@@ -546,7 +558,28 @@ func (s *Steering) detach(g *group, toNew bool) error {
 		}
 		return fmt.Errorf("detach selector from %s: %w", l, err)
 	}
-	return nil // no listener left: the group is gone, and the selector with it
+	// No listener of this handoff is left. Either the group is gone with them (and the selector with it), or a later
+	// generation's listeners serve it (A->B ending after B->C): the selector stays attached to them, and with the
+	// group freed it selects nothing (the kernel chooses, as without it) until the next handoff replaces it.
+	s.log.Info("selector left attached to a later generation's listeners; it no longer selects", "addr", g.pair.Addr, "group", g.id)
+	return nil
+}
+
+// Superseded reports whether a later handoff took every group over from this one's new side (B->C while A->B
+// drains): the target is neither side of this handoff. The new process may then exit without this handoff failing.
+func (s *Steering) Superseded() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if len(s.groups) == 0 {
+		return false
+	}
+	for _, g := range s.groups {
+		var gv loader.Group
+		if s.objs.Groups.Lookup(g.id, &gv) != nil || gv.TargetGen == g.oldGen || gv.TargetGen == g.newGen {
+			return false
+		}
+	}
+	return true
 }
 
 func ebpfCPUs() int {

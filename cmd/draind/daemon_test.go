@@ -213,3 +213,169 @@ func TestDaemonHandoffUnderLoad(t *testing.T) {
 		t.Fatalf("draind serve exited %d on SIGTERM", code)
 	}
 }
+
+// TestDaemonSurvivesKillAndStop: under load, the daemon is killed (SIGKILL) right after the flip, restarted, stopped
+// (SIGTERM) mid-drain, and restarted again. Steering stays in the kernel throughout: zero failed connections, new
+// connections keep reaching the new process, and the old process is signalled once, only after its long-lived
+// connections closed, by the third daemon process.
+func TestDaemonSurvivesKillAndStop(t *testing.T) {
+	ns, pins := setup(t)
+	dir := newDaemonDir(t)
+	d := startDaemon(t, dir, pins)
+	old := server(t, ns, "old", testenv.ServerOptions{Delay: time.Millisecond})
+	const hold = 6 * time.Second
+	loadStart := testenv.MonoNow()
+	load := testenv.StartLoadForTest(t, ns, testenv.LoadOptions{
+		Addr: addr, Concurrency: 16, Duration: 30 * time.Second,
+		KeepAlive: 8, KeepAliveEvery: 20 * time.Millisecond, KeepAliveFor: hold,
+	})
+	time.Sleep(300 * time.Millisecond)
+	newS := server(t, ns, "new", testenv.ServerOptions{Delay: time.Millisecond})
+
+	h := startHandoff(t, daemonArgs(d, old, newS)...)
+	h.waitFor(t, "flipped", 10*time.Second)
+	if code := d.signal(syscall.SIGKILL); code != -int(syscall.SIGKILL) {
+		t.Fatalf("daemon exit %d, want killed", code)
+	}
+	if recs := d.records(); len(recs) != 1 || !strings.Contains(string(recs[0]), `"stage": "flipped"`) {
+		t.Fatalf("state file after the kill: %s", recs)
+	}
+	out, code := h.wait(t, 10*time.Second)
+	if code != exitError || !strings.Contains(out.Error, "goes on when it restarts") {
+		t.Fatalf("client: exit %d, %q", code, out.Error)
+	}
+	afterKill := load.Progress()
+	time.Sleep(500 * time.Millisecond) // nobody watches: the kernel steers alone
+
+	d2 := startDaemon(t, dir, pins)
+	waitCond(t, 10*time.Second, func() bool {
+		hs := d2.status()
+		return len(hs) == 1 && hs[0].Resumed && hs[0].Stage == handoff.StageDraining
+	})
+	if code := d2.signal(syscall.SIGTERM); code != 0 {
+		t.Fatalf("second daemon exited %d on SIGTERM", code)
+	}
+	if recs := d2.records(); len(recs) != 1 {
+		t.Fatalf("state file after SIGTERM holds %d handoffs, want the one in progress", len(recs))
+	}
+	if len(old.Signals()) != 0 {
+		t.Fatalf("old was signalled before it drained: %v", old.Signals())
+	}
+
+	d3 := startDaemon(t, dir, pins)
+	waitCond(t, 20*time.Second, func() bool { return old.Exited() && len(d3.status()) == 0 })
+	time.Sleep(300 * time.Millisecond)
+	r, err := load.Stop()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("load: requests %d ok %d failures %v by server %v; keep-alive %+v", r.Requests, r.OK, r.Failures, r.ByServer, r.KeepAlive)
+	requireNoFailures(t, r)
+	if r.ByServer["new"] <= afterKill.ByServer["new"] {
+		t.Fatalf("no new connection reached the new process while draind was down or after: %v then %v", afterKill.ByServer, r.ByServer)
+	}
+	sigs := old.Signals()
+	if len(sigs) != 1 || sigs[0].Signal != syscall.SIGTERM || sigs[0].MonoNS < loadStart+hold.Nanoseconds() {
+		t.Fatalf("old got signals %v, want one SIGTERM after its long-lived connections closed (%v after the load started)", sigs, hold)
+	}
+	if len(newS.Signals()) != 0 || newS.Exited() {
+		t.Fatalf("new was signalled or exited")
+	}
+	if recs := d3.records(); len(recs) != 0 {
+		t.Fatalf("state file still holds %d handoff(s)", len(recs))
+	}
+	requireGone(t, pins)
+}
+
+func waitCond(t testing.TB, within time.Duration, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(within)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("condition not met within %s", within)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// TestDaemonGenerations: A->B, then B->C while A still drains, through one daemon, under load. A handoff that would
+// take A's listener again is refused with the ID of the handoff using it. A and B are each signalled once, after their
+// own long-lived connections closed; C keeps everything; no connection fails.
+func TestDaemonGenerations(t *testing.T) {
+	ns, pins := setup(t)
+	d := startDaemon(t, newDaemonDir(t), pins)
+	a := server(t, ns, "a", testenv.ServerOptions{Delay: time.Millisecond})
+	const holdA, holdB = 6 * time.Second, 3 * time.Second
+	loadStart := testenv.MonoNow()
+	load := testenv.StartLoadForTest(t, ns, testenv.LoadOptions{
+		Addr: addr, Concurrency: 16, Duration: 30 * time.Second,
+		KeepAlive: 6, KeepAliveEvery: 20 * time.Millisecond, KeepAliveFor: holdA,
+	})
+	time.Sleep(300 * time.Millisecond)
+	b := server(t, ns, "b", testenv.ServerOptions{Delay: time.Millisecond})
+	c := server(t, ns, "c", testenv.ServerOptions{Delay: time.Millisecond})
+
+	ab := startHandoff(t, daemonArgs(d, a, b)...)
+	ab.waitFor(t, "draining:", 10*time.Second)
+	hs := d.status()
+	if len(hs) != 1 {
+		t.Fatalf("status: %+v", hs)
+	}
+	abID := hs[0].ID
+
+	// A's listener is taken.
+	conflict := startHandoff(t, daemonArgs(d, a, c)...)
+	out, code := conflict.wait(t, 10*time.Second)
+	if code != exitBadInput || !strings.Contains(out.Error, abID) {
+		t.Fatalf("second handoff of A: exit %d, %q; want exit %d naming %s", code, out.Error, exitBadInput, abID)
+	}
+
+	// Long-lived connections that reach B (new connections go to B now).
+	bStart := testenv.MonoNow()
+	loadB := testenv.StartLoadForTest(t, ns, testenv.LoadOptions{
+		Addr: addr, Concurrency: -1, Duration: 30 * time.Second,
+		KeepAlive: 4, KeepAliveEvery: 20 * time.Millisecond, KeepAliveFor: holdB,
+	})
+	waitCond(t, 10*time.Second, func() bool { return loadB.Progress().KeepAlive.Opened == 4 })
+	bc := startHandoff(t, daemonArgs(d, b, c)...)
+	bc.waitFor(t, "draining:", 10*time.Second)
+	if hs := d.status(); len(hs) != 2 {
+		t.Fatalf("status with both generations draining: %+v", hs)
+	}
+
+	outAB, codeAB := ab.wait(t, 30*time.Second)
+	outBC, codeBC := bc.wait(t, 30*time.Second)
+	time.Sleep(300 * time.Millisecond)
+	r, err := load.Stop()
+	if err != nil {
+		t.Fatal(err)
+	}
+	rB, err := loadB.Stop()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("A->B: %s, drained in %v; B->C: %s, drained in %v", outAB.Outcome, outAB.DrainTime, outBC.Outcome, outBC.DrainTime)
+	t.Logf("load: %d ok, failures %v, by server %v, keep-alive %v; load on B: keep-alive %+v", r.OK, r.Failures, r.ByServer, r.KeepAlive.ByServer, rB.KeepAlive)
+	if codeAB != exitOK || codeBC != exitOK {
+		t.Fatalf("exit codes %d and %d: %s / %s", codeAB, codeBC, ab.errText(), bc.errText())
+	}
+	requireNoFailures(t, r)
+	requireNoFailures(t, rB)
+	if r.ByServer["c"] == 0 || rB.KeepAlive.ByServer["b"] == 0 {
+		t.Fatalf("C got no new connection (%v) or B no long-lived one (%v)", r.ByServer, rB.KeepAlive.ByServer)
+	}
+	for _, x := range []struct {
+		name  string
+		s     *testenv.Server
+		after int64
+	}{{"A", a, loadStart + holdA.Nanoseconds()}, {"B", b, bStart + holdB.Nanoseconds()}} {
+		sigs := x.s.Signals()
+		if len(sigs) != 1 || sigs[0].Signal != syscall.SIGTERM || sigs[0].MonoNS < x.after {
+			t.Fatalf("%s got signals %v, want one SIGTERM after its own long-lived connections closed", x.name, sigs)
+		}
+	}
+	if len(c.Signals()) != 0 || c.Exited() {
+		t.Fatalf("C was signalled or exited")
+	}
+	requireGone(t, pins)
+}
