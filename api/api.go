@@ -214,7 +214,9 @@ type Count struct {
 }
 
 // CountOf converts a drain.Count.
-func CountOf(c drain.Count) Count { return Count{Conns: c.Conns, Queued: c.Queued, Detached: c.Detached} }
+func CountOf(c drain.Count) Count {
+	return Count{Conns: c.Conns, Queued: c.Queued, Detached: c.Detached}
+}
 
 // Drain converts back.
 func (c Count) Drain() drain.Count {

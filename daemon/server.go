@@ -336,4 +336,3 @@ func (d *Daemon) abortHandoff(w http.ResponseWriter, r *http.Request) {
 	}
 	w.WriteHeader(http.StatusNoContent)
 }
-
