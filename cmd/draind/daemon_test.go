@@ -2,6 +2,7 @@ package main
 
 import (
 	"bufio"
+	"context"
 
 	"encoding/json"
 	"net"
@@ -376,6 +377,184 @@ func TestDaemonGenerations(t *testing.T) {
 	}
 	if len(c.Signals()) != 0 || c.Exited() {
 		t.Fatalf("C was signalled or exited")
+	}
+	requireGone(t, pins)
+}
+
+// runAs runs draind with args as uid/gid and returns its exit code, stdout and stderr.
+func runAs(t testing.TB, uid uint32, args ...string) (int, string, string) {
+	t.Helper()
+	cmd := exec.Command(draindBin(t), args...)
+	if uid != 0 {
+		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uid, Gid: uid}}
+	}
+	var stdout, stderr strings.Builder
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	err := cmd.Run()
+	code := 0
+	if ee, ok := err.(*exec.ExitError); ok {
+		code = ee.ExitCode()
+	} else if err != nil {
+		t.Fatal(err)
+	}
+	return code, stdout.String(), stderr.String()
+}
+
+// TestDaemonAuthorization: a caller that is not root (uid 65534, through the socket's group) may hand off its own
+// processes and no one else's; the new process must have the old one's owner whoever asks. Refusals say why, exit 2,
+// and change nothing: no selector attached, no pin left, no process signalled.
+func TestDaemonAuthorization(t *testing.T) {
+	ns, pins := setup(t)
+	d := startDaemon(t, newDaemonDir(t), pins)
+	const nobody = 65534
+	mine := func(id, a string) *testenv.Server {
+		return testenv.StartServerForTest(t, ns, testenv.ServerOptions{Addr: a, ID: id, ReusePort: true, UID: nobody, GID: nobody})
+	}
+	roots := func(id, a string) *testenv.Server {
+		return testenv.StartServerForTest(t, ns, testenv.ServerOptions{Addr: a, ID: id, ReusePort: true})
+	}
+	oldN, newN := mine("old-nobody", "127.0.0.1:8080"), mine("new-nobody", "127.0.0.1:8080")
+	oldR, newR := roots("old-root", "127.0.0.1:8081"), roots("new-root", "127.0.0.1:8081")
+	oldM, newM := mine("old-mixed", "127.0.0.1:8082"), roots("new-mixed", "127.0.0.1:8083") // one reuseport group needs one owner
+	pid := func(s *testenv.Server) string { return strconv.Itoa(s.PID) }
+	before := selectorPrograms(t)
+
+	cases := []struct {
+		name     string
+		uid      uint32
+		old, new *testenv.Server
+		want     string
+	}{
+		{"someone else's processes", nobody, oldR, newR, "belongs to uid 0; uid 65534 may only hand off its own processes"},
+		{"own old, someone else's new", nobody, oldM, newM, "the new process " + pid(newM) + " belongs to uid 0; uid 65534 may only hand off its own"},
+		{"owners differ (root asks)", 0, oldM, newM, "must have the same owner"},
+	}
+	for _, c := range cases {
+		code, _, stderr := runAs(t, c.uid, "handoff", "--daemon", "--socket", d.socket, "--from", pid(c.old), "--to", pid(c.new))
+		if code != exitBadInput || !strings.Contains(stderr, c.want) {
+			t.Fatalf("%s: exit %d, %q; want exit %d and %q", c.name, code, stderr, exitBadInput, c.want)
+		}
+		requireGone(t, pins)
+		requireDetached(t, before)
+	}
+	for _, s := range []*testenv.Server{oldR, newR, oldM, newM} {
+		if len(s.Signals()) != 0 || s.Exited() {
+			t.Fatalf("server %d was signalled or exited", s.PID)
+		}
+	}
+
+	// Its own processes: handed off.
+	load := testenv.StartLoadForTest(t, ns, testenv.LoadOptions{Addr: "127.0.0.1:8080", Concurrency: 8, Duration: 10 * time.Second})
+	time.Sleep(200 * time.Millisecond)
+	code, stdout, stderr := runAs(t, nobody, "handoff", "--daemon", "--json", "--socket", d.socket, "--from", pid(oldN), "--to", pid(newN))
+	time.Sleep(200 * time.Millisecond)
+	r, err := load.Stop()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out handoffOut
+	if err := json.Unmarshal([]byte(stdout), &out); err != nil {
+		t.Fatalf("output %q: %v (stderr %s)", stdout, err, stderr)
+	}
+	if code != exitOK || out.Outcome != handoff.OutcomeDrained || !oldN.Exited() {
+		t.Fatalf("own handoff: exit %d, %+v, stderr %s", code, out.Result, stderr)
+	}
+	requireNoFailures(t, r)
+	if r.ByServer["new-nobody"] == 0 {
+		t.Fatalf("no request reached the new process: %v", r.ByServer)
+	}
+	requireGone(t, pins)
+}
+
+// envPIDNSClient makes the test binary run pidnsClient instead of the tests (TestDaemonPIDNamespace starts it as the
+// first process of a new PID namespace). Its value is "netns path,socket path,draind binary".
+const envPIDNSClient = "DRAIND_TEST_PIDNS_CLIENT"
+
+// pidnsReport is what pidnsClient prints.
+type pidnsReport struct {
+	Self, Old, New int // PIDs as this PID namespace sees them
+	Code           int
+	Handoff        handoffOut
+	Stderr         string
+	OldSignals     int
+	OldExited      bool
+	Err            string
+}
+
+// pidnsClient runs inside a new PID namespace: it starts an old and a new server (which get small PIDs of this
+// namespace), hands them off through the daemon by these PIDs, watches the old one exit and prints a pidnsReport.
+func pidnsClient() int {
+	rep := pidnsReport{Self: os.Getpid()}
+	defer func() { json.NewEncoder(os.Stdout).Encode(rep) }()
+	args := strings.Split(os.Getenv(envPIDNSClient), ",")
+	os.Unsetenv(envPIDNSClient)
+	ns := &testenv.NetNS{Path: args[0]}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	old, err := testenv.StartServer(ctx, ns, testenv.ServerOptions{Addr: addr, ID: "old", ReusePort: true})
+	if err != nil {
+		rep.Err = err.Error()
+		return 0
+	}
+	defer old.Kill()
+	newS, err := testenv.StartServer(ctx, ns, testenv.ServerOptions{Addr: addr, ID: "new", ReusePort: true})
+	if err != nil {
+		rep.Err = err.Error()
+		return 0
+	}
+	defer newS.Kill()
+	rep.Old, rep.New = old.PID, newS.PID
+	cmd := exec.CommandContext(ctx, args[2], "handoff", "--daemon", "--json", "--socket", args[1],
+		"--from", strconv.Itoa(old.PID), "--to", strconv.Itoa(newS.PID))
+	var stdout, stderr strings.Builder
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	if ee, ok := cmd.Run().(*exec.ExitError); ok {
+		rep.Code = ee.ExitCode()
+	}
+	rep.Stderr = stderr.String()
+	json.Unmarshal([]byte(stdout.String()), &rep.Handoff)
+	wctx, wcancel := context.WithTimeout(ctx, 10*time.Second)
+	defer wcancel()
+	rep.OldExited, _ = old.Wait(wctx)
+	rep.OldSignals = len(old.Signals())
+	return 0
+}
+
+// TestDaemonPIDNamespace: a client in a child PID namespace hands off two servers by the PIDs it sees there (small
+// numbers that name other processes, or none, in the daemon's namespace); the daemon gets the processes themselves
+// as pidfds, hands them off, and signals the right old process.
+func TestDaemonPIDNamespace(t *testing.T) {
+	ns, pins := setup(t)
+	d := startDaemon(t, newDaemonDir(t), pins)
+	self, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(self)
+	cmd.Env = append(os.Environ(), envPIDNSClient+"="+ns.Path+","+d.socket+","+draindBin(t))
+	cmd.SysProcAttr = &syscall.SysProcAttr{Cloneflags: syscall.CLONE_NEWPID, Pdeathsig: syscall.SIGKILL}
+	var stderr strings.Builder
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	if err != nil {
+		t.Fatalf("client in a PID namespace: %v: %s", err, stderr.String())
+	}
+	var rep pidnsReport
+	if err := json.Unmarshal(out, &rep); err != nil {
+		t.Fatalf("report %q: %v", out, err)
+	}
+	t.Logf("in the child PID namespace: client %d, old %d, new %d; the daemon saw old %d, new %d", rep.Self, rep.Old, rep.New, rep.Handoff.From, rep.Handoff.To)
+	if rep.Err != "" || rep.Self != 1 {
+		t.Fatalf("client: %+v", rep)
+	}
+	if rep.Code != exitOK || rep.Handoff.Outcome != handoff.OutcomeDrained {
+		t.Fatalf("handoff: exit %d, %+v, stderr %s", rep.Code, rep.Handoff.Result, rep.Stderr)
+	}
+	if rep.Handoff.From == rep.Old || rep.Handoff.To == rep.New {
+		t.Fatalf("the daemon reports the namespace's PIDs (%d, %d), not its own", rep.Handoff.From, rep.Handoff.To)
+	}
+	if rep.OldSignals != 1 || !rep.OldExited {
+		t.Fatalf("old server: %d signal(s), exited %v", rep.OldSignals, rep.OldExited)
 	}
 	requireGone(t, pins)
 }

@@ -24,7 +24,12 @@ import (
 	"github.com/draind/draind/testenv"
 )
 
-func TestMain(m *testing.M) { testenv.Main(m) }
+func TestMain(m *testing.M) {
+	if os.Getenv(envPIDNSClient) != "" {
+		os.Exit(pidnsClient())
+	}
+	testenv.Main(m)
+}
 
 const addr = "127.0.0.1:8080"
 
