@@ -1,7 +1,7 @@
 GO ?= go
 BIN ?= bin/draind
 
-.PHONY: build generate test demo check-generate lint bench-count
+.PHONY: build generate test demo check-generate lint bench-count fuzz
 
 build:
 	$(GO) build -o $(BIN) ./cmd/draind
@@ -22,6 +22,12 @@ lint:
 # Packages run one at a time: their end-to-end tests each start servers, load and handoffs on a 2-core machine.
 test: lint
 	$(GO) test -p 1 -count=1 -timeout 30m ./...
+	$(MAKE) fuzz FUZZTIME=30s
+
+# The API request decoder under the fuzzer (the test command runs it for 30s).
+FUZZTIME ?= 2m
+fuzz:
+	$(GO) test -run '^$$' -fuzz FuzzDecodeHandoff -fuzztime $(FUZZTIME) ./api
 
 demo: build
 	./$(BIN) demo
