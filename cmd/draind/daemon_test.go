@@ -558,3 +558,46 @@ func TestDaemonPIDNamespace(t *testing.T) {
 	}
 	requireGone(t, pins)
 }
+
+// TestServeConfig: `draind serve --config` reads the YAML file (flags win); an unknown key or a bad value is refused
+// with exit 2 before anything starts.
+func TestServeConfig(t *testing.T) {
+	_, pins := setup(t)
+	dir := newDaemonDir(t)
+	sock := filepath.Join(dir, "from-config.sock")
+	cfg := filepath.Join(dir, "draind.yaml")
+	write := func(s string) {
+		if err := os.WriteFile(cfg, []byte(s), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	write("socket: " + sock + "\nstate_dir: " + filepath.Join(dir, "state") + "\npin_dir: " + pins + "\nlog_level: warn\nsocket_group: \"65534\"\n")
+	cmd := exec.Command(draindBin(t), "serve", "--config", cfg)
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { cmd.Process.Kill(); cmd.Wait() }()
+	waitCond(t, 10*time.Second, func() bool {
+		st, err := os.Stat(sock)
+		return err == nil && st.Mode()&os.ModeSocket != 0
+	})
+	st, _ := os.Stat(sock)
+	if st.Mode().Perm() != 0o660 || st.Sys().(*syscall.Stat_t).Gid != 65534 {
+		t.Fatalf("socket mode %v gid %d, want 0660 and the configured group", st.Mode().Perm(), st.Sys().(*syscall.Stat_t).Gid)
+	}
+	cmd.Process.Signal(syscall.SIGTERM)
+	if err := cmd.Wait(); err != nil {
+		t.Fatalf("serve on SIGTERM: %v", err)
+	}
+	for _, bad := range []struct{ yaml, want string }{
+		{"sockett: /x\n", "field sockett not found"},
+		{"log_level: loud\n", "log level"},
+		{"socket_group: no-such-group-here\n", "socket group"},
+	} {
+		write(bad.yaml)
+		code, _, stderr := runAs(t, 0, "serve", "--config", cfg)
+		if code != exitBadInput || !strings.Contains(stderr, bad.want) {
+			t.Fatalf("config %q: exit %d, %q; want %d and %q", bad.yaml, code, stderr, exitBadInput, bad.want)
+		}
+	}
+}
