@@ -87,7 +87,7 @@ var ErrInvalid = errors.New("invalid request")
 func DecodeHandoff(r io.Reader, nfds int) (*HandoffRequest, error) {
 	body, err := io.ReadAll(io.LimitReader(r, MaxRequestBytes+1))
 	if err != nil {
-		return nil, fmt.Errorf("read request: %w", err)
+		return nil, fmt.Errorf("read request: %w: %w", ErrInvalid, err)
 	}
 	if len(body) > MaxRequestBytes {
 		return nil, fmt.Errorf("read request: %w (over %d bytes)", ErrTooLarge, MaxRequestBytes)
@@ -96,7 +96,7 @@ func DecodeHandoff(r io.Reader, nfds int) (*HandoffRequest, error) {
 	dec.DisallowUnknownFields()
 	var req HandoffRequest
 	if err := dec.Decode(&req); err != nil {
-		return nil, fmt.Errorf("decode request: %w", err)
+		return nil, fmt.Errorf("decode request: %w: %w", ErrInvalid, err)
 	}
 	if _, err := dec.Token(); err != io.EOF {
 		return nil, fmt.Errorf("decode request: %w: data after the request", ErrInvalid)

@@ -147,11 +147,12 @@ func cmdAbort(args []string, stdout, stderr io.Writer) int {
 	fs := flag.NewFlagSet("abort", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	socket := fs.String("socket", api.DefaultSocket, "the daemon's socket")
+	jsonOut := fs.Bool("json", false, "print JSON")
 	if err := fs.Parse(args); err != nil {
 		return exitBadInput
 	}
 	if fs.NArg() != 1 {
-		fmt.Fprintln(stderr, "usage: draind abort [--socket PATH] ID")
+		fmt.Fprintln(stderr, "usage: draind abort [--socket PATH] [--json] ID")
 		return exitBadInput
 	}
 	if err := (&api.Client{Socket: *socket}).Abort(context.Background(), fs.Arg(0)); err != nil {
@@ -161,6 +162,15 @@ func cmdAbort(args []string, stdout, stderr io.Writer) int {
 			return exitCodeOfKind(ae.Kind)
 		}
 		return exitError
+	}
+	if *jsonOut {
+		enc := json.NewEncoder(stdout)
+		enc.SetIndent("", "  ")
+		enc.Encode(struct {
+			ID         string `json:"id"`
+			RolledBack bool   `json:"rolled_back"`
+		}{fs.Arg(0), true})
+		return exitOK
 	}
 	fmt.Fprintf(stdout, "handoff %s rolled back\n", fs.Arg(0))
 	return exitOK

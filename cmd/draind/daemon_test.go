@@ -6,6 +6,7 @@ import (
 
 	"encoding/json"
 	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -600,4 +601,78 @@ func TestServeConfig(t *testing.T) {
 			t.Fatalf("config %q: exit %d, %q; want %d and %q", bad.yaml, code, stderr, exitBadInput, bad.want)
 		}
 	}
+}
+
+// TestDaemonAbortAndBadRequests: `draind abort ID` rolls a draining handoff back (the client exits 3, the old process
+// keeps everything and is not signalled, nothing is left behind); aborting an unknown ID, or a malformed or oversized
+// request, is refused and changes nothing.
+func TestDaemonAbortAndBadRequests(t *testing.T) {
+	ns, pins := setup(t)
+	d := startDaemon(t, newDaemonDir(t), pins)
+	old := server(t, ns, "old", testenv.ServerOptions{})
+	load := testenv.StartLoadForTest(t, ns, testenv.LoadOptions{
+		Addr: addr, Concurrency: 8, Duration: 20 * time.Second,
+		KeepAlive: 2, KeepAliveEvery: 50 * time.Millisecond, KeepAliveFor: 20 * time.Second,
+	})
+	time.Sleep(300 * time.Millisecond)
+	newS := server(t, ns, "new", testenv.ServerOptions{})
+	before := selectorPrograms(t)
+
+	for _, c := range []struct {
+		body, want string
+		code       int
+	}{
+		{`{"from":{"pid":1},"to":`, "unexpected EOF", 400},
+		{`{"from":{"pid":1},"to":{"pid":2},"extra":1}`, "unknown field", 400},
+		{`{"from":{"pid":1},"to":{"pid":2},"ready_url":"` + strings.Repeat("x", 20<<10) + `"}`, "request too large", 400},
+	} {
+		hc := &http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			return (&net.Dialer{}).DialContext(ctx, "unix", d.socket)
+		}}}
+		resp, err := hc.Post("http://draind/v1/handoffs", "application/json", strings.NewReader(c.body))
+		if err != nil {
+			t.Fatal(err)
+		}
+		var e api.Error
+		json.NewDecoder(resp.Body).Decode(&e)
+		resp.Body.Close()
+		if resp.StatusCode != c.code || e.Kind != api.KindBadInput || !strings.Contains(e.Message, c.want) {
+			t.Fatalf("%.50s: %d %+v; want %d, bad_input, %q", c.body, resp.StatusCode, e, c.code, c.want)
+		}
+	}
+	if code, _, stderr := runAs(t, 0, "abort", "--socket", d.socket, "h-00000000"); code != exitBadInput || !strings.Contains(stderr, "no handoff") {
+		t.Fatalf("abort of an unknown id: exit %d, %q", code, stderr)
+	}
+	requireGone(t, pins)
+	requireDetached(t, before)
+
+	h := startHandoff(t, daemonArgs(d, old, newS)...)
+	h.waitFor(t, "draining:", 10*time.Second)
+	hs := d.status()
+	if len(hs) != 1 {
+		t.Fatalf("status: %+v", hs)
+	}
+	code, stdout, stderr := runAs(t, 0, "abort", "--json", "--socket", d.socket, hs[0].ID)
+	if code != exitOK || !strings.Contains(stdout, `"rolled_back": true`) {
+		t.Fatalf("abort: exit %d, %s %s", code, stdout, stderr)
+	}
+	out, code := h.wait(t, 10*time.Second)
+	if code != exitRolledBack || out.Outcome != handoff.OutcomeRolledBack || !strings.Contains(out.RollbackReason, "aborted through the API by uid 0") {
+		t.Fatalf("client after the abort: exit %d, %+v", code, out.Result)
+	}
+	afterAbort := load.Progress().ByServer["old"]
+	time.Sleep(500 * time.Millisecond)
+	r, err := load.Stop()
+	if err != nil {
+		t.Fatal(err)
+	}
+	requireNoFailures(t, r)
+	if r.ByServer["old"] <= afterAbort {
+		t.Fatalf("new connections did not go back to the old process after the abort: %v", r.ByServer)
+	}
+	if len(old.Signals()) != 0 || old.Exited() {
+		t.Fatalf("old was signalled after an abort: %v", old.Signals())
+	}
+	requireGone(t, pins)
+	requireDetached(t, before)
 }
