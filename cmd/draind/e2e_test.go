@@ -50,7 +50,11 @@ func draindBin(t testing.TB) string {
 		}
 		os.Chmod(dir, 0o755) // the not-root test runs it as nobody
 		binPath = filepath.Join(dir, "draind")
-		out, err := exec.Command("go", "build", "-o", binPath, ".").CombinedOutput()
+		args := []string{"build", "-o", binPath}
+		if os.Getenv("DRAIND_TEST_RACE") != "" {
+			args = append(args, "-race") // a draind built with the race detector (its reports go to its stderr)
+		}
+		out, err := exec.Command("go", append(args, ".")...).CombinedOutput()
 		if err != nil {
 			binErr = fmt.Errorf("go build: %v\n%s", err, out)
 		}
