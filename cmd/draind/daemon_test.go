@@ -164,53 +164,19 @@ func daemonArgs(d *daemonProc, old, new *testenv.Server) []string {
 func TestDaemonHandoffUnderLoad(t *testing.T) {
 	ns, pins := setup(t)
 	d := startDaemon(t, newDaemonDir(t), pins)
-	old := server(t, ns, "old", testenv.ServerOptions{Delay: time.Millisecond})
-	const hold = 3 * time.Second
-	loadStart := testenv.MonoNow()
-	load := testenv.StartLoadForTest(t, ns, testenv.LoadOptions{
-		Addr: addr, Concurrency: 32, Duration: 20 * time.Second,
-		KeepAlive: 8, KeepAliveEvery: 20 * time.Millisecond, KeepAliveFor: hold,
-	})
-	time.Sleep(300 * time.Millisecond)
-	newS := server(t, ns, "new", testenv.ServerOptions{Delay: time.Millisecond})
-	before := selectorPrograms(t)
-
-	h := startHandoff(t, append(daemonArgs(d, old, newS), "--ready-url", "http://"+addr+"/ready")...)
-	h.waitFor(t, "draining:", 10*time.Second)
-	hs := d.status()
-	if len(hs) != 1 || hs[0].From != old.PID || hs[0].To != newS.PID || hs[0].Old.Conns == 0 || hs[0].Deadline.IsZero() {
-		t.Fatalf("status during the drain: %+v", hs)
-	}
-	out, code := h.wait(t, 30*time.Second)
-	time.Sleep(300 * time.Millisecond)
-	r, err := load.Stop()
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Logf("handoff: %+v", out.Result)
-	t.Logf("load: requests %d ok %d failures %v by server %v; keep-alive %+v", r.Requests, r.OK, r.Failures, r.ByServer, r.KeepAlive)
-	if code != exitOK || out.Outcome != handoff.OutcomeDrained {
-		t.Fatalf("exit %d outcome %s: %s", code, out.Outcome, h.errText())
-	}
-	requireNoFailures(t, r)
-	if r.ByServer["new"] == 0 || r.KeepAlive.ByServer["old"] == 0 {
-		t.Fatalf("load did not reach both servers: %v, keep-alive %v", r.ByServer, r.KeepAlive.ByServer)
-	}
-	sigs := old.Signals()
-	if len(sigs) != 1 || sigs[0].Signal != syscall.SIGTERM || sigs[0].MonoNS < loadStart+hold.Nanoseconds() {
-		t.Fatalf("old got signals %v, want one SIGTERM after its long-lived connections closed", sigs)
-	}
-	if !out.ExitSeen || !old.Exited() || len(newS.Signals()) != 0 {
-		t.Fatalf("old exit seen %v, exited %v; new signals %v", out.ExitSeen, old.Exited(), newS.Signals())
-	}
+	handoffUnderLoad(t, ns, pins, func(old, new *testenv.Server) []string { return daemonArgs(d, old, new) },
+		func(old, new *testenv.Server) {
+			hs := d.status()
+			if len(hs) != 1 || hs[0].From != old.PID || hs[0].To != new.PID || hs[0].Old.Conns == 0 || hs[0].Deadline.IsZero() {
+				t.Fatalf("status during the drain: %+v", hs)
+			}
+		})
 	if hs := d.status(); len(hs) != 0 {
 		t.Fatalf("status after the end: %+v", hs)
 	}
 	if recs := d.records(); len(recs) != 0 {
 		t.Fatalf("state file still holds %d handoff(s)", len(recs))
 	}
-	requireGone(t, pins)
-	requireDetached(t, before)
 	if code := d.signal(syscall.SIGTERM); code != 0 {
 		t.Fatalf("draind serve exited %d on SIGTERM", code)
 	}

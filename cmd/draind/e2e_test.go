@@ -218,6 +218,12 @@ func requireGone(t testing.TB, pins string) {
 // they are closed, and exits.
 func TestHandoffUnderLoad(t *testing.T) {
 	ns, pins := setup(t)
+	handoffUnderLoad(t, ns, pins, func(old, new *testenv.Server) []string { return pidArgs(old, new, pins) }, nil)
+}
+
+// handoffUnderLoad runs the scenario of TestHandoffUnderLoad with the draind flags args gives (standalone, or
+// through a daemon) and checks its outcome; during, if set, runs while the handoff drains.
+func handoffUnderLoad(t *testing.T, ns *testenv.NetNS, pins string, args func(old, new *testenv.Server) []string, during func(old, new *testenv.Server)) {
 	old := server(t, ns, "old", testenv.ServerOptions{Delay: time.Millisecond})
 	const hold = 3 * time.Second // long enough to outlast starting the new server and draind
 	loadStart := testenv.MonoNow()
@@ -227,8 +233,13 @@ func TestHandoffUnderLoad(t *testing.T) {
 	})
 	time.Sleep(300 * time.Millisecond)
 	newS := server(t, ns, "new", testenv.ServerOptions{Delay: time.Millisecond})
+	before := selectorPrograms(t)
 
-	h := startHandoff(t, append(pidArgs(old, newS, pins), "--ready-url", "http://"+addr+"/ready")...)
+	h := startHandoff(t, append(args(old, newS), "--ready-url", "http://"+addr+"/ready")...)
+	if during != nil {
+		h.waitFor(t, "draining:", 10*time.Second)
+		during(old, newS)
+	}
 	out, code := h.wait(t, 30*time.Second)
 	time.Sleep(300 * time.Millisecond)
 	r, err := load.Stop()
@@ -264,6 +275,7 @@ func TestHandoffUnderLoad(t *testing.T) {
 		t.Fatalf("new got signals %v", newS.Signals())
 	}
 	requireGone(t, pins)
+	requireDetached(t, before)
 }
 
 // TestWithoutDraindLosesConnections is the same load with the usual upgrade (start new, SIGTERM old) on a server

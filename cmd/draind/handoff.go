@@ -64,10 +64,7 @@ func cmdHandoff(args []string, stdout, stderr io.Writer) int {
 	if err := fs.Parse(args); err != nil {
 		return exitBadInput
 	}
-	fail := func(format string, a ...any) int {
-		fmt.Fprintf(stderr, "draind: "+format+"\n", a...)
-		return exitBadInput
-	}
+	fail := badInput(stderr)
 	if fs.NArg() > 0 {
 		return fail("unexpected argument %q", fs.Arg(0))
 	}

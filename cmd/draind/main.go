@@ -59,3 +59,11 @@ func run(args []string, stdout, stderr io.Writer) int {
 	fmt.Fprintf(stderr, "draind: unknown command %q\n%s", args[0], usage)
 	return exitBadInput
 }
+
+// badInput returns the function a command uses to refuse its arguments: one line on stderr, exit code 2.
+func badInput(stderr io.Writer) func(format string, a ...any) int {
+	return func(format string, a ...any) int {
+		fmt.Fprintf(stderr, "draind: "+format+"\n", a...)
+		return exitBadInput
+	}
+}
