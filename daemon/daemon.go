@@ -83,6 +83,15 @@ func New(opts Options) (*Daemon, error) {
 	if err != nil {
 		return nil, err
 	}
+	// Fail at start, not at the first handoff, when BPF is out of reach (this also mounts bpffs if needed).
+	objs, err := loader.Open(loader.Options{PinDir: opts.PinDir, Logger: opts.Logger})
+	if err != nil {
+		return nil, fmt.Errorf("start daemon: %w", err)
+	}
+	if _, err := objs.RemoveUnusedPins(); err != nil {
+		opts.Logger.Warn("remove unused pins", "err", err)
+	}
+	objs.Close()
 	tr, err := drain.NewTracker(drain.TrackerOptions{Logger: opts.Logger})
 	if err != nil {
 		return nil, fmt.Errorf("start daemon: %w", err)

@@ -642,3 +642,97 @@ func TestDaemonAbortAndBadRequests(t *testing.T) {
 	requireGone(t, pins)
 	requireDetached(t, before)
 }
+
+// TestDaemonConcurrentPorts: handoffs of different ports run at the same time in one daemon, each to its own end.
+func TestDaemonConcurrentPorts(t *testing.T) {
+	ns, pins := setup(t)
+	d := startDaemon(t, newDaemonDir(t), pins)
+	type pair struct {
+		addr     string
+		old, new *testenv.Server
+		load     *testenv.Load
+		h        *handoffRun
+	}
+	var ps []*pair
+	for _, a := range []string{"127.0.0.1:8080", "127.0.0.1:8081"} {
+		p := &pair{addr: a}
+		p.old = testenv.StartServerForTest(t, ns, testenv.ServerOptions{Addr: a, ID: "old", ReusePort: true})
+		p.load = testenv.StartLoadForTest(t, ns, testenv.LoadOptions{
+			Addr: a, Concurrency: 4, Duration: 20 * time.Second,
+			KeepAlive: 2, KeepAliveEvery: 20 * time.Millisecond, KeepAliveFor: 3 * time.Second,
+		})
+		p.new = testenv.StartServerForTest(t, ns, testenv.ServerOptions{Addr: a, ID: "new", ReusePort: true})
+		ps = append(ps, p)
+	}
+	time.Sleep(200 * time.Millisecond)
+	for _, p := range ps {
+		p.h = startHandoff(t, daemonArgs(d, p.old, p.new)...)
+	}
+	for _, p := range ps {
+		p.h.waitFor(t, "draining:", 10*time.Second)
+	}
+	if hs := d.status(); len(hs) != 2 {
+		t.Fatalf("status with both handoffs draining: %+v", hs)
+	}
+	for _, p := range ps {
+		out, code := p.h.wait(t, 30*time.Second)
+		r, err := p.load.Stop()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if code != exitOK || out.Outcome != handoff.OutcomeDrained || len(out.Listeners) != 1 || out.Listeners[0] != p.addr {
+			t.Fatalf("%s: exit %d, %+v", p.addr, code, out.Result)
+		}
+		requireNoFailures(t, r)
+		if len(p.old.Signals()) != 1 || r.ByServer["new"] == 0 {
+			t.Fatalf("%s: old signals %v, by server %v", p.addr, p.old.Signals(), r.ByServer)
+		}
+	}
+	requireGone(t, pins)
+}
+
+// TestServeNotifiesSystemd: started as a Type=notify service (NOTIFY_SOCKET, WATCHDOG_USEC), the daemon says
+// READY=1 once it serves, pets the watchdog, and says STOPPING=1 on SIGTERM.
+func TestServeNotifiesSystemd(t *testing.T) {
+	_, pins := setup(t)
+	dir := newDaemonDir(t)
+	notify := filepath.Join(dir, "notify.sock")
+	conn, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: notify, Net: "unixgram"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	sock := filepath.Join(dir, "draind.sock")
+	cmd := exec.Command(draindBin(t), "serve", "--socket", sock, "--state-dir", filepath.Join(dir, "state"), "--pin-dir", pins)
+	cmd.Env = append(os.Environ(), "NOTIFY_SOCKET="+notify, "WATCHDOG_USEC=200000")
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { cmd.Process.Kill(); cmd.Wait() }()
+	var got []string
+	buf := make([]byte, 256)
+	want := func(msg string) {
+		t.Helper()
+		conn.SetReadDeadline(time.Now().Add(10 * time.Second))
+		for {
+			n, err := conn.Read(buf)
+			if err != nil {
+				t.Fatalf("no %s from draind (got %q): %v", msg, got, err)
+			}
+			got = append(got, string(buf[:n]))
+			if string(buf[:n]) == msg {
+				return
+			}
+		}
+	}
+	want("READY=1")
+	if _, err := os.Stat(sock); err != nil {
+		t.Fatalf("READY=1 before the socket exists: %v", err)
+	}
+	want("WATCHDOG=1")
+	cmd.Process.Signal(syscall.SIGTERM)
+	want("STOPPING=1")
+	if err := cmd.Wait(); err != nil {
+		t.Fatalf("serve on SIGTERM: %v", err)
+	}
+}
