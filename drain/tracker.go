@@ -363,8 +363,9 @@ type Counter struct {
 	portKeys []loader.PortKey
 	slots    []uint16 // the slots of portKeys
 
-	mu     sync.Mutex // one count at a time (seen, tagged)
+	mu     sync.Mutex // one count at a time (seen, tagged, byPort)
 	seen   map[uint64]struct{}
+	byPort map[uint16]Count // the last count, per port
 	tagged loader.MarkCount // the root mark's events just before the last full snapshot
 	closed bool
 	stats  CounterStats
@@ -407,12 +408,14 @@ func (c *Counter) countLocked(fast bool) (Count, error) {
 		return Count{}, errors.New("count connections: counter closed")
 	}
 	root := uint16(c.root.id)
+	slots := c.slots // Close drops the slice, never changes it
 	excl := make([]uint16, len(c.excl))
 	for i, m := range c.excl {
 		excl[i] = uint16(m.id)
 	}
 	c.t.mu.Unlock()
 	if c.p.Exited() {
+		c.byPort = nil
 		return Count{}, nil // it holds nothing any more
 	}
 	if c.seen == nil {
@@ -420,22 +423,24 @@ func (c *Counter) countLocked(fast bool) (Count, error) {
 	}
 	if fast {
 		clear(c.seen)
-		var n Count
+		byPort := map[uint16]Count{}
 		d, err := c.t.sums(func(r *loader.TaskRec) {
-			if !slices.Contains(c.slots, r.Slot) || !below(r.Marks[:], root, excl) {
+			i := slices.Index(slots, r.Slot)
+			if i < 0 || !below(r.Marks[:], root, excl) {
 				return
 			}
+			pc := byPort[c.ports[i]]
 			if r.Kind == loader.RecSum {
-				n.Conns += int(r.Conns)
-				n.Queued += int(r.Queued)
-				return
-			}
-			if _, dup := c.seen[r.Sock]; !dup {
+				pc.Conns += int(r.Conns)
+				pc.Queued += int(r.Queued)
+			} else if _, dup := c.seen[r.Sock]; !dup {
 				c.seen[r.Sock] = struct{}{}
-				n.add(r.State, r.Queued)
+				pc.add(r.State, r.Queued)
 			}
+			byPort[c.ports[i]] = pc
 		})
 		if err == nil {
+			n := c.setByPort(byPort)
 			c.t.mu.Lock()
 			c.stats.Fast++
 			c.stats.FastMax = max(c.stats.FastMax, d)
@@ -455,24 +460,50 @@ func (c *Counter) countLocked(fast bool) (Count, error) {
 		c.tagged = ev
 	}
 	clear(c.seen)
-	var n Count
+	byPort := map[uint16]Count{}
 	d, err := c.t.snapshot(func(r *loader.SockRec) {
 		if r.Netns != c.netns || !slices.Contains(c.ports, r.Port) || !below(r.Marks[:], root, excl) {
 			return
 		}
 		if _, dup := c.seen[r.Ino]; !dup {
 			c.seen[r.Ino] = struct{}{}
-			n.add(r.State, r.Queue)
+			pc := byPort[r.Port]
+			pc.add(r.State, r.Queue)
+			byPort[r.Port] = pc
 		}
 	})
 	if err != nil {
 		return Count{}, fmt.Errorf("count connections: %w", err)
 	}
+	n := c.setByPort(byPort)
 	c.t.mu.Lock()
 	c.stats.Full++
 	c.stats.FullMax = max(c.stats.FullMax, d)
 	c.t.mu.Unlock()
 	return n, nil
+}
+
+// setByPort keeps the per-port breakdown of a count and returns the total.
+func (c *Counter) setByPort(byPort map[uint16]Count) Count {
+	c.byPort = byPort
+	var n Count
+	for _, pc := range byPort {
+		n.Conns += pc.Conns
+		n.Queued += pc.Queued
+	}
+	return n
+}
+
+// ByPort returns the last count taken (by any of Count, Wait), per port: what the metrics export per listener.
+// Connections held outside fd tables (Count.Detached) are not broken down.
+func (c *Counter) ByPort() map[uint16]Count {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	out := make(map[uint16]Count, len(c.ports))
+	for _, p := range c.ports {
+		out[p] = c.byPort[p]
+	}
+	return out
 }
 
 // settle is called when a count is zero: it looks, in the tree's network namespace, for connections the tree took that

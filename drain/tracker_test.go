@@ -55,6 +55,14 @@ func mustCount(t *testing.T, c *drain.Counter, want drain.Count) {
 	if got != want {
 		t.Fatalf("count = %+v, want %+v", got, want)
 	}
+	var sum drain.Count
+	for _, pc := range c.ByPort() {
+		sum.Conns += pc.Conns
+		sum.Queued += pc.Queued
+	}
+	if sum != want {
+		t.Fatalf("per-port counts %v add up to %+v, want %+v", c.ByPort(), sum, want)
+	}
 }
 
 func TestCountSelf(t *testing.T) {

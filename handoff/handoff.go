@@ -113,6 +113,19 @@ const (
 	OutcomeFailed     Outcome = "failed"      // could not start; nothing changed
 )
 
+// Cause is the kind of a rollback's reason: a short, fixed set (a metrics label).
+type Cause string
+
+// The causes.
+const (
+	CauseNewExited Cause = "new_exited" // the new process exited before the old one was signalled
+	CauseNotReady  Cause = "not_ready"  // the new side failed its readiness check
+	CauseDeadline  Cause = "deadline"   // the drain deadline passed with --on-timeout abort
+	CauseAborted   Cause = "aborted"    // someone asked (draind abort, Ctrl-C, SIGTERM to a standalone draind)
+	CauseRestarted Cause = "restarted"  // a draind that took the handoff over found it not flipped yet
+	CauseError     Cause = "error"      // anything else (a failed map write, count, persist)
+)
+
 // Result reports a handoff.
 type Result struct {
 	Outcome         Outcome       `json:"outcome"`
@@ -128,6 +141,7 @@ type Result struct {
 	ExitSeen        bool          `json:"exit_seen"`         // the old process's exit was seen
 	ExitWait        time.Duration `json:"exit_wait_ns"`      // from the signal to the exit
 	RollbackReason  string        `json:"rollback_reason,omitempty"`
+	RollbackCause   Cause         `json:"rollback_cause,omitempty"`         // the reason's kind, for metrics
 	FlippedAt       int64         `json:"flipped_at_mono_ns,omitempty"`     // CLOCK_MONOTONIC of the flip
 	RolledBackAt    int64         `json:"rolled_back_at_mono_ns,omitempty"` // CLOCK_MONOTONIC of the rollback
 	DrainedAt       int64         `json:"drained_at_mono_ns,omitempty"`     // CLOCK_MONOTONIC when the drain ended (zero seen, or the deadline)
@@ -256,10 +270,10 @@ func Run(ctx context.Context, opts Options) (*Result, error) {
 		h.state.ToIno, err = newP.Ino()
 	}
 	if err != nil {
-		return h.rollback(fmt.Sprintf("identify processes: %v", err))
+		return h.rollback(CauseError, fmt.Sprintf("identify processes: %v", err))
 	}
 	if err := h.persist(); err != nil {
-		return h.rollback(fmt.Sprintf("persist handoff: %v", err))
+		return h.rollback(CauseError, fmt.Sprintf("persist handoff: %v", err))
 	}
 	return h.run(ctx)
 }
@@ -336,12 +350,12 @@ func (h *run) persist() error {
 	return h.opts.Persist(h.state)
 }
 
-func (h *run) rollback(reason string) (*Result, error) {
+func (h *run) rollback(cause Cause, reason string) (*Result, error) {
 	if h.leaving() {
 		return h.leave()
 	}
 	h.res.Outcome = OutcomeRolledBack
-	h.res.RollbackReason = reason
+	h.res.RollbackReason, h.res.RollbackCause = reason, cause
 	h.readCounters()
 	defer func() { h.res.RolledBackAt = monoNow() }()
 	if err := h.st.Undo(); err != nil {
@@ -398,23 +412,23 @@ func (h *run) run(ctx context.Context) (*Result, error) {
 	defer stopWatch()
 
 	if err := h.waitReady(ctx, newDied); err != nil {
-		return h.rollback(err.Error())
+		return h.rollback(CauseNotReady, err.Error())
 	}
 	h.opts.Progress(Progress{Stage: StageReady})
 
 	if err := h.st.Flip(); err != nil {
-		return h.rollback(fmt.Sprintf("flip: %v", err))
+		return h.rollback(CauseError, fmt.Sprintf("flip: %v", err))
 	}
 	h.state.FlippedAt = time.Now()
 	h.state.FlippedAtMono = monoNow()
 	first, err := h.counter.Count()
 	if err != nil {
-		return h.rollback(fmt.Sprintf("count connections: %v", err))
+		return h.rollback(CauseError, fmt.Sprintf("count connections: %v", err))
 	}
 	h.state.InFlightAtFlip = first.Total()
 	h.state.Stage = StageFlipped
 	if err := h.persist(); err != nil {
-		return h.rollback(fmt.Sprintf("persist handoff: %v", err))
+		return h.rollback(CauseError, fmt.Sprintf("persist handoff: %v", err))
 	}
 	h.opts.Progress(Progress{Stage: StageFlipped, Count: first, New: h.newCount(), Message: fmt.Sprintf("new connections go to %d", h.opts.To)})
 	return h.drain(ctx, newDied, stopWatch, true)
@@ -457,22 +471,22 @@ func (h *run) drain(ctx context.Context, newDied <-chan struct{}, stopWatch func
 	switch {
 	case err == nil:
 	case errors.Is(context.Cause(drainCtx), errNewDied):
-		return h.rollback(fmt.Sprintf("new process %d exited during the drain", h.opts.To))
+		return h.rollback(CauseNewExited, fmt.Sprintf("new process %d exited during the drain", h.opts.To))
 	case ctx.Err() != nil:
-		return h.rollback(interrupted(ctx))
+		return h.rollback(CauseAborted, interrupted(ctx))
 	case errors.Is(err, drain.ErrDeadline):
 		timedOut = true
 		if h.state.OnTimeout == drain.TimeoutAbort {
-			return h.rollback(fmt.Sprintf("drain deadline %s passed with %d connection(s) left (--on-timeout abort)", h.state.Timeout, left.Total()))
+			return h.rollback(CauseDeadline, fmt.Sprintf("drain deadline %s passed with %d connection(s) left (--on-timeout abort)", h.state.Timeout, left.Total()))
 		}
 	default:
-		return h.rollback(fmt.Sprintf("count connections: %v", err))
+		return h.rollback(CauseError, fmt.Sprintf("count connections: %v", err))
 	}
 	// Last chance to keep the old side: the new one must still be alive.
 	select {
 	case <-newDied:
 		if !h.st.Superseded() {
-			return h.rollback(fmt.Sprintf("new process %d exited before the old one was signalled", h.opts.To))
+			return h.rollback(CauseNewExited, fmt.Sprintf("new process %d exited before the old one was signalled", h.opts.To))
 		}
 	default:
 	}

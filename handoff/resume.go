@@ -76,13 +76,13 @@ func Resume(ctx context.Context, st State, opts Options) (*Result, error) {
 		res.Signalled = st.Stage == StageSignalled
 		res.Signal = signalNameIf(res.Signalled, st.Signal)
 		if newP == nil {
-			return h.rollback("both processes exited while draind was down")
+			return h.rollback(CauseNewExited, "both processes exited while draind was down")
 		}
 		return h.finish(true)
 	case newP == nil && st.Stage != StageSignalled:
-		return h.rollback(fmt.Sprintf("new process %d exited while draind was down", st.To))
+		return h.rollback(CauseNewExited, fmt.Sprintf("new process %d exited while draind was down", st.To))
 	case newP == nil:
-		return h.rollback(fmt.Sprintf("new process %d exited after the old one was signalled", st.To))
+		return h.rollback(CauseNewExited, fmt.Sprintf("new process %d exited after the old one was signalled", st.To))
 	}
 
 	newDied, stopWatch := h.watchNew(ctx)
@@ -91,21 +91,21 @@ func Resume(ctx context.Context, st State, opts Options) (*Result, error) {
 	case StageSteering:
 		all, any, err := h.st.Flipped()
 		if err != nil {
-			return h.rollback(fmt.Sprintf("read steering: %v", err))
+			return h.rollback(CauseError, fmt.Sprintf("read steering: %v", err))
 		}
 		if !any {
-			return h.rollback("draind restarted before the flip")
+			return h.rollback(CauseRestarted, "draind restarted before the flip")
 		}
 		if !all {
 			if err := h.st.Flip(); err != nil {
-				return h.rollback(fmt.Sprintf("flip: %v", err))
+				return h.rollback(CauseError, fmt.Sprintf("flip: %v", err))
 			}
 		}
 		// The flip happened; when exactly is not known: start the deadline now.
 		h.state.FlippedAt, h.state.FlippedAtMono = time.Now(), monoNow()
 		first, err := h.counter.Count()
 		if err != nil {
-			return h.rollback(fmt.Sprintf("count connections: %v", err))
+			return h.rollback(CauseError, fmt.Sprintf("count connections: %v", err))
 		}
 		h.state.InFlightAtFlip, h.state.Stage = first.Total(), StageFlipped
 		if err := h.persist(); err != nil {
