@@ -1,7 +1,7 @@
 GO ?= go
 BIN ?= bin/draind
 
-.PHONY: build generate test demo check-generate lint bench-count fuzz
+.PHONY: build generate test demo check-generate lint bench-count bench bench-long fuzz
 
 build:
 	$(GO) build -o $(BIN) ./cmd/draind
@@ -39,3 +39,12 @@ bench-count:
 	$(GO) test -run '^$$' -bench Reaction -benchtime 100x -timeout 30m ./cmd/draind
 	$(GO) test -run '^$$' -bench Scale100k -benchtime 1x -timeout 30m ./cmd/draind
 	$(GO) test -run '^$$' -bench Snapshot -benchtime 20x -timeout 30m ./drain
+
+# The comparison bench (root): draind against stop-then-start, SO_REUSEPORT + SIGTERM, tcp_migrate_req and a
+# tableflip server, in private network namespaces with load from a separate process. Writes bench/results/results.md,
+# results.json and SVG plots. `bench` takes a few minutes on 2 cores; `bench-long` about 40 minutes.
+bench:
+	$(GO) run ./bench/cmd/drainbench --out bench/results
+
+bench-long:
+	$(GO) run ./bench/cmd/drainbench --long --out bench/results

@@ -381,6 +381,11 @@ type spawnReq struct {
 }
 
 // spawn runs fn (cmd.Start) on the spawner thread, switched into ns for the call.
+// StartIn starts cmd in network namespace ns (nil: the current one) from testenv's spawner thread: a thread that
+// lives as long as this process, so that a child's Pdeathsig fires only when this process dies. For child processes
+// a package starts itself (testenv's own children use it too).
+func StartIn(ns *NetNS, cmd *exec.Cmd) error { return spawn(ns, cmd.Start) }
+
 func spawn(ns *NetNS, fn func() error) error {
 	spawner.once.Do(func() {
 		spawner.reqs = make(chan spawnReq)

@@ -1,0 +1,623 @@
+package bench
+
+import (
+	"fmt"
+	"math"
+	"slices"
+	"sort"
+	"strings"
+	"time"
+	"unicode/utf8"
+)
+
+// Table is a Markdown table with a heading and notes.
+type Table struct {
+	Title  string
+	Notes  []string
+	Header []string
+	Rows   [][]string
+}
+
+// Markdown renders the table with its columns padded to equal width (readable as plain text too). A cell's "|" is
+// escaped.
+func (t Table) Markdown() string {
+	ncol := len(t.Header)
+	for _, r := range t.Rows {
+		ncol = max(ncol, len(r))
+	}
+	cell := func(r []string, i int) string {
+		if i < len(r) {
+			return strings.ReplaceAll(r[i], "|", `\|`)
+		}
+		return ""
+	}
+	width := make([]int, ncol)
+	for i := range ncol {
+		width[i] = max(3, utf8.RuneCountInString(cell(t.Header, i)))
+		for _, r := range t.Rows {
+			width[i] = max(width[i], utf8.RuneCountInString(cell(r, i)))
+		}
+	}
+	var b strings.Builder
+	line := func(r []string) {
+		b.WriteString("|")
+		for i := range ncol {
+			c := cell(r, i)
+			b.WriteString(" " + c + strings.Repeat(" ", width[i]-utf8.RuneCountInString(c)) + " |")
+		}
+		b.WriteString("\n")
+	}
+	if t.Title != "" {
+		b.WriteString("### " + t.Title + "\n\n")
+	}
+	line(t.Header)
+	b.WriteString("|")
+	for i := range ncol {
+		b.WriteString(strings.Repeat("-", width[i]+2) + "|")
+	}
+	b.WriteString("\n")
+	for _, r := range t.Rows {
+		line(r)
+	}
+	if len(t.Notes) > 0 {
+		b.WriteString("\n")
+		for _, n := range t.Notes {
+			b.WriteString("- " + n + "\n")
+		}
+	}
+	return b.String()
+}
+
+// fmtNS formats a duration given in nanoseconds with about three significant digits; negative: "–".
+func fmtNS(ns float64) string {
+	switch {
+	case ns < 0 || math.IsNaN(ns):
+		return "–"
+	case ns < 1e3:
+		return fmt.Sprintf("%.0f ns", ns)
+	case ns < 1e6:
+		return trimZero(fmt.Sprintf("%.3g", ns/1e3)) + " µs"
+	case ns < 1e9:
+		return trimZero(fmt.Sprintf("%.3g", ns/1e6)) + " ms"
+	}
+	return trimZero(fmt.Sprintf("%.3g", ns/1e9)) + " s"
+}
+
+// trimZero turns "1e+02" style output of %g back into plain digits.
+func trimZero(s string) string {
+	if strings.ContainsAny(s, "e") {
+		var f float64
+		fmt.Sscan(s, &f)
+		return fmt.Sprintf("%.0f", f)
+	}
+	return s
+}
+
+// fmtCount formats a count (a median of two counts may end in .5).
+func fmtCount(v float64) string {
+	if v == math.Trunc(v) {
+		return fmt.Sprintf("%.0f", v)
+	}
+	return fmt.Sprintf("%.1f", v)
+}
+
+func fmtRate(v float64) string { return fmt.Sprintf("%.0f", v) }
+
+func fmtRatio(v float64) string {
+	if math.IsNaN(v) || math.IsInf(v, 0) {
+		return "–"
+	}
+	return fmt.Sprintf("%.3f", v)
+}
+
+func fmtPercent(v float64) string {
+	switch {
+	case v == 0:
+		return "0"
+	case v < 0.01:
+		return "<0.01%"
+	}
+	return fmt.Sprintf("%.2f%%", v)
+}
+
+// fmtSpread formats a spread as "median (min–max)", or the value alone when all repeats agree; "–" without values.
+func fmtSpread(s Spread, f func(float64) string) string {
+	switch {
+	case s.N == 0:
+		return "–"
+	case s.Min == s.Max:
+		return f(s.Med)
+	}
+	return fmt.Sprintf("%s (%s–%s)", f(s.Med), f(s.Min), f(s.Max))
+}
+
+// spreadOf collects one value per run (ok false: skip the run) and returns their spread.
+func spreadOf[T any](runs []T, f func(T) (float64, bool)) Spread {
+	var vs []float64
+	for _, r := range runs {
+		if v, ok := f(r); ok {
+			vs = append(vs, v)
+		}
+	}
+	return SpreadOf(vs)
+}
+
+// kindsOf sums the runs' failures by kind and renders the non-zero ones; of the resets, those that were a FIN
+// before any answer are named.
+func kindsOf(fs ...loadFigures) string {
+	sum := map[string]int{}
+	noAnswer := 0
+	for _, f := range fs {
+		for k, v := range f.Failures {
+			sum[k] += v
+		}
+		noAnswer += f.NoAnswer
+	}
+	var out []string
+	for _, k := range failKinds {
+		switch {
+		case sum[k] == 0:
+		case k == failReset && noAnswer > 0:
+			out = append(out, fmt.Sprintf("%s %d (%d FIN before any answer)", k, sum[k], noAnswer))
+		default:
+			out = append(out, fmt.Sprintf("%s %d", k, sum[k]))
+		}
+	}
+	if len(out) == 0 {
+		return "none"
+	}
+	return strings.Join(out, ", ")
+}
+
+func filterRuns[T any](runs []T, keep func(T) bool) []T {
+	var out []T
+	for _, r := range runs {
+		if keep(r) {
+			out = append(out, r)
+		}
+	}
+	return out
+}
+
+func (r *Results) stormOf(c string) []*StormRun {
+	return filterRuns(r.Storm, func(s *StormRun) bool { return s.Contender == c && s.Requests > 0 })
+}
+
+func (r *Results) queueOf(c string) []*QueueRun {
+	return filterRuns(r.Queue, func(s *QueueRun) bool { return s.Contender == c && s.Requests > 0 })
+}
+
+func (r *Results) longOf(c string) []*LongRun {
+	return filterRuns(r.LongLived, func(s *LongRun) bool { return s.Contender == c && s.Conns > 0 })
+}
+
+func failedPct(f loadFigures) (float64, bool) {
+	if f.Requests == 0 {
+		return 0, false
+	}
+	return 100 * float64(f.Failed) / float64(f.Requests), true
+}
+
+// StormTable is scenario 1.
+func (r *Results) StormTable() Table {
+	p := r.Params.Storm
+	t := Table{
+		Title: fmt.Sprintf("Scenario 1: new-connection storm, an upgrade every %s during %s", p.Every, p.Duration),
+		Header: []string{"contender", "upgrades", "failed connections", "failed %", "failures (all repeats)", "answered/s",
+			"connect p99", "connect p99.9", "request p99"},
+		Notes: []string{
+			fmt.Sprintf("%d load workers in a separate process, each opening a new connection per request (HTTP/1.1, `Connection: close`) as fast as it can; after a failed attempt a worker waits 1 ms.", p.Concurrency),
+			"connect = connect(2) until established, of the attempts whose connect succeeded; request = connect(2) until the whole answer, of the answered attempts.",
+			"Failure kinds as testenv names them: refused (nothing listened), reset (RST, or a FIN before any byte of an answer), timeout, wrong. A FIN before any answer is what Go's net/http Server.Shutdown does to a connection whose request it reads after Shutdown began (net/http closes it without answering); the servers of (a)–(d) shut down that way on SIGTERM (testenv's server) or once tableflip's successor is ready (the tableflip example's pattern). draind signals the old server only once it holds no connection, accepted or queued.",
+		},
+	}
+	if !r.Long {
+		t.Notes = append(t.Notes, fmt.Sprintf("Short run: %s of load with an upgrade every %s (the issue asks for a minute; `--long` runs %s).",
+			p.Duration, p.Every, DefaultParams(true).Storm.Duration))
+	}
+	for _, c := range r.Contenders {
+		runs := r.stormOf(c.Key)
+		var kinds []loadFigures
+		for _, s := range runs {
+			kinds = append(kinds, s.loadFigures)
+		}
+		t.Rows = append(t.Rows, []string{
+			c.Label,
+			fmtSpread(spreadOf(runs, func(s *StormRun) (float64, bool) { return float64(s.Upgrades), true }), fmtCount),
+			fmtSpread(spreadOf(runs, func(s *StormRun) (float64, bool) { return float64(s.Failed), true }), fmtCount),
+			fmtSpread(spreadOf(runs, func(s *StormRun) (float64, bool) { return failedPct(s.loadFigures) }), fmtPercent),
+			kindsOf(kinds...),
+			fmtSpread(spreadOf(runs, func(s *StormRun) (float64, bool) { return s.Rate, true }), fmtRate),
+			fmtSpread(spreadOf(runs, func(s *StormRun) (float64, bool) { return float64(s.Connect.P99), s.Connect.N > 0 }), fmtNS),
+			fmtSpread(spreadOf(runs, func(s *StormRun) (float64, bool) { return float64(s.Connect.P999), s.Connect.N > 0 }), fmtNS),
+			fmtSpread(spreadOf(runs, func(s *StormRun) (float64, bool) { return float64(s.Request.P99), s.Request.N > 0 }), fmtNS),
+		})
+	}
+	return t
+}
+
+// SwitchTable is scenario 4, from scenario 1's upgrades.
+func (r *Results) SwitchTable() Table {
+	t := Table{
+		Title: "Scenario 4: switch time (every upgrade of scenario 1, all repeats pooled)",
+		Header: []string{"contender", "switch command", "command → last connection answered by old", "draind: command → selector attached", "draind: command → flip",
+			"start → first connection on new", "start → new listening", "start → old exited", "upgrades"},
+		Notes: []string{
+			"command → last connection answered by old: from the switch command to the start (connect) of the last connection the old process answered; 0: none started after the command. Where nothing failed, every later connection went to the new process, so this is the switch as clients saw it; where connections failed (the old process's queue reset), some later ones went to the old process and failed. It is as fine as the load is dense (a connection every few hundred µs here).",
+			"start: the upgrade's first step, starting the new process for (b), (c) and (e); for (a) and (d) the start is the command.",
+			"draind: command → selector attached is when handoff.Run reports its steering stage (listeners discovered and paired, both sides' counts set up, selector attached with the old side as target); command → flip is handoff.Run's own CLOCK_MONOTONIC of the selector's flip. Before the flip, the new server (already listening with SO_REUSEPORT) gets its kernel-hash share of new connections until handoff.Run attaches the selector, which is why \"start → first connection on new\" is short for (e).",
+		},
+	}
+	for _, c := range r.Contenders {
+		var ss []SwitchSample
+		for _, s := range r.stormOf(c.Key) {
+			ss = append(ss, s.Switches...)
+		}
+		pick := func(f func(SwitchSample) int64) string {
+			return fmtSpread(spreadOf(ss, func(s SwitchSample) (float64, bool) { v := f(s); return float64(v), v >= 0 }), fmtNS)
+		}
+		t.Rows = append(t.Rows, []string{
+			c.Label, c.Command,
+			pick(func(s SwitchSample) int64 { return s.CommandToAllNew }),
+			pick(func(s SwitchSample) int64 { return s.CommandToSteer }),
+			pick(func(s SwitchSample) int64 { return s.CommandToFlip }),
+			pick(func(s SwitchSample) int64 { return s.StartToFirstNew }),
+			pick(func(s SwitchSample) int64 { return s.StartToReady }),
+			pick(func(s SwitchSample) int64 { return s.Total }),
+			fmt.Sprint(len(ss)),
+		})
+	}
+	return t
+}
+
+// QueueTable is scenario 2.
+func (r *Results) QueueTable() Table {
+	p := r.Params.Queue
+	t := Table{
+		Title: "Scenario 2: accept-queue torture (one upgrade of a slow-accepting old server)",
+		Header: []string{"contender", "failed connections", "failures (all repeats)", "connect p99", "connect p99.9",
+			"request p99", "command → old exited", "queued connections migrated (kernel)"},
+		Notes: []string{
+			fmt.Sprintf("The old server sleeps %s before each accept (backlog %d), so its accept queue holds most of the %d load workers' connections; on SIGTERM it closes its listener (what is still queued is reset unless migrated). The new server accepts at full speed (for (d), tableflip's successor).", p.AcceptDelay, p.Backlog, p.Concurrency),
+			fmt.Sprintf("%s of load before the upgrade, %s after its start; request latency includes the wait in the accept queue. Failures are counted at the attempt's start, so a queued connection reset at the SIGTERM counts where it was opened.", p.Before, p.After),
+			"queued connections migrated: the namespace's TcpExt TCPMigrateReqSuccess counter (connections moved off a closing listener by the kernel, with tcp_migrate_req or draind's selector). results.json has more TcpExt counters per run.",
+		},
+	}
+	for _, c := range r.Contenders {
+		runs := r.queueOf(c.Key)
+		var kinds []loadFigures
+		for _, s := range runs {
+			kinds = append(kinds, s.loadFigures)
+		}
+		t.Rows = append(t.Rows, []string{
+			c.Label,
+			fmtSpread(spreadOf(runs, func(s *QueueRun) (float64, bool) { return float64(s.Failed), true }), fmtCount),
+			kindsOf(kinds...),
+			fmtSpread(spreadOf(runs, func(s *QueueRun) (float64, bool) { return float64(s.Connect.P99), s.Connect.N > 0 }), fmtNS),
+			fmtSpread(spreadOf(runs, func(s *QueueRun) (float64, bool) { return float64(s.Connect.P999), s.Connect.N > 0 }), fmtNS),
+			fmtSpread(spreadOf(runs, func(s *QueueRun) (float64, bool) { return float64(s.Request.P99), s.Request.N > 0 }), fmtNS),
+			fmtSpread(spreadOf(runs, func(s *QueueRun) (float64, bool) { return float64(s.CommandToExit), s.CommandToExit >= 0 }), fmtNS),
+			fmtSpread(spreadOf(runs, func(s *QueueRun) (float64, bool) {
+				v, ok := s.Kernel["TCPMigrateReqSuccess"]
+				return float64(v), ok
+			}), fmtCount),
+		})
+	}
+	return t
+}
+
+// LongTable is scenario 3.
+func (r *Results) LongTable() Table {
+	p := r.Params.Long
+	t := Table{
+		Title:  fmt.Sprintf("Scenario 3: %d long-lived connections across one upgrade", p.Conns),
+		Header: []string{"contender", "connections", "cut by the upgrade", "client's last close → old exited", "command → old exited"},
+		Notes: []string{
+			"The server is a raw TCP holder (testenv's, or the tableflip server in hold mode) that holds connections until the peer ends them, and closes everything on SIGTERM: a server without a graceful drain, like a streaming or websocket server whose connections never go idle.",
+			fmt.Sprintf("The clients (a separate process) start closing their connections %s after the switch command and close them all evenly over %s. cut: connections the server side ended first (the client saw EOF or a reset).", p.CloseAfter, p.Spread),
+			"client's last close → old exited: from the client's close(2) of its last connection (its clock) to the old process's exit seen through a pidfd; – when the old process had exited before (cutting connections).",
+		},
+	}
+	for _, c := range r.Contenders {
+		runs := r.longOf(c.Key)
+		t.Rows = append(t.Rows, []string{
+			c.Label,
+			fmtSpread(spreadOf(runs, func(s *LongRun) (float64, bool) { return float64(s.Conns), true }), fmtCount),
+			fmtSpread(spreadOf(runs, func(s *LongRun) (float64, bool) { return float64(s.Cut), true }), fmtCount),
+			fmtSpread(spreadOf(runs, func(s *LongRun) (float64, bool) { return float64(s.LastCloseToExit), s.LastCloseToExit >= 0 }), fmtNS),
+			fmtSpread(spreadOf(runs, func(s *LongRun) (float64, bool) { return float64(s.CommandToExit), s.CommandToExit >= 0 }), fmtNS),
+		})
+	}
+	return t
+}
+
+// DatapathTable is scenario 5.
+func (r *Results) DatapathTable() Table {
+	p := r.Params.Datapath
+	runs := filterRuns(r.Datapath, func(d *DatapathRun) bool { return d.Error == "" })
+	t := Table{
+		Title:  "Scenario 5: datapath cost of draind's selector",
+		Header: []string{"figure", fmt.Sprintf("median (min–max), %d repeats", len(runs))},
+		Notes: []string{
+			fmt.Sprintf("One server process under the same load throughout (%d workers opening a new connection per request as fast as they can), in %d pairs of alternating %s phases (%s left out at both ends of each): draind's selector attached (steer.Begin + Flip, then the other side's listener closed: the state at the end of every handoff) and detached (SO_DETACH_REUSEPORT_BPF; re-attached with SO_ATTACH_REUSEPORT_EBPF), then one phase of %s attached with the kernel's BPF run-time statistics on; steer.Finish detaches it at the end.", p.Concurrency, p.Pairs, p.Phase, p.Margin, statsPhases*p.Phase),
+			"ratio: per repeat, the median over every two adjacent phases of the attached phase's answered/s over the no-selector phase's (short alternating phases: drift cancels, and a burst of other load on the machine spoils only the pairs it falls in). The answered/s rows are over all phases of a kind.",
+			"selector time per connection / machine CPU time per connection: run time per run × runs per connection × answered/s ÷ (CPUs × 1 s), in the statistics phase: the throughput the selector can cost when the machine is saturated, a figure the noisy ratio above cannot resolve at this size.",
+			"Run time per run: Δrun_time_ns / Δrun_cnt of the attached selector program (cilium/ebpf Program.Stats) over the statistics phase; statistics are switched on with BPF_ENABLE_STATS (the fd-scoped form of kernel.bpf_stats_enabled=1, so nothing stays on if the bench dies) and off again after the phase.",
+		},
+	}
+	row := func(name string, f func(*DatapathRun) (float64, bool), fm func(float64) string) {
+		t.Rows = append(t.Rows, []string{name, fmtSpread(spreadOf(runs, f), fm)})
+	}
+	row("answered/s, no selector", func(d *DatapathRun) (float64, bool) { return d.None, true }, fmtRate)
+	row("answered/s, selector attached", func(d *DatapathRun) (float64, bool) { return d.Attached, true }, fmtRate)
+	row("ratio attached / none", func(d *DatapathRun) (float64, bool) { return d.Ratio, d.Ratio > 0 }, fmtRatio)
+	row("answered/s, selector attached + BPF statistics on", func(d *DatapathRun) (float64, bool) { return d.WithStats, true }, fmtRate)
+	row("selector run time per run (kernel BPF statistics)", func(d *DatapathRun) (float64, bool) { return d.NsPerRun, d.Runs > 0 }, fmtNS)
+	row("selector runs per connection", func(d *DatapathRun) (float64, bool) { return d.RunsPerConn, d.Runs > 0 }, func(v float64) string { return fmt.Sprintf("%.2f", v) })
+	row("selector time per connection / machine CPU time per connection", func(d *DatapathRun) (float64, bool) { return d.CPUShare * 100, d.CPUShare > 0 },
+		func(v float64) string { return fmt.Sprintf("%.3f%%", v) })
+	row("failed connections (whole run)", func(d *DatapathRun) (float64, bool) { return float64(d.Failed), true }, fmtCount)
+	return t
+}
+
+// CompareTable sets draind beside tableflip and beside (b), run by run: each ratio is taken within one repeat (the
+// contenders of a repeat run one after another), then summarized over the repeats.
+func (r *Results) CompareTable() Table {
+	t := Table{
+		Title:  "Same-run ratios: draind's figure over another contender's (lower is better for draind)",
+		Header: []string{"figure", "draind / (d) tableflip", "draind / (b) SO_REUSEPORT"},
+		Notes:  []string{"Each ratio is taken between runs of the same repeat, then summarized as median (min–max) over the repeats."},
+	}
+	type fig struct {
+		name string
+		val  func(r *Results, c string, rep int) (float64, bool)
+	}
+	storm := func(f func(*StormRun) float64) func(*Results, string, int) (float64, bool) {
+		return func(r *Results, c string, rep int) (float64, bool) {
+			for _, s := range r.stormOf(c) {
+				if s.Repeat == rep {
+					return f(s), true
+				}
+			}
+			return 0, false
+		}
+	}
+	queue := func(f func(*QueueRun) float64) func(*Results, string, int) (float64, bool) {
+		return func(r *Results, c string, rep int) (float64, bool) {
+			for _, s := range r.queueOf(c) {
+				if s.Repeat == rep {
+					return f(s), true
+				}
+			}
+			return 0, false
+		}
+	}
+	medSwitch := func(s *StormRun) float64 {
+		var vs []float64
+		for _, w := range s.Switches {
+			if w.CommandToAllNew >= 0 {
+				vs = append(vs, float64(w.CommandToAllNew))
+			}
+		}
+		return SpreadOf(vs).Med
+	}
+	figs := []fig{
+		{"(1) connect p99", storm(func(s *StormRun) float64 { return float64(s.Connect.P99) })},
+		{"(1) connect p99.9", storm(func(s *StormRun) float64 { return float64(s.Connect.P999) })},
+		{"(1) request p99", storm(func(s *StormRun) float64 { return float64(s.Request.P99) })},
+		{"(1) answered/s (higher is better)", storm(func(s *StormRun) float64 { return s.Rate })},
+		{"(2) request p99", queue(func(s *QueueRun) float64 { return float64(s.Request.P99) })},
+		{"(4) command → last connection answered by old (median per run)", storm(medSwitch)},
+	}
+	for _, f := range figs {
+		row := []string{f.name}
+		for _, other := range []string{Tableflip, ReusePort} {
+			var vs []float64
+			for rep := range r.Params.Repeats {
+				a, ok1 := f.val(r, Draind, rep)
+				b, ok2 := f.val(r, other, rep)
+				if ok1 && ok2 && b > 0 {
+					vs = append(vs, a/b)
+				}
+			}
+			row = append(row, fmtSpread(SpreadOf(vs), fmtRatio))
+		}
+		t.Rows = append(t.Rows, row)
+	}
+	return t
+}
+
+// Targets checks the issue's targets against this run's figures.
+func (r *Results) Targets() Table {
+	t := Table{Title: "The issue's targets, as measured in this run", Header: []string{"target", "measured", "met"}}
+	yes := func(b bool) string {
+		if b {
+			return "yes"
+		}
+		return "no"
+	}
+	has := func(c string) bool {
+		return slices.ContainsFunc(r.Contenders, func(x Contender) bool { return x.Key == c })
+	}
+	if has(Draind) {
+		var parts []string
+		total := 0
+		if runs := r.stormOf(Draind); len(runs) > 0 {
+			n := 0
+			for _, s := range runs {
+				n += s.Failed
+			}
+			total += n
+			parts = append(parts, fmt.Sprintf("(1) %d", n))
+		}
+		if runs := r.queueOf(Draind); len(runs) > 0 {
+			n := 0
+			for _, s := range runs {
+				n += s.Failed
+			}
+			total += n
+			parts = append(parts, fmt.Sprintf("(2) %d", n))
+		}
+		if runs := r.longOf(Draind); len(runs) > 0 {
+			n := 0
+			for _, s := range runs {
+				n += s.Cut
+			}
+			total += n
+			parts = append(parts, fmt.Sprintf("(3) %d cut", n))
+		}
+		if len(parts) > 0 {
+			t.Rows = append(t.Rows, []string{"draind: 0 failed connections in every scenario (all repeats)", strings.Join(parts, ", "), yes(total == 0)})
+		}
+	}
+	if has(ReusePort) {
+		var parts []string
+		total := 0
+		if runs := r.stormOf(ReusePort); len(runs) > 0 {
+			n := 0
+			for _, s := range runs {
+				n += s.Failed
+			}
+			total += n
+			parts = append(parts, fmt.Sprintf("(1) %d", n))
+		}
+		if runs := r.queueOf(ReusePort); len(runs) > 0 {
+			n := 0
+			for _, s := range runs {
+				n += s.Failed
+			}
+			total += n
+			parts = append(parts, fmt.Sprintf("(2) %d", n))
+		}
+		if len(parts) > 0 {
+			t.Rows = append(t.Rows, []string{"(b) shows failures in (1) or (2) (all repeats)", strings.Join(parts, ", "), yes(total > 0)})
+		}
+	}
+	if runs := filterRuns(r.Datapath, func(d *DatapathRun) bool { return d.Error == "" }); len(runs) > 0 {
+		s := spreadOf(runs, func(d *DatapathRun) (float64, bool) { return d.Ratio, d.Ratio > 0 })
+		t.Rows = append(t.Rows, []string{"selector overhead ratio ≥ 0.98 (median)", fmtSpread(s, fmtRatio), yes(s.N > 0 && s.Med >= 0.98)})
+	}
+	if has(Draind) {
+		var ss []SwitchSample
+		for _, s := range r.stormOf(Draind) {
+			ss = append(ss, s.Switches...)
+		}
+		if len(ss) > 0 {
+			all := spreadOf(ss, func(s SwitchSample) (float64, bool) { return float64(s.CommandToAllNew), s.CommandToAllNew >= 0 })
+			flip := spreadOf(ss, func(s SwitchSample) (float64, bool) { return float64(s.CommandToFlip), s.CommandToFlip >= 0 })
+			t.Rows = append(t.Rows, []string{"switch time ≤ 10 ms (draind, median: command → last connection answered by old)",
+				fmtSpread(all, fmtNS) + "; command → flip " + fmtSpread(flip, fmtNS), yes(all.N > 0 && all.Med <= 10e6)})
+		}
+	}
+	if has(Draind) && has(Tableflip) {
+		var worse []string
+		cmp := func(name string, d, tf Spread, higherBetter bool) {
+			if d.N == 0 || tf.N == 0 {
+				return
+			}
+			if (!higherBetter && d.Med > tf.Med) || (higherBetter && d.Med < tf.Med) {
+				worse = append(worse, name)
+			}
+		}
+		sf := func(c string, f func(*StormRun) float64) Spread {
+			return spreadOf(r.stormOf(c), func(s *StormRun) (float64, bool) { return f(s), true })
+		}
+		qf := func(c string, f func(*QueueRun) float64) Spread {
+			return spreadOf(r.queueOf(c), func(s *QueueRun) (float64, bool) { return f(s), true })
+		}
+		lf := func(c string, f func(*LongRun) float64) Spread {
+			return spreadOf(r.longOf(c), func(s *LongRun) (float64, bool) { return f(s), true })
+		}
+		sw := func(c string) Spread {
+			var ss []SwitchSample
+			for _, s := range r.stormOf(c) {
+				ss = append(ss, s.Switches...)
+			}
+			return spreadOf(ss, func(s SwitchSample) (float64, bool) { return float64(s.CommandToAllNew), s.CommandToAllNew >= 0 })
+		}
+		cmp("(1) failed", sf(Draind, func(s *StormRun) float64 { return float64(s.Failed) }), sf(Tableflip, func(s *StormRun) float64 { return float64(s.Failed) }), false)
+		cmp("(1) connect p99", sf(Draind, func(s *StormRun) float64 { return float64(s.Connect.P99) }), sf(Tableflip, func(s *StormRun) float64 { return float64(s.Connect.P99) }), false)
+		cmp("(1) connect p99.9", sf(Draind, func(s *StormRun) float64 { return float64(s.Connect.P999) }), sf(Tableflip, func(s *StormRun) float64 { return float64(s.Connect.P999) }), false)
+		cmp("(1) answered/s", sf(Draind, func(s *StormRun) float64 { return s.Rate }), sf(Tableflip, func(s *StormRun) float64 { return s.Rate }), true)
+		cmp("(2) failed", qf(Draind, func(s *QueueRun) float64 { return float64(s.Failed) }), qf(Tableflip, func(s *QueueRun) float64 { return float64(s.Failed) }), false)
+		cmp("(2) connect p99", qf(Draind, func(s *QueueRun) float64 { return float64(s.Connect.P99) }), qf(Tableflip, func(s *QueueRun) float64 { return float64(s.Connect.P99) }), false)
+		cmp("(2) request p99", qf(Draind, func(s *QueueRun) float64 { return float64(s.Request.P99) }), qf(Tableflip, func(s *QueueRun) float64 { return float64(s.Request.P99) }), false)
+		cmp("(3) cut", lf(Draind, func(s *LongRun) float64 { return float64(s.Cut) }), lf(Tableflip, func(s *LongRun) float64 { return float64(s.Cut) }), false)
+		cmp("(3) last close → exit", lf(Draind, func(s *LongRun) float64 { return float64(s.LastCloseToExit) }), lf(Tableflip, func(s *LongRun) float64 { return float64(s.LastCloseToExit) }), false)
+		cmp("(4) switch", sw(Draind), sw(Tableflip), false)
+		measured := "draind's median is no worse on any figure compared"
+		if len(worse) > 0 {
+			measured = "draind's median is worse on: " + strings.Join(worse, "; ") + " (medians compared as they are, with no allowance for noise: see the same-run ratios)"
+		}
+		t.Rows = append(t.Rows, []string{"draind no worse than tableflip on any figure (medians of scenarios 1–4)", measured, yes(len(worse) == 0)})
+	}
+	return t
+}
+
+// ContenderTable lists the contenders.
+func (r *Results) ContenderTable() Table {
+	t := Table{Title: "Contenders", Header: []string{"contender", "how", "switch command (scenario 4)"}}
+	for _, c := range r.Contenders {
+		t.Rows = append(t.Rows, []string{c.Label, c.How, c.Command})
+	}
+	return t
+}
+
+// Markdown renders the whole results document. plots names the SVG files written beside it, by scenario key.
+func (r *Results) Markdown(plots map[string]string) string {
+	var b strings.Builder
+	b.WriteString("# drainbench results\n\n")
+	fmt.Fprintf(&b, "Command: `%s`  \n", r.Command)
+	fmt.Fprintf(&b, "Started %s; wall time %s.  \n", r.Started.UTC().Format("2006-01-02 15:04 MST"), r.Wall.Round(time.Second))
+	m := r.Machine
+	fmt.Fprintf(&b, "Machine: %s, %d CPUs (%s), %s memory, %s.\n\n", m.Kernel, m.CPUs, m.CPU, m.Memory, m.Go)
+	kind := "Short run"
+	if r.Long {
+		kind = "Long run"
+	}
+	fmt.Fprintf(&b, "%s: every figure is the median (min–max) over %d repeats, unless a table says otherwise; in each repeat the contenders run one after another, in an order rotated per repeat. Every run has its own network namespace, servers and load client processes. The machine is small and may be shared: absolute figures are noisy, ratios between contenders within one repeat are what to quote.\n\n", kind, r.Params.Repeats)
+	plot := func(key, alt string) {
+		if f, ok := plots[key]; ok {
+			fmt.Fprintf(&b, "\n![%s](%s)\n", alt, f)
+		}
+	}
+	b.WriteString(r.ContenderTable().Markdown() + "\n")
+	if len(r.Storm)+len(r.Queue)+len(r.LongLived)+len(r.Datapath) > 0 {
+		b.WriteString(r.Targets().Markdown() + "\n")
+	}
+	if len(r.Storm) > 0 {
+		b.WriteString(r.StormTable().Markdown())
+		plot(ScenarioStorm, "failures and connect latency over time, scenario 1, first repeat")
+		b.WriteString("\n" + r.SwitchTable().Markdown() + "\n")
+	}
+	if len(r.Queue) > 0 {
+		b.WriteString(r.QueueTable().Markdown())
+		plot(ScenarioQueue, "failures and latency over time, scenario 2, first repeat")
+		b.WriteString("\n")
+	}
+	if len(r.LongLived) > 0 {
+		b.WriteString(r.LongTable().Markdown() + "\n")
+	}
+	if len(r.Datapath) > 0 {
+		b.WriteString(r.DatapathTable().Markdown())
+		plot(ScenarioDatapath, "answered connections per second over the four phases, scenario 5, first repeat")
+		b.WriteString("\n")
+	}
+	if len(r.Storm) > 0 || len(r.Queue) > 0 {
+		b.WriteString(r.CompareTable().Markdown() + "\n")
+	}
+	if errs := r.runErrors(); len(errs) > 0 {
+		b.WriteString("### Runs that reported an error\n\n")
+		for _, e := range errs {
+			b.WriteString("- " + e + "\n")
+		}
+		b.WriteString("\n")
+	}
+	return b.String()
+}
+
+func (r *Results) runErrors() []string {
+	errs := slices.Clone(r.Errors)
+	sort.Strings(errs)
+	return slices.Compact(errs)
+}

@@ -1,0 +1,259 @@
+package bench
+
+import (
+	"encoding/xml"
+	"errors"
+	"fmt"
+	"io"
+	"math"
+	"os"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+func TestTableMarkdown(t *testing.T) {
+	tb := Table{
+		Title:  "T",
+		Header: []string{"a", "long header"},
+		Rows:   [][]string{{"µs|x", "1"}, {"only one"}},
+		Notes:  []string{"note"},
+	}
+	want := "### T\n\n" +
+		"| a        | long header |\n" +
+		"|----------|-------------|\n" +
+		`| µs\|x    | 1           |` + "\n" +
+		"| only one |             |\n" +
+		"\n- note\n"
+	if got := tb.Markdown(); got != want {
+		t.Errorf("Markdown:\n%s\nwant:\n%s", got, want)
+	}
+}
+
+func TestFormat(t *testing.T) {
+	for _, tc := range []struct {
+		got, want string
+	}{
+		{fmtNS(-1), "–"},
+		{fmtNS(math.NaN()), "–"},
+		{fmtNS(0), "0 ns"},
+		{fmtNS(417), "417 ns"},
+		{fmtNS(12_345), "12.3 µs"},
+		{fmtNS(999_000), "999 µs"},
+		{fmtNS(6_500_000), "6.5 ms"},
+		{fmtNS(123_456_789), "123 ms"},
+		{fmtNS(1_210_000_000), "1.21 s"},
+		{fmtNS(123e9), "123 s"},
+		{fmtCount(3), "3"},
+		{fmtCount(2.5), "2.5"},
+		{fmtPercent(0), "0"},
+		{fmtPercent(0.001), "<0.01%"},
+		{fmtPercent(6.5), "6.50%"},
+		{fmtRatio(math.NaN()), "–"},
+		{fmtRatio(0.98234), "0.982"},
+		{fmtSpread(Spread{}, fmtCount), "–"},
+		{fmtSpread(Spread{N: 3, Min: 2, Med: 2, Max: 2}, fmtCount), "2"},
+		{fmtSpread(Spread{N: 3, Min: 1, Med: 2, Max: 5}, fmtCount), "2 (1–5)"},
+		{kindsOf(), "none"},
+		{kindsOf(loadFigures{Failures: map[string]int{failReset: 3, failRefused: 2}, NoAnswer: 1},
+			loadFigures{Failures: map[string]int{failReset: 1}}), "refused 2, reset 4 (1 FIN before any answer)"},
+	} {
+		if tc.got != tc.want {
+			t.Errorf("got %q, want %q", tc.got, tc.want)
+		}
+	}
+}
+
+func TestParseResponse(t *testing.T) {
+	ok := "HTTP/1.1 200 OK\r\nContent-Length: 3\r\nX-Server: g1\r\nConnection: close\r\n\r\ng1\n"
+	if id, err := parseResponse([]byte(ok)); err != nil || id != "g1" {
+		t.Errorf("parseResponse(ok) = %q, %v", id, err)
+	}
+	for _, bad := range []string{
+		"HTTP/1.1 503 Service Unavailable\r\nX-Server: g1\r\n\r\ng1\n",
+		"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\ng1\n",
+		"HTTP/1.1 200 OK\r\nX-Server: g1\r\n\r\ng2\n",
+		"HTTP/1.1 200 OK\r\nX-Server: g1\r\n",
+		"garbage",
+	} {
+		_, err := parseResponse([]byte(bad))
+		if classify(err) != failWrong {
+			t.Errorf("parseResponse(%q) = %v, want a wrong answer", bad, err)
+		}
+	}
+}
+
+func TestClassify(t *testing.T) {
+	for _, tc := range []struct {
+		err  error
+		want string
+	}{
+		{fmt.Errorf("dial: %w", syscall.ECONNREFUSED), failRefused},
+		{fmt.Errorf("read: %w", syscall.ECONNRESET), failReset},
+		{errNoResponse, failReset},
+		{fmt.Errorf("read: %w", os.ErrDeadlineExceeded), failTimeout},
+		{&errWrong{msg: "x"}, failWrong},
+		{errors.New("something else"), failOther},
+	} {
+		if got := classify(tc.err); got != tc.want {
+			t.Errorf("classify(%v) = %s, want %s", tc.err, got, tc.want)
+		}
+	}
+}
+
+func TestReadAll(t *testing.T) {
+	buf := make([]byte, 4)
+	if n, err := readAll(strings.NewReader("abc"), buf); n != 3 || err != nil {
+		t.Errorf("readAll(abc) = %d, %v", n, err)
+	}
+	if _, err := readAll(strings.NewReader("abcdef"), buf); !errors.Is(err, io.ErrUnexpectedEOF) {
+		t.Errorf("readAll(too long) = %v, want ErrUnexpectedEOF", err)
+	}
+}
+
+func TestBuildReport(t *testing.T) {
+	const ms = int64(time.Millisecond)
+	w := &loadWorker{ids: []string{"g0", "g1"}}
+	w.recs = []attempt{
+		{start: 1000 + 1*ms, connNS: 100, totalNS: 500, server: 1},
+		{start: 1000 + 2*ms, connNS: 300, totalNS: 700, server: 1},
+		{start: 1000 + 12*ms, connNS: -1, totalNS: 50, fail: 1},              // refused
+		{start: 1000 + 13*ms, connNS: 200, totalNS: 900, fail: 2, eof: true}, // FIN before any answer
+		{start: 1000 + 25*ms, connNS: 400, totalNS: 800, server: 2},
+		{start: 1000 + 26*ms, connNS: 100, totalNS: 600, server: 2},
+	}
+	rep := buildReport(LoadOptions{Bucket: 10 * time.Millisecond}, 1000, 1000+30*ms, []*loadWorker{w})
+	if rep.Requests != 6 || rep.OK != 4 || rep.Failed() != 2 || rep.Failures[failRefused] != 1 || rep.Failures[failReset] != 1 || rep.NoAnswer != 1 {
+		t.Errorf("counts: %+v", rep)
+	}
+	if len(rep.Buckets) != 4 {
+		t.Fatalf("%d buckets, want 4", len(rep.Buckets))
+	}
+	if b := rep.Buckets[1]; b.Attempts != 2 || b.Failed != 2 || b.OK != 0 || b.ConnMax != 200 {
+		t.Errorf("bucket 1 = %+v", b)
+	}
+	if b := rep.Buckets[0]; b.ConnP99 != 300 || b.ReqP99 != 700 {
+		t.Errorf("bucket 0 = %+v", b)
+	}
+	if rep.Connect.N != 5 || rep.Connect.Max != 400 || rep.Request.N != 4 || rep.Request.Max != 800 {
+		t.Errorf("percentiles: connect %+v request %+v", rep.Connect, rep.Request)
+	}
+	if sp := rep.Servers["g0"]; sp.N != 2 || sp.FirstMono != 1000+ms || sp.LastMono != 1000+2*ms {
+		t.Errorf("g0 = %+v", sp)
+	}
+	if sp := rep.Servers["g1"]; sp.N != 2 || sp.FirstMono != 1000+25*ms {
+		t.Errorf("g1 = %+v", sp)
+	}
+	// Window: whole buckets only.
+	if a, ok, cov := rep.Window(1000, 1000+20*ms); a != 4 || ok != 2 || cov != 20*time.Millisecond {
+		t.Errorf("Window(0, 20ms) = %d, %d, %v", a, ok, cov)
+	}
+	if a, ok, cov := rep.Window(1000+5*ms, 1000+29*ms); a != 2 || ok != 0 || cov != 10*time.Millisecond {
+		t.Errorf("Window(5ms, 29ms) = %d, %d, %v", a, ok, cov)
+	}
+}
+
+func TestSwitchSample(t *testing.T) {
+	rep := &LoadReport{Servers: map[string]ServerSpan{
+		"g0": {N: 10, FirstMono: 0, LastMono: 130},
+		"g1": {N: 5, FirstMono: 150, LastMono: 400},
+	}}
+	u := &upgrade{Old: &gen{ID: "g0"}, New: &gen{ID: "g1"}, StartMono: 100, CommandMono: 110, NewReadyMono: 140,
+		FlipMono: 125, SteerMono: 120, OldExitMono: 300}
+	got := switchSample(u, rep)
+	want := SwitchSample{StartToFirstNew: 50, CommandToAllNew: 20, CommandToSteer: 10, CommandToFlip: 15, StartToReady: 40, Total: 200}
+	if got != want {
+		t.Errorf("switchSample = %+v, want %+v", got, want)
+	}
+	u.CommandMono = 200 // the old process answered nothing started after the command
+	if got := switchSample(u, rep); got.CommandToAllNew != 0 {
+		t.Errorf("CommandToAllNew = %d, want 0", got.CommandToAllNew)
+	}
+}
+
+// fakeResults is a small, made-up set of runs for the rendering tests.
+func fakeResults() *Results {
+	mk := func(c string, rep, failed int, p99 int64) *StormRun {
+		return &StormRun{Contender: c, Repeat: rep, Upgrades: 5, loadFigures: loadFigures{
+			Requests: 1000, OK: 1000 - failed, Failed: failed, Failures: map[string]int{failReset: failed},
+			Rate: 5000, Connect: Percentiles{N: 1000, P99: p99, P999: 2 * p99}, Request: Percentiles{N: 1000, P99: 3 * p99},
+		}, Switches: []SwitchSample{{CommandToAllNew: 5e6, CommandToFlip: 4e6, CommandToSteer: 3e6, StartToFirstNew: 1e6, StartToReady: 1e6, Total: 9e6}}}
+	}
+	r := &Results{
+		Command:    "drainbench",
+		Started:    time.Date(2026, 1, 2, 3, 4, 0, 0, time.UTC),
+		Params:     DefaultParams(false),
+		Contenders: []Contender{Contenders[1], Contenders[3], Contenders[4]},
+	}
+	r.Params.Repeats = 2
+	for rep := range 2 {
+		r.Storm = append(r.Storm, mk(ReusePort, rep, 40+rep, 8e6), mk(Tableflip, rep, 0, 8e6), mk(Draind, rep, 0, 4e6))
+	}
+	r.Datapath = []*DatapathRun{{None: 1000, Attached: 990, Ratio: 0.99, Runs: 100, NsPerRun: 400, RunsPerConn: 1}}
+	return r
+}
+
+func TestResultsMarkdown(t *testing.T) {
+	r := fakeResults()
+	md := r.Markdown(map[string]string{ScenarioStorm: "storm.svg"})
+	for _, want := range []string{
+		"Command: `drainbench`",
+		"| (b) SO_REUSEPORT + SIGTERM | 5        | 40.5 (40–41)",
+		"| (e) draind                 | 5        | 0 ",
+		"![failures and connect latency over time, scenario 1, first repeat](storm.svg)",
+		"| (1) connect p99                                                | 0.500",
+		"| selector overhead ratio ≥ 0.98 (median)",
+		"| draind: 0 failed connections in every scenario (all repeats)                    | (1) 0 ",
+	} {
+		if !strings.Contains(md, want) {
+			t.Errorf("Markdown lacks %q:\n%s", want, md)
+		}
+	}
+	st := r.Targets()
+	met := map[string]string{}
+	for _, row := range st.Rows {
+		met[row[0]] = row[2]
+	}
+	if met["(b) shows failures in (1) or (2) (all repeats)"] != "yes" {
+		t.Errorf("targets: %v", st.Rows)
+	}
+	if met["switch time ≤ 10 ms (draind, median: command → last connection answered by old)"] != "yes" {
+		t.Errorf("targets: %v", st.Rows)
+	}
+}
+
+func TestSVGWellFormed(t *testing.T) {
+	rep := &LoadReport{StartMono: 0, BucketNS: int64(10 * time.Millisecond)}
+	for i := range 3000 { // more buckets than pixels: steps merge them
+		b := Bucket{Attempts: 10, OK: 10, ConnP99: int64(50e3 + i), ReqP99: int64(2e6)}
+		if i == 1500 {
+			b.Failed, b.OK = 7, 3
+		}
+		rep.Buckets = append(rep.Buckets, b)
+	}
+	docs := map[string][]byte{
+		"timeline": timelineSVG("a <title> & more", []timelinePanel{
+			{Label: "(a) one", Report: rep, Marks: []int64{int64(15 * time.Second)}},
+			{Label: "(b) none"},
+		}),
+		"empty": timelineSVG("empty", nil),
+		"rate": rateSVG("rate", rep, []ratePhase{{Label: "attached", From: 0, Till: int64(10 * time.Second)},
+			{Label: "none", From: int64(10 * time.Second), Till: int64(20 * time.Second)}}),
+	}
+	for name, doc := range docs {
+		dec := xml.NewDecoder(strings.NewReader(string(doc)))
+		for {
+			_, err := dec.Token()
+			if errors.Is(err, io.EOF) {
+				break
+			}
+			if err != nil {
+				t.Fatalf("%s: not well-formed XML: %v\n%s", name, err, doc)
+			}
+		}
+	}
+	if s := string(docs["timeline"]); !strings.Contains(s, "a &lt;title&gt; &amp; more") || !strings.Contains(s, "7 failed in total") || !strings.Contains(s, `fill="#d62728"`) {
+		t.Errorf("timeline SVG lacks the title, the failure count or a failure bar")
+	}
+}

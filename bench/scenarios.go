@@ -1,0 +1,731 @@
+package bench
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"maps"
+	"math"
+	"os"
+	"runtime"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/cilium/ebpf"
+	"golang.org/x/sys/unix"
+
+	"github.com/draind/draind/loader"
+	"github.com/draind/draind/proc"
+	"github.com/draind/draind/steer"
+	"github.com/draind/draind/testenv"
+)
+
+// addr is where every server listens, inside each run's private network namespace.
+const addr = "127.0.0.1:8080"
+
+// runEnv is what every run shares.
+type runEnv struct {
+	log    *slog.Logger // progress
+	quiet  *slog.Logger // draind's own logging: warnings and errors only
+	pinDir string       // draind's pins for the handoffs (private to this bench process)
+}
+
+// newNS creates a run's network namespace with tcp_migrate_req set for c (1 for (c), 0 for the others).
+func (e *runEnv) newNS(c Contender) (*testenv.NetNS, error) {
+	ns, err := testenv.NewNetNS()
+	if err != nil {
+		return nil, err
+	}
+	v := "0"
+	if c.Key == Migrate {
+		v = "1"
+	}
+	if err := ns.Sysctl("net.ipv4.tcp_migrate_req", v); err != nil {
+		ns.Close()
+		return nil, err
+	}
+	if got, err := ns.SysctlValue("net.ipv4.tcp_migrate_req"); err != nil || got != v {
+		ns.Close()
+		return nil, fmt.Errorf("set tcp_migrate_req: reads back %q, %v", got, err)
+	}
+	return ns, nil
+}
+
+// kernelCounters are the TcpExt counters of a run's namespace that tell what happened to connections the servers
+// did not answer (a new namespace starts them at zero).
+var kernelCounters = []string{"ListenOverflows", "ListenDrops", "TCPMigrateReqSuccess", "TCPMigrateReqFailure", "TCPAbortOnClose", "TCPAbortOnData"}
+
+// tcpExt reads kernelCounters in ns (from /proc/thread-self/net/netstat on a thread inside it).
+func tcpExt(ns *testenv.NetNS) (map[string]int64, error) {
+	var data []byte
+	err := ns.Do(func() error {
+		var err error
+		data, err = os.ReadFile("/proc/thread-self/net/netstat")
+		return err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("read TcpExt counters: %w", err)
+	}
+	var names, values []string
+	for _, l := range strings.Split(string(data), "\n") {
+		if rest, ok := strings.CutPrefix(l, "TcpExt:"); ok {
+			if names == nil {
+				names = strings.Fields(rest)
+			} else {
+				values = strings.Fields(rest)
+			}
+		}
+	}
+	out := map[string]int64{}
+	for i, n := range names {
+		if i < len(values) && slices.Contains(kernelCounters, n) {
+			v, err := strconv.ParseInt(values[i], 10, 64)
+			if err == nil {
+				out[n] = v
+			}
+		}
+	}
+	return out, nil
+}
+
+// sleepUntil sleeps until CLOCK_MONOTONIC reaches mono.
+func sleepUntil(ctx context.Context, mono int64) error {
+	d := time.Duration(mono - testenv.MonoNow())
+	if d <= 0 {
+		return ctx.Err()
+	}
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// SwitchSample times one upgrade, in nanoseconds; -1: did not happen or not known.
+type SwitchSample struct {
+	// StartToFirstNew: from the start of the upgrade (for (b), (c), (e): starting the new process) to the start of
+	// the first connection the new process answered.
+	StartToFirstNew int64 `json:"start_to_first_new_ns"`
+	// CommandToAllNew: from the switch command (Contender.Command) to the start of the last connection the old
+	// process answered (0: none started after the command). Where nothing failed, every new connection after it
+	// went to the new process.
+	CommandToAllNew int64 `json:"command_to_all_new_ns"`
+	// CommandToSteer: draind only, from the handoff.Run call to the selector attached with the old side as target
+	// (handoff's StageSteering progress report): discovery, loading and the first counts are done.
+	CommandToSteer int64 `json:"command_to_steer_ns"`
+	// CommandToFlip: draind only, from the handoff.Run call to the selector's flip (handoff.Result.FlippedAt).
+	CommandToFlip int64 `json:"command_to_flip_ns"`
+	// StartToReady: from the start of the upgrade to the new process listening.
+	StartToReady int64 `json:"start_to_new_ready_ns"`
+	// Total: from the start of the upgrade to the old process's exit.
+	Total int64 `json:"total_ns"`
+}
+
+func switchSample(u *upgrade, rep *LoadReport) SwitchSample {
+	s := SwitchSample{StartToFirstNew: -1, CommandToAllNew: -1, CommandToSteer: -1, CommandToFlip: -1, StartToReady: -1, Total: -1}
+	if u.New != nil {
+		if sp, ok := rep.Servers[u.New.ID]; ok {
+			s.StartToFirstNew = sp.FirstMono - u.StartMono
+		}
+		if u.NewReadyMono != 0 {
+			s.StartToReady = u.NewReadyMono - u.StartMono
+		}
+	}
+	if sp, ok := rep.Servers[u.Old.ID]; ok {
+		s.CommandToAllNew = max(sp.LastMono-u.CommandMono, 0)
+	}
+	if u.SteerMono != 0 {
+		s.CommandToSteer = u.SteerMono - u.CommandMono
+	}
+	if u.FlipMono != 0 {
+		s.CommandToFlip = u.FlipMono - u.CommandMono
+	}
+	if u.OldExitMono != 0 {
+		s.Total = u.OldExitMono - u.StartMono
+	}
+	return s
+}
+
+// loadFigures are the load client's figures of a run.
+type loadFigures struct {
+	Requests int            `json:"requests"`
+	OK       int            `json:"ok"`
+	Failed   int            `json:"failed"`
+	Failures map[string]int `json:"failures"`
+	NoAnswer int            `json:"no_answer"` // of the resets: FIN before any byte of an answer
+	Samples  []string       `json:"samples,omitempty"`
+	FailedAt []FailureAt    `json:"failed_at,omitempty"` // the first failures, relative to the load's start
+	// Kernel are TcpExt counters of the run's namespace at its end (see kernelCounters).
+	Kernel  map[string]int64 `json:"kernel,omitempty"`
+	Rate    float64          `json:"rate_per_s"` // answered attempts per second
+	Connect Percentiles      `json:"connect"`
+	Request Percentiles      `json:"request"`
+}
+
+func figuresOf(r *LoadReport) loadFigures {
+	f := loadFigures{Requests: r.Requests, OK: r.OK, Failed: r.Failed(), Failures: maps.Clone(r.Failures),
+		NoAnswer: r.NoAnswer, Samples: r.Samples, FailedAt: r.FailedAt, Connect: r.Connect, Request: r.Request}
+	if d := time.Duration(r.EndMono - r.StartMono); d > 0 {
+		f.Rate = float64(r.OK) / d.Seconds()
+	}
+	return f
+}
+
+// StormParams configure scenario 1.
+type StormParams struct {
+	Duration    time.Duration `json:"duration"`    // of the load
+	Every       time.Duration `json:"every"`       // an upgrade starts every Every (or as soon as the previous one ended)
+	Concurrency int           `json:"concurrency"` // load workers, as fast as they can
+}
+
+// StormRun is one run of scenario 1 (and the samples of scenario 4).
+type StormRun struct {
+	Contender string `json:"contender"`
+	Repeat    int    `json:"repeat"`
+	loadFigures
+	Upgrades int            `json:"upgrades"`
+	Switches []SwitchSample `json:"switches"`
+	// CommandsAt are the switch commands, relative to the load's start.
+	CommandsAt []int64 `json:"commands_at_ns"`
+	Error      string  `json:"error,omitempty"`
+
+	timeline *LoadReport
+	marks    []int64
+}
+
+func runStorm(ctx context.Context, env *runEnv, c Contender, p StormParams, repeat int) (run *StormRun, err error) {
+	run = &StormRun{Contender: c.Key, Repeat: repeat}
+	ns, err := env.newNS(c)
+	if err != nil {
+		return run, err
+	}
+	defer ns.Close()
+	f, err := newFleet(c, ns, serverSpec{Addr: addr}, env)
+	if err != nil {
+		return run, err
+	}
+	defer f.close()
+	cur, err := f.first(ctx)
+	if err != nil {
+		return run, err
+	}
+	load, err := startLoad(ctx, ns, LoadOptions{Addr: addr, Concurrency: p.Concurrency, Duration: p.Duration + time.Minute})
+	if err != nil {
+		return run, err
+	}
+	defer load.kill()
+	t0 := load.startMono()
+	end := t0 + int64(p.Duration)
+	var ups []*upgrade
+	var uerr error
+	for i := int64(1); ; i++ {
+		at := max(t0+i*int64(p.Every), testenv.MonoNow())
+		if at+int64(p.Every)/2 > end {
+			break
+		}
+		if err := sleepUntil(ctx, at); err != nil {
+			return run, err
+		}
+		u, err := f.begin(ctx, cur)
+		if err == nil {
+			err = u.finish(ctx)
+		}
+		ups = append(ups, u)
+		if err != nil {
+			uerr = fmt.Errorf("upgrade %d: %w", i, err)
+			break
+		}
+		cur = u.New
+	}
+	if err := sleepUntil(ctx, end); err != nil {
+		return run, err
+	}
+	rep, err := load.stop()
+	if err != nil {
+		return run, err
+	}
+	run.loadFigures = figuresOf(rep)
+	run.Kernel, err = tcpExt(ns)
+	if err != nil {
+		return run, err
+	}
+	run.timeline = rep
+	for _, u := range ups {
+		run.marks = append(run.marks, u.CommandMono)
+		run.CommandsAt = append(run.CommandsAt, u.CommandMono-rep.StartMono)
+		if u.New != nil && u.OldExitMono != 0 {
+			run.Upgrades++
+			run.Switches = append(run.Switches, switchSample(u, rep))
+		}
+	}
+	if uerr != nil {
+		run.Error = uerr.Error()
+	}
+	return run, nil
+}
+
+// QueueParams configure scenario 2.
+type QueueParams struct {
+	Before      time.Duration `json:"before"`       // load before the upgrade
+	After       time.Duration `json:"after"`        // load after the upgrade started
+	Concurrency int           `json:"concurrency"`  // load workers, as fast as they can
+	Backlog     int           `json:"backlog"`      // of the old server's listener
+	AcceptDelay time.Duration `json:"accept_delay"` // the old server sleeps this long before each accept
+}
+
+// QueueRun is one run of scenario 2.
+type QueueRun struct {
+	Contender string `json:"contender"`
+	Repeat    int    `json:"repeat"`
+	loadFigures
+	Switch     SwitchSample `json:"switch"`
+	CommandsAt []int64      `json:"commands_at_ns"` // the switch command, relative to the load's start
+	// CommandToExit is from the switch command to the old process's exit; -1: not seen.
+	CommandToExit int64  `json:"command_to_exit_ns"`
+	Error         string `json:"error,omitempty"`
+
+	timeline *LoadReport
+	marks    []int64
+}
+
+func runQueue(ctx context.Context, env *runEnv, c Contender, p QueueParams, repeat int) (run *QueueRun, err error) {
+	run = &QueueRun{Contender: c.Key, Repeat: repeat, CommandToExit: -1}
+	ns, err := env.newNS(c)
+	if err != nil {
+		return run, err
+	}
+	defer ns.Close()
+	f, err := newFleet(c, ns, serverSpec{Addr: addr, Backlog: p.Backlog, FirstAcceptDelay: p.AcceptDelay}, env)
+	if err != nil {
+		return run, err
+	}
+	defer f.close()
+	cur, err := f.first(ctx)
+	if err != nil {
+		return run, err
+	}
+	load, err := startLoad(ctx, ns, LoadOptions{Addr: addr, Concurrency: p.Concurrency, Duration: p.Before + p.After + time.Minute})
+	if err != nil {
+		return run, err
+	}
+	defer load.kill()
+	t0 := load.startMono()
+	if err := sleepUntil(ctx, t0+int64(p.Before)); err != nil {
+		return run, err
+	}
+	u, uerr := f.begin(ctx, cur)
+	if uerr == nil {
+		uerr = u.finish(ctx)
+	}
+	if err := sleepUntil(ctx, t0+int64(p.Before+p.After)); err != nil {
+		return run, err
+	}
+	rep, err := load.stop()
+	if err != nil {
+		return run, err
+	}
+	run.loadFigures = figuresOf(rep)
+	run.Kernel, err = tcpExt(ns)
+	if err != nil {
+		return run, err
+	}
+	run.timeline = rep
+	run.marks = []int64{u.CommandMono}
+	run.CommandsAt = []int64{u.CommandMono - rep.StartMono}
+	run.Switch = switchSample(u, rep)
+	if u.OldExitMono != 0 {
+		run.CommandToExit = u.OldExitMono - u.CommandMono
+	}
+	if uerr != nil {
+		run.Error = uerr.Error()
+	}
+	return run, nil
+}
+
+// LongParams configure scenario 3.
+type LongParams struct {
+	Conns      int           `json:"conns"`       // long-lived connections open to the old server
+	CloseAfter time.Duration `json:"close_after"` // the clients start closing this long after the switch command
+	Spread     time.Duration `json:"spread"`      // ... and close them all evenly over this long
+}
+
+// LongRun is one run of scenario 3.
+type LongRun struct {
+	Contender string `json:"contender"`
+	Repeat    int    `json:"repeat"`
+	Conns     int    `json:"conns"`
+	// Cut counts the connections the server side ended (EOF or reset seen by the client) before the client closed
+	// them: each is a long-lived connection (a stream, a websocket, a download) the upgrade broke.
+	Cut          int `json:"cut"`
+	ClientClosed int `json:"client_closed"`
+	// LastCloseToExit is from the client's last close (its own clock, right after close(2)) to the old process's
+	// exit (seen through a pidfd); -1 when the old process exited before the clients closed.
+	LastCloseToExit int64  `json:"last_close_to_exit_ns"`
+	CommandToExit   int64  `json:"command_to_exit_ns"`
+	Error           string `json:"error,omitempty"`
+}
+
+func runLong(ctx context.Context, env *runEnv, c Contender, p LongParams, repeat int) (run *LongRun, err error) {
+	run = &LongRun{Contender: c.Key, Repeat: repeat, LastCloseToExit: -1, CommandToExit: -1}
+	ns, err := env.newNS(c)
+	if err != nil {
+		return run, err
+	}
+	defer ns.Close()
+	f, err := newFleet(c, ns, serverSpec{Addr: addr, Hold: true, Backlog: 4096}, env)
+	if err != nil {
+		return run, err
+	}
+	defer f.close()
+	cur, err := f.first(ctx)
+	if err != nil {
+		return run, err
+	}
+	octx, cancel := context.WithTimeout(ctx, 2*time.Minute)
+	conns, err := testenv.StartConns(octx, ns, testenv.ConnsOptions{Addr: addr, N: p.Conns})
+	cancel()
+	if err != nil {
+		return run, err
+	}
+	defer conns.Kill()
+	run.Conns = conns.Established()
+	u, uerr := f.begin(ctx, cur)
+	if uerr == nil {
+		if err := sleepUntil(ctx, u.CommandMono+int64(p.CloseAfter)); err != nil {
+			return run, err
+		}
+		cctx, cancel := context.WithTimeout(ctx, p.Spread+time.Minute)
+		if err := conns.CloseAll(cctx, p.Spread); err != nil {
+			uerr = fmt.Errorf("close connections: %w", err)
+		}
+		cancel()
+		uerr = errors.Join(uerr, u.finish(ctx))
+	}
+	sctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	st, err := conns.Stats(sctx)
+	cancel()
+	if err != nil {
+		return run, err
+	}
+	run.Cut, run.ClientClosed = st.PeerEnded, st.Closed
+	if u.OldExitMono != 0 {
+		run.CommandToExit = u.OldExitMono - u.CommandMono
+		if st.LastCloseMono != 0 && u.OldExitMono >= st.LastCloseMono && run.Cut == 0 {
+			run.LastCloseToExit = u.OldExitMono - st.LastCloseMono
+		}
+	}
+	if uerr != nil {
+		run.Error = uerr.Error()
+	}
+	return run, nil
+}
+
+// DatapathParams configure scenario 5.
+type DatapathParams struct {
+	Phase       time.Duration `json:"phase"`       // length of each phase
+	Pairs       int           `json:"pairs"`       // attached/none phase pairs, alternating
+	Margin      time.Duration `json:"margin"`      // left out at both ends of a phase
+	Concurrency int           `json:"concurrency"` // load workers, as fast as they can
+}
+
+// statsPhases is the length of the phase with BPF statistics on, in phases.
+const statsPhases = 8
+
+// DatapathRun is one run of scenario 5: one server process under the same load throughout, in alternating phases
+// with draind's selector attached (as during and after a handoff: target the measured server) and with no selector,
+// then one phase attached with the kernel's BPF run-time statistics on.
+type DatapathRun struct {
+	Repeat    int     `json:"repeat"`
+	None      float64 `json:"none_per_s"`           // answered/s over all no-selector phases
+	Attached  float64 `json:"attached_per_s"`       // ... over all attached phases
+	WithStats float64 `json:"attached_stats_per_s"` // ... in the phase with statistics on
+	// Ratio is the median, over every two adjacent phases (attached then none, or none then attached), of the
+	// attached phase's answered/s over the other's: linear drift cancels, and a burst of other load on the machine
+	// spoils only the ratios of the phases it falls in.
+	Ratio      float64   `json:"ratio"`
+	PairRatios []float64 `json:"pair_ratios"`
+	// From the kernel's BPF statistics over the phase with statistics on.
+	Runs        uint64  `json:"selector_runs"`
+	RunTimeNS   int64   `json:"selector_run_time_ns"`
+	NsPerRun    float64 `json:"selector_ns_per_run"`
+	RunsPerConn float64 `json:"selector_runs_per_conn"`
+	// CPUShare is the selector's run time per connection over the machine's CPU time per connection in the
+	// statistics phase (CPUs / answered/s): what the selector can cost the throughput of a machine that is
+	// saturated by the load, the server and the kernel's TCP work.
+	CPUShare float64 `json:"selector_cpu_share"`
+	Failed   int     `json:"failed"`
+	Error    string  `json:"error,omitempty"`
+
+	timeline *LoadReport
+	phases   []ratePhase
+}
+
+func runDatapath(ctx context.Context, env *runEnv, p DatapathParams, repeat int, pinDir string) (run *DatapathRun, err error) {
+	run = &DatapathRun{Repeat: repeat}
+	ns, err := env.newNS(Contender{})
+	if err != nil {
+		return run, err
+	}
+	defer ns.Close()
+	measured, err := testenv.StartServer(ctx, ns, testenv.ServerOptions{Addr: addr, ID: "measured", ReusePort: true})
+	if err != nil {
+		return run, err
+	}
+	defer measured.Kill()
+
+	// Attach the selector as a handoff does: another server joins the group as the old side, steering begins and
+	// flips to the measured server, and the other server closes its listener. The measured server then holds the
+	// group alone with the selector attached, as it does at the end of every draind handoff's drain. The phases
+	// then detach and re-attach the same program (SO_DETACH/SO_ATTACH_REUSEPORT_EBPF on a pidfd_getfd copy of
+	// the listener); steer.Finish cleans up at the end.
+	other, err := testenv.StartServer(ctx, ns, testenv.ServerOptions{Addr: addr, ID: "other", ReusePort: true})
+	if err != nil {
+		return run, err
+	}
+	defer other.Kill()
+	objs, err := loader.Open(loader.Options{PinDir: pinDir, Logger: env.quiet})
+	if err != nil {
+		return run, err
+	}
+	defer objs.Close()
+	st, err := beginSteering(objs, other.PID, measured.PID, env.quiet)
+	if err != nil {
+		return run, err
+	}
+	finished := false
+	defer func() {
+		if !finished {
+			_ = st.Undo()
+		}
+	}()
+	if err := st.Flip(); err != nil {
+		return run, fmt.Errorf("flip: %w", err)
+	}
+	if err := other.CloseListener(); err != nil {
+		return run, err
+	}
+	prog, err := findSelector(objs)
+	if err != nil {
+		return run, err
+	}
+	defer prog.Close()
+	lst, err := listenerOf(measured.PID)
+	if err != nil {
+		return run, err
+	}
+	defer lst.Proc.Close()
+	defer lst.Close()
+	setSelector := func(on bool) error {
+		fd, err := lst.Listeners[0].Copy()
+		if err != nil {
+			return err
+		}
+		defer unix.Close(fd)
+		if on {
+			err = unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_ATTACH_REUSEPORT_EBPF, prog.FD())
+		} else {
+			err = unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_DETACH_REUSEPORT_BPF, 0)
+		}
+		if err != nil {
+			return fmt.Errorf("attach selector (%v): %w", on, err)
+		}
+		return nil
+	}
+
+	load, err := startLoad(ctx, ns, LoadOptions{Addr: addr, Concurrency: p.Concurrency,
+		Duration: time.Duration(2*p.Pairs+1)*p.Phase + 2*time.Minute})
+	if err != nil {
+		return run, err
+	}
+	defer load.kill()
+	phaseOf := func(label string, d time.Duration) (ratePhase, error) {
+		s := testenv.MonoNow()
+		err := sleepUntil(ctx, s+int64(d))
+		return ratePhase{Label: label, From: s, Till: testenv.MonoNow()}, err
+	}
+	var attached, none, all []ratePhase
+	for i := range 2 * p.Pairs {
+		on := i%2 == 0 // the selector is attached at the start
+		if i > 0 {
+			if err := setSelector(on); err != nil {
+				return run, err
+			}
+		}
+		label := "none"
+		if on {
+			label = "attached"
+		}
+		ph, err := phaseOf(label, p.Phase)
+		if err != nil {
+			return run, err
+		}
+		run.phases = append(run.phases, ph)
+		all = append(all, ph)
+		if on {
+			attached = append(attached, ph)
+		} else {
+			none = append(none, ph)
+		}
+	}
+	if err := setSelector(true); err != nil {
+		return run, err
+	}
+	statsOff, err := ebpf.EnableStats(uint32(unix.BPF_STATS_RUN_TIME))
+	if err != nil {
+		return run, fmt.Errorf("enable BPF statistics: %w", err)
+	}
+	s0, err0 := prog.Stats()
+	withStats, perr := phaseOf("attached, BPF statistics on", statsPhases*p.Phase)
+	s1, err1 := prog.Stats()
+	statsOff.Close()
+	if err := errors.Join(perr, err0, err1); err != nil {
+		return run, fmt.Errorf("read selector statistics: %w", err)
+	}
+	run.phases = append(run.phases, withStats)
+	if err := st.Finish(); err != nil {
+		return run, fmt.Errorf("detach selector: %w", err)
+	}
+	finished = true
+	rep, err := load.stop()
+	if err != nil {
+		return run, err
+	}
+	run.timeline = rep
+	rate := func(ws ...ratePhase) float64 {
+		ok, covered := 0, time.Duration(0)
+		for _, w := range ws {
+			_, n, c := rep.Window(w.From+int64(p.Margin), w.Till-int64(p.Margin))
+			ok, covered = ok+n, covered+c
+		}
+		if covered <= 0 {
+			return 0
+		}
+		return float64(ok) / covered.Seconds()
+	}
+	run.None, run.Attached, run.WithStats = rate(none...), rate(attached...), rate(withStats)
+	for i := 1; i < len(all); i++ {
+		a, n := all[i-1], all[i]
+		if i%2 == 0 { // phase i is attached again
+			a, n = n, a
+		}
+		if r := Ratio(rate(a), rate(n)); !math.IsNaN(r) {
+			run.PairRatios = append(run.PairRatios, r)
+		}
+	}
+	if len(run.PairRatios) > 0 { // else 0: no ratio (JSON has no NaN)
+		run.Ratio = SpreadOf(run.PairRatios).Med
+	}
+	_, statsConns, _ := rep.Window(withStats.From, withStats.Till)
+	run.Runs = s1.RunCount - s0.RunCount
+	run.RunTimeNS = int64(s1.Runtime - s0.Runtime)
+	if run.Runs > 0 {
+		run.NsPerRun = float64(run.RunTimeNS) / float64(run.Runs)
+	}
+	if statsConns > 0 {
+		run.RunsPerConn = float64(run.Runs) / float64(statsConns)
+	}
+	if run.WithStats > 0 {
+		run.CPUShare = run.NsPerRun * run.RunsPerConn / (float64(runtime.NumCPU()) * 1e9 / run.WithStats)
+	}
+	run.Failed = rep.Failed()
+	return run, nil
+}
+
+// listenerOf discovers pid's (single) listening socket. The Side's Proc stays open (Listener.Copy uses its pidfd):
+// close the Side, then the Proc.
+func listenerOf(pid int) (*steer.Side, error) {
+	p, err := proc.Open(pid)
+	if err != nil {
+		return nil, err
+	}
+	side, err := steer.Discover(p)
+	if err != nil {
+		p.Close()
+		return nil, err
+	}
+	if len(side.Listeners) != 1 {
+		side.Close()
+		p.Close()
+		return nil, fmt.Errorf("process %d has %d listeners, want 1", pid, len(side.Listeners))
+	}
+	return side, nil
+}
+
+// beginSteering attaches draind's selector to the group of old's and new's listeners, target old (steer.Begin).
+func beginSteering(objs *loader.Objects, oldPID, newPID int, log *slog.Logger) (*steer.Steering, error) {
+	oldP, err := proc.Open(oldPID)
+	if err != nil {
+		return nil, err
+	}
+	defer oldP.Close()
+	newP, err := proc.Open(newPID)
+	if err != nil {
+		return nil, err
+	}
+	defer newP.Close()
+	oldSide, err := steer.Discover(oldP, newPID)
+	if err != nil {
+		return nil, err
+	}
+	defer oldSide.Close()
+	newSide, err := steer.Discover(newP, oldPID)
+	if err != nil {
+		return nil, err
+	}
+	defer newSide.Close()
+	pairs, err := steer.PairListeners(oldSide, newSide, nil)
+	if err != nil {
+		return nil, err
+	}
+	return steer.Begin(objs, pairs, steer.Options{Logger: log})
+}
+
+// findSelector finds the selector program attached through objs: the newest SK_REUSEPORT program that uses objs's
+// socket array (the pin directory is private to this bench, so no other draind's program uses it).
+func findSelector(objs *loader.Objects) (*ebpf.Program, error) {
+	mi, err := objs.Sockets.Info()
+	if err != nil {
+		return nil, fmt.Errorf("socket array info: %w", err)
+	}
+	want, ok := mi.ID()
+	if !ok {
+		return nil, errors.New("socket array info: no map id")
+	}
+	var best *ebpf.Program
+	var bestID ebpf.ProgramID
+	for id := ebpf.ProgramID(0); ; {
+		next, err := ebpf.ProgramGetNextID(id)
+		if err != nil {
+			break
+		}
+		id = next
+		p, err := ebpf.NewProgramFromID(id)
+		if err != nil {
+			continue // gone meanwhile
+		}
+		info, err := p.Info()
+		if err != nil || info.Type != ebpf.SkReuseport {
+			p.Close()
+			continue
+		}
+		mapIDs, _ := info.MapIDs()
+		if !slices.Contains(mapIDs, want) || id < bestID {
+			p.Close()
+			continue
+		}
+		if best != nil {
+			best.Close()
+		}
+		best, bestID = p, id
+	}
+	if best == nil {
+		return nil, errors.New("find selector: no SK_REUSEPORT program uses the socket array")
+	}
+	return best, nil
+}
