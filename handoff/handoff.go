@@ -58,6 +58,9 @@ type Options struct {
 	// finish it (Resume): steering begun, flipped, signalled. An error before the flip rolls back; later ones are
 	// logged.
 	Persist func(State) error
+	// Counting, if set, is called with the Counters of the old and the new side once both are watched, and with
+	// nil, nil before they are closed (readers such as metrics Peek them meanwhile).
+	Counting func(old, new *drain.Counter)
 }
 
 // State is what a draind process that takes over a handoff (Resume) needs to know about it.
@@ -320,12 +323,20 @@ func (h *run) open() (err error) {
 	if h.counter, err = h.tracker.Watch(h.oldP, h.ports, drain.WatchOptions{Exclude: []*proc.Process{h.newP}, Track: true}); err != nil {
 		return err
 	}
-	h.newCounter, err = h.tracker.Watch(h.newP, h.ports, drain.WatchOptions{})
-	return err
+	if h.newCounter, err = h.tracker.Watch(h.newP, h.ports, drain.WatchOptions{}); err != nil {
+		return err
+	}
+	if h.opts.Counting != nil {
+		h.opts.Counting(h.counter, h.newCounter)
+	}
+	return nil
 }
 
 // close releases what open loaded (not the steering: its end is the handoff's business).
 func (h *run) close() {
+	if h.opts.Counting != nil && h.newCounter != nil {
+		h.opts.Counting(nil, nil)
+	}
 	for _, c := range []*drain.Counter{h.newCounter, h.counter} {
 		if c != nil {
 			c.Close()
@@ -388,9 +399,10 @@ func interrupted(ctx context.Context) string {
 	return "interrupted"
 }
 
-// watchNew watches the new process: newDied is closed if it exits before stop is called. stop waits for the watcher
-// (it uses the new process's pidfd, which is closed after the handoff returns); calling it twice is fine.
-func (h *run) watchNew(ctx context.Context) (newDied <-chan struct{}, stop func()) {
+// watchNew watches the new process: newDied is closed if it exits before stop is called. stop does not wait (it is
+// on the way to the signal); wait waits for the watcher, which uses the new process's pidfd (closed after the
+// handoff returns). Both may be called more than once.
+func (h *run) watchNew(ctx context.Context) (newDied <-chan struct{}, stop, wait func()) {
 	died := make(chan struct{})
 	watchCtx, cancel := context.WithCancel(ctx)
 	var watching sync.WaitGroup
@@ -399,7 +411,7 @@ func (h *run) watchNew(ctx context.Context) (newDied <-chan struct{}, stop func(
 			close(died)
 		}
 	})
-	return died, func() {
+	return died, cancel, func() {
 		cancel()
 		watching.Wait()
 	}
@@ -408,8 +420,8 @@ func (h *run) watchNew(ctx context.Context) (newDied <-chan struct{}, stop func(
 func (h *run) run(ctx context.Context) (*Result, error) {
 	h.ctx = ctx
 	// Watch the new process: if it dies before the old one is signalled, roll back.
-	newDied, stopWatch := h.watchNew(ctx)
-	defer stopWatch()
+	newDied, stopWatch, waitWatch := h.watchNew(ctx)
+	defer waitWatch()
 
 	if err := h.waitReady(ctx, newDied); err != nil {
 		return h.rollback(CauseNotReady, err.Error())

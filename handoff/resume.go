@@ -85,8 +85,8 @@ func Resume(ctx context.Context, st State, opts Options) (*Result, error) {
 		return h.rollback(CauseNewExited, fmt.Sprintf("new process %d exited after the old one was signalled", st.To))
 	}
 
-	newDied, stopWatch := h.watchNew(ctx)
-	defer stopWatch()
+	newDied, stopWatch, waitWatch := h.watchNew(ctx)
+	defer waitWatch()
 	switch st.Stage {
 	case StageSteering:
 		all, any, err := h.st.Flipped()
