@@ -39,6 +39,7 @@ const (
 type HandoffRequest struct {
 	From         ProcRef  `json:"from"`
 	To           ProcRef  `json:"to"`
+	Name         string   `json:"name,omitempty"` // a name for the metrics' listener series (e.g. the service's)
 	Ports        []uint16 `json:"ports,omitempty"`
 	Signal       string   `json:"signal,omitempty"`     // name ("TERM", "SIGQUIT") or number; default TERM
 	Timeout      Duration `json:"timeout,omitempty"`    // drain deadline, from the flip; default 5m
@@ -136,6 +137,9 @@ func (r *HandoffRequest) Check(nfds int) error {
 	if r.From.PID != 0 && r.From.PID == r.To.PID {
 		return invalid("old and new are the same process (%d)", r.From.PID)
 	}
+	if !validName(r.Name) {
+		return invalid("name %q: at most 63 letters, digits, '.', '_' or '-'", r.Name)
+	}
 	if len(r.Ports) > MaxPorts {
 		return invalid("%d ports (at most %d)", len(r.Ports), MaxPorts)
 	}
@@ -167,6 +171,19 @@ func (r *HandoffRequest) Check(nfds int) error {
 		}
 	}
 	return nil
+}
+
+// validName accepts the names the metrics may carry as a label value: short, plain.
+func validName(s string) bool {
+	if len(s) > 63 {
+		return false
+	}
+	for _, c := range s {
+		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '.' || c == '_' || c == '-') {
+			return false
+		}
+	}
+	return true
 }
 
 // Options turns the request into handoff options (without the processes, which the daemon resolves).
@@ -245,6 +262,7 @@ const (
 // Handoff is a handoff in progress, as GET /v1/handoffs lists it.
 type Handoff struct {
 	ID        string        `json:"id"`
+	Name      string        `json:"name,omitempty"`
 	From      int           `json:"from"` // PIDs in the daemon's PID namespace
 	To        int           `json:"to"`
 	Listeners []string      `json:"listeners"`

@@ -23,16 +23,22 @@ import (
 	"github.com/draind/draind/drain"
 	"github.com/draind/draind/handoff"
 	"github.com/draind/draind/loader"
+	"github.com/draind/draind/metrics"
 )
 
 // DefaultStateDir holds the daemon's state file unless Options.StateDir says otherwise.
 const DefaultStateDir = "/var/lib/draind"
+
+// DefaultMetricsAddr is where the daemon serves /metrics unless Options.MetricsAddr says otherwise: loopback only.
+const DefaultMetricsAddr = "127.0.0.1:9464"
 
 // Options configures New. The zero value serves api.DefaultSocket (mode 0660, group root), keeps its state under
 // DefaultStateDir, pins under loader.DefaultPinDir and logs to slog.Default().
 type Options struct {
 	Socket    string
 	SocketGID int // group owning the socket; callers in it may connect (authorization still applies)
+	// MetricsAddr is where /metrics is served (HTTP); default DefaultMetricsAddr, "off" for none.
+	MetricsAddr string
 	StateDir  string
 	PinDir    string
 	Logger    *slog.Logger
@@ -46,7 +52,9 @@ type Daemon struct {
 	opts    Options
 	log     *slog.Logger
 	tracker *drain.Tracker
+	objs    *loader.Objects // the pinned maps, for the selector's counters
 	state   *stateFile
+	metrics *metrics.Metrics
 
 	ctx    context.Context // parent of the handoffs' contexts
 	cancel context.CancelCauseFunc
@@ -79,6 +87,9 @@ func New(opts Options) (*Daemon, error) {
 	if opts.Logger == nil {
 		opts.Logger = slog.Default()
 	}
+	if opts.MetricsAddr == "" {
+		opts.MetricsAddr = DefaultMetricsAddr
+	}
 	st, err := openState(opts.StateDir)
 	if err != nil {
 		return nil, err
@@ -91,12 +102,13 @@ func New(opts Options) (*Daemon, error) {
 	if _, err := objs.RemoveUnusedPins(); err != nil {
 		opts.Logger.Warn("remove unused pins", "err", err)
 	}
-	objs.Close()
 	tr, err := drain.NewTracker(drain.TrackerOptions{Logger: opts.Logger})
 	if err != nil {
+		objs.Close()
 		return nil, fmt.Errorf("start daemon: %w", err)
 	}
-	d := &Daemon{opts: opts, log: opts.Logger, tracker: tr, state: st, handoffs: map[string]*entry{}, claims: map[uint64]claim{}}
+	d := &Daemon{opts: opts, log: opts.Logger, tracker: tr, objs: objs, state: st, handoffs: map[string]*entry{}, claims: map[uint64]claim{}}
+	d.metrics = metrics.New(metrics.Options{Source: d})
 	d.ctx, d.cancel = context.WithCancelCause(context.Background())
 	return d, nil
 }
@@ -112,6 +124,18 @@ func (d *Daemon) Serve(ctx context.Context) error {
 	defer os.Remove(d.opts.Socket)
 	for _, rec := range d.state.records() {
 		d.resume(rec)
+	}
+	if d.opts.MetricsAddr != "off" {
+		ml, err := net.Listen("tcp", d.opts.MetricsAddr)
+		if err != nil {
+			l.Close()
+			d.stop()
+			return fmt.Errorf("serve metrics: %w", err)
+		}
+		msrv := &http.Server{Handler: d.metrics.Handler(d.log), ReadHeaderTimeout: 5 * time.Second}
+		go msrv.Serve(ml)
+		defer msrv.Close()
+		d.log.Info("serving metrics", "addr", ml.Addr().String())
 	}
 	srv := &http.Server{
 		Handler:           d.routes(),
@@ -154,6 +178,7 @@ func (d *Daemon) Close() error {
 		d.cancel(handoff.ErrLeft)
 		d.wg.Wait()
 		err = d.tracker.Close()
+		d.objs.Close()
 	})
 	return err
 }
@@ -193,6 +218,7 @@ func (d *Daemon) listen() (*net.UnixListener, error) {
 // entry is one handoff the daemon runs.
 type entry struct {
 	id      string
+	name    string // operator-given, for the metrics
 	uid     uint32
 	started time.Time
 	resumed bool
@@ -207,6 +233,11 @@ type entry struct {
 	stage     handoff.Stage
 	st        *handoff.State // last persisted
 	old, new  api.Count
+	recorded  bool // counted in draind_handoffs_started_total
+
+	countMu      sync.Mutex     // held while the metrics Peek the counters
+	oldC, newC   *drain.Counter // the sides' counters while the handoff runs
+	newPID       int            // the new process, in the daemon's PID namespace
 }
 
 func newID() string {
@@ -218,7 +249,7 @@ func newID() string {
 func (e *entry) status() api.Handoff {
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	h := api.Handoff{ID: e.id, From: e.from, To: e.to, Listeners: e.listeners, Stage: e.stage, Old: e.old, New: e.new,
+	h := api.Handoff{ID: e.id, Name: e.name, From: e.from, To: e.to, Listeners: e.listeners, Stage: e.stage, Old: e.old, New: e.new,
 		Started: e.started, UID: e.uid, Resumed: e.resumed}
 	if e.st != nil && !e.st.FlippedAt.IsZero() {
 		h.Deadline = e.st.FlippedAt.Add(e.st.Timeout)
@@ -297,6 +328,7 @@ func (d *Daemon) start(e *entry, fn func(ctx context.Context) (*handoff.Result, 
 		if err != nil {
 			ev.Err = classify(err)
 		}
+		d.record(e, res, err)
 		d.log.Info("handoff ended", "id", e.id, "outcome", outcomeOf(res), "err", err)
 		e.result <- ev
 	}()
@@ -327,22 +359,62 @@ func (d *Daemon) forget(e *entry, drop bool) {
 	}
 }
 
+// record counts a handoff's end in the metrics.
+func (d *Daemon) record(e *entry, res *handoff.Result, err error) {
+	result, signal, rollback := metrics.ResultFailed, "", ""
+	var drained time.Duration
+	if res != nil {
+		switch res.Outcome {
+		case handoff.OutcomeDrained:
+			result = metrics.ResultDrained
+		case handoff.OutcomeTimedOut:
+			result = metrics.ResultTimedOut
+		case handoff.OutcomeRolledBack:
+			result, rollback = metrics.ResultRolledBack, string(res.RollbackCause)
+			if res.RollbackCause == handoff.CauseAborted {
+				result = metrics.ResultAborted
+			}
+		}
+		if res.Signalled {
+			signal = "SIG" + res.Signal
+		}
+		if res.Outcome == handoff.OutcomeDrained || res.Outcome == handoff.OutcomeTimedOut {
+			drained = res.DrainTime
+		}
+	}
+	if err != nil && result == metrics.ResultDrained {
+		result = metrics.ResultFailed // signalled but the finish failed, or the signal could not be sent
+	}
+	d.metrics.Finished(result, time.Since(e.started), drained, signal, rollback)
+}
+
+// counting is a handoff's Counting hook: the metrics read the sides' counters while they exist.
+func (e *entry) counting(old, new *drain.Counter) {
+	e.countMu.Lock()
+	defer e.countMu.Unlock()
+	e.oldC, e.newC = old, new
+}
+
 // persister is a handoff's Persist hook: the state goes to the state file before the handoff goes on.
 func (d *Daemon) persister(e *entry) func(handoff.State) error {
 	return func(st handoff.State) error {
 		e.mu.Lock()
 		e.st = &st
 		e.from, e.to, e.listeners = st.From, st.To, st.Listeners
-		started, uid := e.started, e.uid
+		started, uid, first := e.started, e.uid, !e.recorded
+		e.recorded = true
 		e.mu.Unlock()
-		return d.state.put(record{ID: e.id, UID: uid, Started: started, State: st})
+		if first {
+			d.metrics.Started()
+		}
+		return d.state.put(record{ID: e.id, Name: e.name, UID: uid, Started: started, State: st})
 	}
 }
 
 // resume takes over a handoff a previous daemon process left.
 func (d *Daemon) resume(rec record) {
-	e := &entry{id: rec.ID, uid: rec.UID, started: rec.Started, resumed: true, from: rec.State.From, to: rec.State.To,
-		listeners: rec.State.Listeners, stage: rec.State.Stage}
+	e := &entry{id: rec.ID, name: rec.Name, uid: rec.UID, started: rec.Started, resumed: true, from: rec.State.From,
+		to: rec.State.To, listeners: rec.State.Listeners, stage: rec.State.Stage, recorded: true, newPID: rec.State.To}
 	st := rec.State
 	e.st = &st
 	d.mu.Lock()
@@ -360,8 +432,8 @@ func (d *Daemon) resume(rec record) {
 	d.log.Info("resuming handoff", "id", e.id, "from", st.From, "to", st.To, "stage", st.Stage)
 	err := d.start(e, func(ctx context.Context) (*handoff.Result, error) {
 		return handoff.Resume(ctx, rec.State, handoff.Options{
-			PinDir: d.opts.PinDir, Tracker: d.tracker, Logger: d.log.With("handoff", e.id),
-			Progress: e.progress, Persist: d.persister(e),
+			PinDir: d.opts.PinDir, Tracker: d.tracker, Objects: d.objs, Logger: d.log.With("handoff", e.id),
+			Progress: e.progress, Persist: d.persister(e), Counting: e.counting,
 		})
 	})
 	if err != nil {

@@ -133,11 +133,12 @@ func (d *Daemon) postHandoff(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 
-	e := &entry{id: newID(), uid: uid, started: time.Now(), from: oldP.PID, to: newP.PID, events: make(chan api.Event, 64)}
+	e := &entry{id: newID(), name: req.Name, uid: uid, started: time.Now(), from: oldP.PID, to: newP.PID, newPID: newP.PID,
+		events: make(chan api.Event, 64)}
 	opts := req.Options()
 	opts.From, opts.To, opts.FromProc, opts.ToProc = oldP.PID, newP.PID, oldP, newP
-	opts.PinDir, opts.Tracker, opts.Logger = d.opts.PinDir, d.tracker, d.log.With("handoff", e.id)
-	opts.Progress, opts.Persist, opts.Claim = e.progress, d.persister(e), d.claimer(e, uid)
+	opts.PinDir, opts.Tracker, opts.Objects, opts.Logger = d.opts.PinDir, d.tracker, d.objs, d.log.With("handoff", e.id)
+	opts.Progress, opts.Persist, opts.Claim, opts.Counting = e.progress, d.persister(e), d.claimer(e, uid), e.counting
 	d.log.Info("handoff requested", "id", e.id, "uid", uid, "caller_pid", pc.Cred.Pid, "from", oldP.PID, "to", newP.PID)
 	err = d.start(e, func(ctx context.Context) (*handoff.Result, error) {
 		defer oldP.Close() // the handoff owns the pidfds from here

@@ -19,6 +19,7 @@ const stateVersion = 1
 // record is one handoff in the state file.
 type record struct {
 	ID      string        `json:"id"`
+	Name    string        `json:"name,omitempty"`
 	UID     uint32        `json:"uid"`
 	Started time.Time     `json:"started"`
 	State   handoff.State `json:"state"`

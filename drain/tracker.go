@@ -494,6 +494,21 @@ func (c *Counter) setByPort(byPort map[uint16]Count) Count {
 	return n
 }
 
+// Peek counts now without tagging (the fast snapshot when it can) and returns the count per port: for readers
+// (metrics) that must not disturb a Wait on the same Counter.
+func (c *Counter) Peek() (map[uint16]Count, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if _, err := c.countLocked(true); err != nil {
+		return nil, err
+	}
+	out := make(map[uint16]Count, len(c.ports))
+	for _, p := range c.ports {
+		out[p] = c.byPort[p]
+	}
+	return out, nil
+}
+
 // ByPort returns the last count taken (by any of Count, Wait), per port: what the metrics export per listener.
 // Connections held outside fd tables (Count.Detached) are not broken down.
 func (c *Counter) ByPort() map[uint16]Count {

@@ -49,6 +49,7 @@ type Options struct {
 	PinDir       string          // bpffs directory for draind's pins (default loader.DefaultPinDir)
 	Poll         time.Duration   // >0: count by polling at this interval instead of waiting for kernel events (a baseline)
 	Tracker      *drain.Tracker  // counts connections; nil: Run starts its own and closes it
+	Objects      *loader.Objects // the pinned maps; nil: Run opens them (under PinDir) and closes them
 	Logger       *slog.Logger    // default slog.Default()
 	Progress     func(Progress)  // optional progress callback
 	// Claim, if set, is called with the pairs once the listeners are found and paired, before anything changes; an
@@ -299,6 +300,9 @@ type run struct {
 
 // openMaps opens the pinned maps.
 func (h *run) openMaps() (err error) {
+	if h.objs = h.opts.Objects; h.objs != nil {
+		return nil
+	}
 	if h.objs, err = loader.Open(loader.Options{PinDir: h.opts.PinDir, Logger: h.opts.Logger}); err != nil {
 		return bad(err)
 	}
@@ -349,7 +353,9 @@ func (h *run) close() {
 		if _, err := h.objs.RemoveUnusedPins(); err != nil {
 			h.opts.Logger.Warn("remove unused pins", "err", err)
 		}
-		h.objs.Close()
+		if h.opts.Objects == nil {
+			h.objs.Close()
+		}
 	}
 }
 

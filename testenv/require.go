@@ -16,6 +16,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"os/exec"
 	"runtime"
 	"testing"
 	"unsafe"
@@ -37,6 +38,20 @@ func Require(t testing.TB) {
 			t.Fatalf("testenv: %v", err)
 		}
 		t.Skipf("testenv: %v", err)
+	}
+}
+
+// RequireCommand marks a test as needing the programs names on PATH (promtool, prometheus): skipped without them,
+// failed when CI is "true" (.ci/run installs them).
+func RequireCommand(t testing.TB, names ...string) {
+	t.Helper()
+	for _, n := range names {
+		if _, err := exec.LookPath(n); err != nil {
+			if os.Getenv("CI") == "true" {
+				t.Fatalf("testenv: requires %s: %v", n, err)
+			}
+			t.Skipf("testenv: requires %s: %v", n, err)
+		}
 	}
 }
 

@@ -3,6 +3,7 @@ package main
 import (
 	"bufio"
 	"context"
+	"io"
 
 	"encoding/json"
 	"net"
@@ -52,7 +53,7 @@ func startDaemon(t testing.TB, dir, pins string) *daemonProc {
 	t.Helper()
 	d := &daemonProc{t: t, dir: dir, pins: pins, socket: filepath.Join(dir, "draind.sock"), done: make(chan struct{})}
 	d.cmd = exec.Command(draindBin(t), "serve", "--socket", d.socket, "--state-dir", filepath.Join(dir, "state"),
-		"--pin-dir", pins, "--socket-group", "65534", "--log-level", "debug")
+		"--pin-dir", pins, "--socket-group", "65534", "--log-level", "debug", "--metrics-addr", "127.0.0.1:0")
 	errPipe, err := d.cmd.StderrPipe()
 	if err != nil {
 		t.Fatal(err)
@@ -538,7 +539,7 @@ func TestServeConfig(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	write("socket: " + sock + "\nstate_dir: " + filepath.Join(dir, "state") + "\npin_dir: " + pins + "\nlog_level: warn\nsocket_group: \"65534\"\n")
+	write("socket: " + sock + "\nstate_dir: " + filepath.Join(dir, "state") + "\npin_dir: " + pins + "\nlog_level: warn\nsocket_group: \"65534\"\nmetrics_addr: 127.0.0.1:0\n")
 	cmd := exec.Command(draindBin(t), "serve", "--config", cfg)
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
@@ -703,7 +704,7 @@ func TestServeNotifiesSystemd(t *testing.T) {
 	}
 	defer conn.Close()
 	sock := filepath.Join(dir, "draind.sock")
-	cmd := exec.Command(draindBin(t), "serve", "--socket", sock, "--state-dir", filepath.Join(dir, "state"), "--pin-dir", pins)
+	cmd := exec.Command(draindBin(t), "serve", "--socket", sock, "--state-dir", filepath.Join(dir, "state"), "--pin-dir", pins, "--metrics-addr", "off")
 	cmd.Env = append(os.Environ(), "NOTIFY_SOCKET="+notify, "WATCHDOG_USEC=200000")
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
@@ -735,4 +736,136 @@ func TestServeNotifiesSystemd(t *testing.T) {
 	if err := cmd.Wait(); err != nil {
 		t.Fatalf("serve on SIGTERM: %v", err)
 	}
+}
+
+// metricsURL is the daemon's /metrics URL, from its log.
+func (d *daemonProc) metricsURL() string {
+	d.t.Helper()
+	var url string
+	waitCond(d.t, 10*time.Second, func() bool {
+		for _, line := range strings.Split(d.log(), "\n") {
+			var l struct{ Msg, Addr string }
+			if json.Unmarshal([]byte(line), &l) == nil && l.Msg == "serving metrics" {
+				url = "http://" + l.Addr + "/metrics"
+				return true
+			}
+		}
+		return false
+	})
+	return url
+}
+
+// scrape fetches the daemon's metrics in the Prometheus text format and checks them with promtool.
+func scrape(t testing.TB, url string) string {
+	t.Helper()
+	resp, err := http.Get(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	var b strings.Builder
+	if _, err := io.Copy(&b, resp.Body); err != nil {
+		t.Fatal(err)
+	}
+	check := exec.Command("promtool", "check", "metrics")
+	check.Stdin = strings.NewReader(b.String())
+	if out, err := check.CombinedOutput(); err != nil {
+		t.Fatalf("promtool check metrics: %v: %s", err, out)
+	}
+	return b.String()
+}
+
+// sample returns the value of the series whose line starts with prefix (name and labels), or -1.
+func sample(text, prefix string) float64 {
+	for _, line := range strings.Split(text, "\n") {
+		if strings.HasPrefix(line, prefix+" ") {
+			v, err := strconv.ParseFloat(strings.TrimSpace(strings.TrimPrefix(line, prefix)), 64)
+			if err == nil {
+				return v
+			}
+		}
+	}
+	return -1
+}
+
+// TestDaemonMetrics: the daemon's /metrics, checked by promtool, shows a handoff under load as it happens (both
+// sides' in-flight connections on the listener, the selector's decisions, the deadline, the kernel's counters) and
+// what it came to (drained, SIGTERM sent, durations); the handoff's series go away when it ends.
+func TestDaemonMetrics(t *testing.T) {
+	testenv.RequireCommand(t, "promtool")
+	ns, pins := setup(t)
+	d := startDaemon(t, newDaemonDir(t), pins)
+	url := d.metricsURL()
+	before := scrape(t, url)
+	if v := sample(before, "draind_handoffs_in_progress"); v != 0 {
+		t.Fatalf("handoffs in progress before any: %v", v)
+	}
+	old := server(t, ns, "old", testenv.ServerOptions{})
+	load := testenv.StartLoadForTest(t, ns, testenv.LoadOptions{
+		Addr: addr, Concurrency: 8, Duration: 20 * time.Second,
+		KeepAlive: 4, KeepAliveEvery: 20 * time.Millisecond, KeepAliveFor: 3 * time.Second,
+	})
+	time.Sleep(300 * time.Millisecond)
+	newS := server(t, ns, "new", testenv.ServerOptions{})
+	h := startHandoff(t, append(daemonArgs(d, old, newS), "--name", "web")...)
+	h.waitFor(t, "draining:", 10*time.Second)
+	during := scrape(t, url)
+	series := func(name, labels string) string { return name + "{" + labels + "}" }
+	l := `listener="127.0.0.1:8080",name="web"`
+	for _, c := range []struct {
+		series string
+		ok     func(float64) bool
+	}{
+		{"draind_handoffs_in_progress", func(v float64) bool { return v == 1 }},
+		{series("draind_inflight_connections", l+`,role="old"`), func(v float64) bool { return v >= 4 }},
+		{series("draind_inflight_connections", l+`,role="new"`), func(v float64) bool { return v >= 0 }},
+		{series("draind_queued_connections", l+`,role="old"`), func(v float64) bool { return v >= 0 }},
+		{series("draind_selector_decisions_total", `decision="steered",`+l), func(v float64) bool { return v > 0 }},
+		{series("draind_drain_deadline_timestamp_seconds", l), func(v float64) bool { return v > float64(time.Now().Unix()) }},
+		{"draind_handoffs_started_total", func(v float64) bool { return v == 1 }},
+	} {
+		if v := sample(during, c.series); !c.ok(v) {
+			t.Errorf("during the drain: %s = %v\n%s", c.series, v, grepDraind(during))
+		}
+	}
+	if !strings.Contains(during, "draind_kernel_tcp_migrate_requests_total{netns=") {
+		t.Errorf("no kernel counters of the handoff's network namespace during the drain")
+	}
+	out, code := h.wait(t, 30*time.Second)
+	if _, err := load.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	if code != exitOK || out.Outcome != handoff.OutcomeDrained {
+		t.Fatalf("handoff: exit %d, %+v", code, out.Result)
+	}
+	after := scrape(t, url)
+	for _, c := range []struct {
+		series string
+		want   float64
+	}{
+		{`draind_handoffs_finished_total{result="drained"}`, 1},
+		{`draind_signals_sent_total{signal="SIGTERM"}`, 1},
+		{"draind_handoff_duration_seconds_count", 1},
+		{"draind_drain_duration_seconds_count", 1},
+		{"draind_handoffs_in_progress", 0},
+		{"draind_collect_errors_total", 0},
+	} {
+		if v := sample(after, c.series); v != c.want {
+			t.Errorf("after the handoff: %s = %v, want %v", c.series, v, c.want)
+		}
+	}
+	if strings.Contains(after, "draind_inflight_connections{") || strings.Contains(after, "draind_selector_decisions_total{") {
+		t.Errorf("the finished handoff's series are still exported")
+	}
+}
+
+// grepDraind keeps draind's own series of a scrape, for failure messages.
+func grepDraind(text string) string {
+	var out []string
+	for _, l := range strings.Split(text, "\n") {
+		if strings.HasPrefix(l, "draind_") {
+			out = append(out, l)
+		}
+	}
+	return strings.Join(out, "\n")
 }

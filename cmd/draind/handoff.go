@@ -59,6 +59,7 @@ func cmdHandoff(args []string, stdout, stderr io.Writer) int {
 		socket       = fs.String("socket", api.DefaultSocket, "the daemon's socket: used when it exists")
 		standalone   = fs.Bool("standalone", false, "run the handoff in this process even if a daemon serves --socket")
 		viaDaemon    = fs.Bool("daemon", false, "require the daemon (fail if it does not serve --socket)")
+		name         = fs.String("name", "", "a name for the handoff's metrics (the daemon's listener series)")
 	)
 	fs.Var(&ports, "port", "hand off only this port (repeatable; default: every port the old process listens on)")
 	if err := fs.Parse(args); err != nil {
@@ -93,6 +94,9 @@ func cmdHandoff(args []string, stdout, stderr io.Writer) int {
 	if useDaemon && (*poll > 0 || *pinDir != "") {
 		return fail("--poll and --pin-dir are for --standalone runs (the daemon has its own pin dir)")
 	}
+	if !useDaemon && *name != "" {
+		return fail("--name names the daemon's metrics series: it needs the daemon (no socket at %s)", *socket)
+	}
 	level := slog.LevelWarn
 	if *verbose {
 		level = slog.LevelDebug
@@ -109,7 +113,7 @@ func cmdHandoff(args []string, stdout, stderr io.Writer) int {
 	)
 	if useDaemon {
 		req := api.HandoffRequest{
-			Ports: ports, Signal: *sigName, Timeout: api.Duration(*timeout), OnTimeout: *onTimeout,
+			Name: *name, Ports: ports, Signal: *sigName, Timeout: api.Duration(*timeout), OnTimeout: *onTimeout,
 			KillAfter: api.Duration(*killAfter), ExitWait: api.Duration(*exitWait), ReadyURL: *readyURL, ReadyTimeout: api.Duration(*readyTimeout),
 		}
 		res, id, code, err = handoffViaDaemon(ctx, client, *from, *to, req, pr)

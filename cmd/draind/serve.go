@@ -28,19 +28,21 @@ type serveConfig struct {
 	SocketGroup string `yaml:"socket_group"`
 	StateDir    string `yaml:"state_dir"`
 	PinDir      string `yaml:"pin_dir"`
-	LogLevel    string `yaml:"log_level"` // debug, info, warn, error
+	LogLevel    string `yaml:"log_level"`    // debug, info, warn, error
+	MetricsAddr string `yaml:"metrics_addr"` // host:port of /metrics, or "off"
 }
 
 func cmdServe(args []string, stdout, stderr io.Writer) int {
 	fs := flag.NewFlagSet("serve", flag.ContinueOnError)
 	fs.SetOutput(stderr)
-	cfg := serveConfig{Socket: api.DefaultSocket, StateDir: daemon.DefaultStateDir, PinDir: loader.DefaultPinDir, LogLevel: "info"}
+	cfg := serveConfig{Socket: api.DefaultSocket, StateDir: daemon.DefaultStateDir, PinDir: loader.DefaultPinDir, LogLevel: "info", MetricsAddr: daemon.DefaultMetricsAddr}
 	config := fs.String("config", "", "YAML file with socket, socket_group, state_dir, pin_dir, log_level (flags win)")
 	fs.StringVar(&cfg.Socket, "socket", cfg.Socket, "unix socket of the API")
 	fs.StringVar(&cfg.SocketGroup, "socket-group", "", "group (name or GID) allowed to connect to the socket (mode 0660; default root)")
 	fs.StringVar(&cfg.StateDir, "state-dir", cfg.StateDir, "directory of the state file (handoffs in progress)")
 	fs.StringVar(&cfg.PinDir, "pin-dir", cfg.PinDir, "bpffs directory for the pinned maps")
 	fs.StringVar(&cfg.LogLevel, "log-level", cfg.LogLevel, "debug, info, warn or error")
+	fs.StringVar(&cfg.MetricsAddr, "metrics-addr", cfg.MetricsAddr, "address of the Prometheus /metrics endpoint, or off")
 	if err := fs.Parse(args); err != nil {
 		return exitBadInput
 	}
@@ -64,6 +66,7 @@ func cmdServe(args []string, stdout, stderr io.Writer) int {
 		for name, pair := range map[string][2]*string{
 			"socket": {&cfg.Socket, &file.Socket}, "socket-group": {&cfg.SocketGroup, &file.SocketGroup},
 			"state-dir": {&cfg.StateDir, &file.StateDir}, "pin-dir": {&cfg.PinDir, &file.PinDir}, "log-level": {&cfg.LogLevel, &file.LogLevel},
+			"metrics-addr": {&cfg.MetricsAddr, &file.MetricsAddr},
 		} {
 			if !set[name] && *pair[1] != "" {
 				*pair[0] = *pair[1]
@@ -91,7 +94,7 @@ func cmdServe(args []string, stdout, stderr io.Writer) int {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	d, err := daemon.New(daemon.Options{
-		Socket: cfg.Socket, SocketGID: gid, StateDir: cfg.StateDir, PinDir: cfg.PinDir, Logger: logger,
+		Socket: cfg.Socket, SocketGID: gid, StateDir: cfg.StateDir, PinDir: cfg.PinDir, MetricsAddr: cfg.MetricsAddr, Logger: logger,
 		Ready: func() { notifySystemd(ctx, logger) },
 	})
 	if err != nil {
