@@ -39,9 +39,9 @@ type Options struct {
 	SocketGID int // group owning the socket; callers in it may connect (authorization still applies)
 	// MetricsAddr is where /metrics is served (HTTP); default DefaultMetricsAddr, "off" for none.
 	MetricsAddr string
-	StateDir  string
-	PinDir    string
-	Logger    *slog.Logger
+	StateDir    string
+	PinDir      string
+	Logger      *slog.Logger
 	// Ready, if set, is called once the daemon resumed the handoffs it found and serves the socket (systemd's
 	// READY=1).
 	Ready func()
@@ -235,9 +235,9 @@ type entry struct {
 	old, new  api.Count
 	recorded  bool // counted in draind_handoffs_started_total
 
-	countMu      sync.Mutex     // held while the metrics Peek the counters
-	oldC, newC   *drain.Counter // the sides' counters while the handoff runs
-	newPID       int            // the new process, in the daemon's PID namespace
+	countMu    sync.Mutex     // held while the metrics Peek the counters
+	oldC, newC *drain.Counter // the sides' counters while the handoff runs
+	newPID     int            // the new process, in the daemon's PID namespace
 }
 
 func newID() string {

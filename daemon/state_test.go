@@ -21,7 +21,7 @@ func TestStateFile(t *testing.T) {
 	}
 	a := record{ID: "h-a", UID: 1000, Started: time.Unix(1700000000, 0).UTC(), State: handoff.State{
 		Stage: handoff.StageFlipped, From: 10, To: 11, FromIno: 5, ToIno: 6, Ports: []uint16{8080},
-		Groups: []steer.GroupState{{ID: 3, Addr: "127.0.0.1:8080", OldGen: 1, NewGen: 2, Old: []steer.SlotState{{Cookie: 77, Slot: 4}}}},
+		Groups:  []steer.GroupState{{ID: 3, Addr: "127.0.0.1:8080", OldGen: 1, NewGen: 2, Old: []steer.SlotState{{Cookie: 77, Slot: 4}}}},
 		Timeout: time.Minute, FlippedAt: time.Unix(1700000001, 0).UTC(),
 	}}
 	b := record{ID: "h-b", State: handoff.State{Stage: handoff.StageSteering, From: 20, To: 21}}
