@@ -224,8 +224,9 @@ type entry struct {
 	resumed bool
 	cancel  context.CancelCauseFunc
 	done    chan struct{}
-	events  chan api.Event // to the caller's stream, if any (progress may be dropped if it does not keep up)
-	result  chan api.Event // the last event, once
+	events  chan api.Event    // to the caller's stream, if any (progress may be dropped if it does not keep up)
+	signal  func(name string) // called when the old process is signalled (the metrics count it then)
+	result  chan api.Event    // the last event, once
 
 	mu        sync.Mutex
 	from, to  int
@@ -281,6 +282,9 @@ func (e *entry) flipped() bool {
 // progress records a progress report and passes it on to the caller's stream.
 func (e *entry) progress(p handoff.Progress) {
 	ev := api.Event{Type: api.EventProgress, ID: e.id, Stage: p.Stage, Message: p.Message}
+	if p.Stage == handoff.StageSignalled && e.signal != nil {
+		e.signal(p.Message)
+	}
 	e.mu.Lock()
 	e.stage = p.Stage
 	if p.Stage == handoff.StageFlipped || p.Stage == handoff.StageDraining {
@@ -302,6 +306,7 @@ func (e *entry) progress(p handoff.Progress) {
 func (d *Daemon) start(e *entry, fn func(ctx context.Context) (*handoff.Result, error)) error {
 	ctx, cancel := context.WithCancelCause(d.ctx)
 	e.cancel, e.done = cancel, make(chan struct{})
+	e.signal = d.metrics.SignalSent
 	e.result = make(chan api.Event, 1)
 	d.mu.Lock()
 	if d.closed {
@@ -361,7 +366,7 @@ func (d *Daemon) forget(e *entry, drop bool) {
 
 // record counts a handoff's end in the metrics.
 func (d *Daemon) record(e *entry, res *handoff.Result, err error) {
-	result, signal, rollback := metrics.ResultFailed, "", ""
+	result, rollback := metrics.ResultFailed, ""
 	var drained time.Duration
 	if res != nil {
 		switch res.Outcome {
@@ -375,9 +380,6 @@ func (d *Daemon) record(e *entry, res *handoff.Result, err error) {
 				result = metrics.ResultAborted
 			}
 		}
-		if res.Signalled {
-			signal = "SIG" + res.Signal
-		}
 		if res.Outcome == handoff.OutcomeDrained || res.Outcome == handoff.OutcomeTimedOut {
 			drained = res.DrainTime
 		}
@@ -385,7 +387,7 @@ func (d *Daemon) record(e *entry, res *handoff.Result, err error) {
 	if err != nil && result == metrics.ResultDrained {
 		result = metrics.ResultFailed // signalled but the finish failed, or the signal could not be sent
 	}
-	d.metrics.Finished(result, time.Since(e.started), drained, signal, rollback)
+	d.metrics.Finished(result, time.Since(e.started), drained, rollback)
 }
 
 // counting is a handoff's Counting hook: the metrics read the sides' counters while they exist.

@@ -3,11 +3,13 @@ package daemon
 import (
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/draind/draind/handoff"
+	"github.com/draind/draind/metrics"
 	"github.com/draind/draind/steer"
 )
 
@@ -48,5 +50,18 @@ func TestStateFile(t *testing.T) {
 	os.WriteFile(filepath.Join(dir, "handoffs.json"), []byte(`{"version": 99, "handoffs": []}`), 0o600)
 	if _, err := openState(dir); err == nil || !strings.Contains(err.Error(), "version 99") {
 		t.Fatalf("version 99: %v", err)
+	}
+}
+
+// TestRollbackReasons: the metrics know every rollback cause a handoff can report (their series exist from the
+// start).
+func TestRollbackReasons(t *testing.T) {
+	for _, c := range handoff.Causes {
+		if !slices.Contains(metrics.RollbackReasons, string(c)) {
+			t.Errorf("cause %q is not in metrics.RollbackReasons", c)
+		}
+	}
+	if len(handoff.Causes) != len(metrics.RollbackReasons) {
+		t.Errorf("%d causes, %d reasons", len(handoff.Causes), len(metrics.RollbackReasons))
 	}
 }

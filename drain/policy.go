@@ -75,6 +75,7 @@ type Outcome struct {
 type SignalOptions struct {
 	KillAfter time.Duration // send SIGKILL if the process has not exited this long after sig (0: never)
 	ExitWait  time.Duration // how long to watch for the exit after the last signal
+	Sent      func()        // if set, called once the first signal is delivered, before the exit watch
 }
 
 // Signal sends sig through the pidfd, escalates to SIGKILL after KillAfter if asked, and watches for the exit.
@@ -92,6 +93,9 @@ func Signal(ctx context.Context, p *proc.Process, sig syscall.Signal, opts Signa
 		return out, err
 	}
 	out.Sent = true
+	if opts.Sent != nil {
+		opts.Sent()
+	}
 	if opts.KillAfter > 0 && sig != syscall.SIGKILL {
 		wctx, cancel := context.WithTimeout(ctx, opts.KillAfter)
 		exited := p.WaitExit(wctx)

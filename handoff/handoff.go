@@ -130,6 +130,9 @@ const (
 	CauseError     Cause = "error"      // anything else (a failed map write, count, persist)
 )
 
+// Causes lists every Cause.
+var Causes = []Cause{CauseNewExited, CauseNotReady, CauseDeadline, CauseAborted, CauseRestarted, CauseError}
+
 // Result reports a handoff.
 type Result struct {
 	Outcome         Outcome       `json:"outcome"`
@@ -535,7 +538,8 @@ func (h *run) drain(ctx context.Context, newDied <-chan struct{}, stopWatch func
 			stopSig()
 		}
 	})
-	out, err := drain.Signal(sigCtx, h.oldP, sig, drain.SignalOptions{KillAfter: h.state.KillAfter, ExitWait: h.state.ExitWait})
+	sent := func() { h.opts.Progress(Progress{Stage: StageSignalled, Message: "SIG" + h.res.Signal}) }
+	out, err := drain.Signal(sigCtx, h.oldP, sig, drain.SignalOptions{KillAfter: h.state.KillAfter, ExitWait: h.state.ExitWait, Sent: sent})
 	h.res.Signalled, h.res.Killed, h.res.ExitSeen, h.res.ExitWait = out.Sent, out.Killed, out.Exited, out.ExitWait
 	if h.leaving() {
 		return h.leave()
@@ -544,7 +548,6 @@ func (h *run) drain(ctx context.Context, newDied <-chan struct{}, stopWatch func
 		h.res.Outcome = OutcomeFailed
 		return h.res, fmt.Errorf("signal old process: %w", err)
 	}
-	h.opts.Progress(Progress{Stage: StageSignalled, Message: "SIG" + h.res.Signal})
 	return h.finish(out.Exited)
 }
 

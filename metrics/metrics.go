@@ -38,6 +38,9 @@ const (
 	ResultFailed     = "failed"      // refused or failed before steering, or the signal could not be sent
 )
 
+// RollbackReasons are the values of draind_rollbacks_total's reason label (handoff.Cause).
+var RollbackReasons = []string{"new_exited", "not_ready", "deadline", "aborted", "restarted", "error"}
+
 // Decisions of the selector (draind_selector_decisions_total's decision label).
 var decisions = []string{"steered", "fallback", "migrated", "failed", "probed"}
 
@@ -159,22 +162,25 @@ func New(opts Options) *Metrics {
 	for _, r := range []string{ResultDrained, ResultTimedOut, ResultAborted, ResultRolledBack, ResultFailed} {
 		m.finished.WithLabelValues(r) // every result has a series from the start (rate() works from the first)
 	}
+	for _, r := range RollbackReasons {
+		m.rollbacks.WithLabelValues(r)
+	}
 	return m
 }
 
 // Started records a handoff whose steering began.
 func (m *Metrics) Started() { m.started.Inc() }
 
+// SignalSent records a signal delivered to an old process, when it is sent.
+func (m *Metrics) SignalSent(signal string) { m.signals.WithLabelValues(signal).Inc() }
+
 // Finished records a handoff's end: its result, how long it took from its request, how long its drain took (0: it
-// did not drain), the signal it delivered ("": none) and its rollback reason ("": none).
-func (m *Metrics) Finished(result string, took, drain time.Duration, signal, rollback string) {
+// did not drain) and its rollback reason ("": none).
+func (m *Metrics) Finished(result string, took, drain time.Duration, rollback string) {
 	m.finished.WithLabelValues(result).Inc()
 	m.duration.Observe(took.Seconds())
 	if drain > 0 {
 		m.drain.Observe(drain.Seconds())
-	}
-	if signal != "" {
-		m.signals.WithLabelValues(signal).Inc()
 	}
 	if rollback != "" {
 		m.rollbacks.WithLabelValues(rollback).Inc()

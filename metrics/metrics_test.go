@@ -44,8 +44,9 @@ func TestMetrics(t *testing.T) {
 		Selector: [5]uint64{100, 1, 3, 0, 1},
 	}}, Netns: []Netns{{PID: os.Getpid()}}}, nil)
 	m.Started()
-	m.Finished(ResultDrained, 3*time.Second, 2500*time.Millisecond, "SIGTERM", "")
-	m.Finished(ResultRolledBack, time.Second, 0, "", "new_exited")
+	m.SignalSent("SIGTERM")
+	m.Finished(ResultDrained, 3*time.Second, 2500*time.Millisecond, "")
+	m.Finished(ResultRolledBack, time.Second, 0, "new_exited")
 
 	problems, err := testutil.GatherAndLint(m.Registry)
 	if err != nil {
@@ -68,7 +69,12 @@ draind_handoffs_finished_total{result="rolled_back"} 1
 draind_handoffs_finished_total{result="timed_out"} 0
 # HELP draind_rollbacks_total Handoffs rolled back (steering back to the old side, which was not signalled), by reason.
 # TYPE draind_rollbacks_total counter
+draind_rollbacks_total{reason="aborted"} 0
+draind_rollbacks_total{reason="deadline"} 0
+draind_rollbacks_total{reason="error"} 0
 draind_rollbacks_total{reason="new_exited"} 1
+draind_rollbacks_total{reason="not_ready"} 0
+draind_rollbacks_total{reason="restarted"} 0
 # HELP draind_signals_sent_total Signals draind delivered to old processes, by signal name.
 # TYPE draind_signals_sent_total counter
 draind_signals_sent_total{signal="SIGTERM"} 1
@@ -140,7 +146,8 @@ func TestConcurrentScrapes(t *testing.T) {
 					src.set(Snapshot{Handoffs: j % 3, Listeners: []Listener{{Addr: fmt.Sprintf("127.0.0.1:%d", 8000+j%5), Old: Count{InFlight: j}}}}, nil)
 				case 1:
 					m.Started()
-					m.Finished(ResultDrained, time.Second, time.Second, "SIGTERM", "")
+					m.SignalSent("SIGTERM")
+					m.Finished(ResultDrained, time.Second, time.Second, "")
 				default:
 					if _, err := m.Registry.Gather(); err != nil {
 						t.Error(err)

@@ -23,7 +23,8 @@ func exported(t *testing.T) []string {
 	src := &source{}
 	src.set(Snapshot{Handoffs: 1, Listeners: []Listener{{Addr: "127.0.0.1:80", Deadline: time.Now()}}, Netns: []Netns{{PID: os.Getpid()}}}, nil)
 	m := New(Options{Source: src})
-	m.Finished(ResultDrained, time.Second, time.Second, "SIGTERM", "error")
+	m.SignalSent("SIGTERM")
+	m.Finished(ResultDrained, time.Second, time.Second, "error")
 	mfs, err := m.Registry.Gather()
 	if err != nil {
 		t.Fatal(err)

@@ -44,6 +44,9 @@ type ServerOptions struct {
 	Delay time.Duration
 	// AcceptDelay is slept before each accept, which makes a slow accepter whose accept queue fills up.
 	AcceptDelay time.Duration
+	// ExitDelay is slept after an exit signal before the server stops (a slow graceful shutdown): it keeps its
+	// listeners and connections meanwhile. Single-process servers only.
+	ExitDelay time.Duration
 	// Backlog sets the listen backlog; 0 keeps Go's default (net.core.somaxconn).
 	Backlog int
 	// ReadyDelay makes GET /ready answer 503 until this long after the server started listening, 200 after.
@@ -546,6 +549,7 @@ func serve(opts ServerOptions, lns []*net.TCPListener, listenMono int64, sigc ch
 			if !isExitSignal(sig) {
 				continue
 			}
+			time.Sleep(opts.ExitDelay)
 			// What is queued on the listeners is reset by the kernel (unless migrated); the requests of
 			// accepted connections are answered.
 			closeOnce.Do(c.closeListeners)
