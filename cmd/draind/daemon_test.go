@@ -81,6 +81,9 @@ func startDaemon(t testing.TB, dir, pins string) *daemonProc {
 	t.Cleanup(func() {
 		d.cmd.Process.Kill()
 		<-d.done
+		if strings.Contains(d.log(), "DATA RACE") { // a draind built with DRAIND_TEST_RACE=1 found one
+			t.Errorf("the race detector reported a data race in draind serve")
+		}
 		if t.Failed() {
 			t.Logf("daemon log:\n%s", d.log())
 		}
@@ -674,6 +677,29 @@ func TestDaemonConcurrentPorts(t *testing.T) {
 	}
 	if hs := d.status(); len(hs) != 2 {
 		t.Fatalf("status with both handoffs draining: %+v", hs)
+	}
+	// Scrapes at the same time as both handoffs (run with DRAIND_TEST_RACE=1 to have the race detector watch).
+	url := d.metricsURL()
+	scrapes := make(chan string, 3)
+	for range 3 {
+		go func() {
+			r, err := http.Get(url)
+			if err != nil {
+				scrapes <- ""
+				return
+			}
+			b, _ := io.ReadAll(r.Body)
+			r.Body.Close()
+			scrapes <- string(b)
+		}()
+	}
+	for range 3 {
+		text := <-scrapes
+		for _, p := range ps {
+			if v := sample(text, `draind_inflight_connections{listener="`+p.addr+`",name="",role="old"}`); v < 2 {
+				t.Errorf("a scrape during both handoffs: old in flight on %s = %v, want its 2 long-lived connections", p.addr, v)
+			}
+		}
 	}
 	for _, p := range ps {
 		out, code := p.h.wait(t, 30*time.Second)
