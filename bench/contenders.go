@@ -12,6 +12,7 @@ import (
 
 	"github.com/draind/draind/drain"
 	"github.com/draind/draind/handoff"
+	"github.com/draind/draind/loader"
 	"github.com/draind/draind/testenv"
 )
 
@@ -81,7 +82,8 @@ type fleet struct {
 	spec    serverSpec
 	log     *slog.Logger
 	pinDir  string
-	tracker *drain.Tracker // draind: shared by the handoffs of the run, as the daemon would
+	tracker *drain.Tracker  // draind: shared by the handoffs of the run, as the daemon would
+	objs    *loader.Objects // draind: the pinned maps and loaded selectors, shared likewise
 	tf      *tableflipServer
 	gens    []*gen
 }
@@ -94,6 +96,12 @@ func newFleet(c Contender, ns *testenv.NetNS, spec serverSpec, env *runEnv) (*fl
 			return nil, fmt.Errorf("create tracker: %w", err)
 		}
 		f.tracker = tr
+		objs, err := loader.Open(loader.Options{PinDir: env.pinDir, Logger: env.quiet})
+		if err != nil {
+			tr.Close()
+			return nil, fmt.Errorf("open pinned maps: %w", err)
+		}
+		f.objs = objs
 	}
 	return f, nil
 }
@@ -118,6 +126,9 @@ func (f *fleet) close() {
 		g.watch.wait(ctx)
 		cancel()
 		g.watch.close()
+	}
+	if f.objs != nil {
+		f.objs.Close()
 	}
 	if f.tracker != nil {
 		f.tracker.Close()
@@ -261,7 +272,7 @@ func (f *fleet) begin(ctx context.Context, old *gen) (*upgrade, error) {
 		go func() {
 			defer close(u.done)
 			u.Handoff, u.err = handoff.Run(ctx, handoff.Options{
-				From: old.PID, To: g.PID, Tracker: f.tracker, PinDir: f.pinDir,
+				From: old.PID, To: g.PID, Tracker: f.tracker, Objects: f.objs, PinDir: f.pinDir,
 				Timeout: exitTimeout, ExitWait: 30 * time.Second, Logger: f.log,
 				Progress: func(p handoff.Progress) {
 					if p.Stage == handoff.StageSteering {

@@ -227,16 +227,25 @@ func Run(ctx context.Context, opts Options) (*Result, error) {
 		defer newP.Close()
 	}
 
+	// Both sides at once: each walks /proc and asks sock_diag in its netns (a few ms each).
+	var newSide *steer.Side
+	var newErr error
+	var discovering sync.WaitGroup
+	discovering.Go(func() { newSide, newErr = steer.Discover(newP, oldP.PID) })
 	oldSide, err := steer.Discover(oldP, newP.PID)
+	discovering.Wait()
+	if newSide != nil {
+		defer newSide.Close()
+	}
+	if oldSide != nil {
+		defer oldSide.Close()
+	}
 	if err != nil {
 		return res, bad(fmt.Errorf("old process: %w", err))
 	}
-	defer oldSide.Close()
-	newSide, err := steer.Discover(newP, oldP.PID)
-	if err != nil {
-		return res, bad(fmt.Errorf("new process: %w", err))
+	if newErr != nil {
+		return res, bad(fmt.Errorf("new process: %w", newErr))
 	}
-	defer newSide.Close()
 	pairs, err := steer.PairListeners(oldSide, newSide, opts.Ports)
 	if err != nil {
 		return res, bad(err)

@@ -56,6 +56,9 @@ type Objects struct {
 	lockMu sync.Mutex
 	lockFD int
 	once   sync.Once
+
+	progMu sync.Mutex
+	progs  map[uint32]*ebpf.Program // loaded selector copies, by group id: loading one takes milliseconds
 }
 
 // mapNames lists the shared maps in the order they are pinned.
@@ -202,8 +205,36 @@ func (o *Objects) repin() error {
 	return nil
 }
 
-// LoadSelector loads one copy of the selector program for a group id. The caller owns the program.
+// LoadSelector returns the selector program for a group id, loading it the first time (the verifier takes a few
+// milliseconds; a long-lived draind hands off the same ports again and again). The caller owns the returned
+// program (a duplicate of the cached one) and closes it.
 func (o *Objects) LoadSelector(groupID uint32) (*ebpf.Program, error) {
+	o.progMu.Lock()
+	defer o.progMu.Unlock()
+	if p := o.progs[groupID]; p != nil {
+		c, err := p.Clone()
+		if err != nil {
+			return nil, fmt.Errorf("load selector: %w", err)
+		}
+		return c, nil
+	}
+	p, err := o.loadSelector(groupID)
+	if err != nil {
+		return nil, err
+	}
+	c, err := p.Clone()
+	if err != nil {
+		p.Close()
+		return nil, fmt.Errorf("load selector: %w", err)
+	}
+	if o.progs == nil {
+		o.progs = map[uint32]*ebpf.Program{}
+	}
+	o.progs[groupID] = p
+	return c, nil
+}
+
+func (o *Objects) loadSelector(groupID uint32) (*ebpf.Program, error) {
 	spec := o.spec.Copy()
 	if err := spec.Variables[selectorVarGroupId].Set(groupID); err != nil {
 		return nil, fmt.Errorf("set group id: %w", err)
@@ -279,6 +310,12 @@ func (o *Objects) RemoveUnusedPins() (removed bool, err error) {
 // Close releases draind's handles on the maps (the pins stay). Safe to call twice.
 func (o *Objects) Close() error {
 	o.once.Do(func() {
+		o.progMu.Lock()
+		for _, p := range o.progs {
+			p.Close()
+		}
+		o.progs = nil
+		o.progMu.Unlock()
 		for _, m := range []*ebpf.Map{o.Sockets, o.Groups, o.GroupKeys, o.Stats} {
 			if m != nil {
 				m.Close()

@@ -2,6 +2,7 @@ package loader
 
 import (
 	"errors"
+	"github.com/cilium/ebpf"
 	"os"
 	"path/filepath"
 	"testing"
@@ -43,11 +44,25 @@ func TestOpenPinsAndRemoves(t *testing.T) {
 	}
 	a.Groups.Put(uint32(7), Group{})
 
-	prog, err := a.LoadSelector(5)
-	if err != nil {
-		t.Fatalf("load selector: %+v", err)
+	// A group's selector is loaded once and handed out as duplicates; another group gets its own.
+	id := func(g uint32) ebpf.ProgramID {
+		t.Helper()
+		prog, err := a.LoadSelector(g)
+		if err != nil {
+			t.Fatalf("load selector: %+v", err)
+		}
+		defer prog.Close()
+		info, err := prog.Info()
+		if err != nil {
+			t.Fatal(err)
+		}
+		pid, _ := info.ID()
+		return pid
 	}
-	prog.Close()
+	first := id(5)
+	if again, other := id(5), id(6); again != first || other == first {
+		t.Fatalf("selector ids: group 5 %d then %d, group 6 %d; want one program per group, kept", first, again, other)
+	}
 
 	if err := a.GroupKeys.Put(uint32(1), GroupKey{NetnsCookie: 42}); err != nil {
 		t.Fatal(err)
@@ -67,6 +82,10 @@ func TestOpenPinsAndRemoves(t *testing.T) {
 	}
 	if err := a.Close(); err != nil {
 		t.Fatal("second Close failed")
+	}
+	if p, err := ebpf.NewProgramFromID(first); err == nil {
+		p.Close()
+		t.Fatalf("selector %d still loaded after Close", first)
 	}
 }
 

@@ -174,7 +174,7 @@ func TestDaemonHandoffUnderLoad(t *testing.T) {
 			if len(hs) != 1 || hs[0].From != old.PID || hs[0].To != new.PID || hs[0].Old.Conns == 0 || hs[0].Deadline.IsZero() {
 				t.Fatalf("status during the drain: %+v", hs)
 			}
-		})
+		}, true)
 	if hs := d.status(); len(hs) != 0 {
 		t.Fatalf("status after the end: %+v", hs)
 	}
@@ -644,7 +644,7 @@ func TestDaemonAbortAndBadRequests(t *testing.T) {
 		t.Fatalf("old was signalled after an abort: %v", old.Signals())
 	}
 	requireGone(t, pins)
-	requireDetached(t, before)
+	requireNoSelector(t, old)
 }
 
 // TestDaemonConcurrentPorts: handoffs of different ports run at the same time in one daemon, each to its own end.

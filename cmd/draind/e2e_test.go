@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
@@ -17,10 +18,12 @@ import (
 	"time"
 
 	"github.com/cilium/ebpf"
+	"golang.org/x/sys/unix"
 
 	"github.com/draind/draind/drain"
 	"github.com/draind/draind/handoff"
 	"github.com/draind/draind/proc"
+	"github.com/draind/draind/steer"
 	"github.com/draind/draind/testenv"
 )
 
@@ -205,6 +208,34 @@ func requireDetached(t testing.TB, before map[ebpf.ProgramID]bool) {
 	}
 }
 
+// requireNoSelector checks, through a copy of each of the server's listeners, that no BPF program is attached to
+// their reuseport group (SO_DETACH_REUSEPORT_BPF fails with ENOENT). It is for runs where a long-lived draind keeps
+// selector programs loaded for the next handoff, which requireDetached cannot tell from an attached one.
+func requireNoSelector(t testing.TB, s *testenv.Server) {
+	t.Helper()
+	p, err := proc.Open(s.PID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	side, err := steer.Discover(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer side.Close()
+	for _, l := range side.Listeners {
+		fd, err := l.Copy()
+		if err != nil {
+			t.Fatal(err)
+		}
+		err = unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_DETACH_REUSEPORT_BPF, 0)
+		unix.Close(fd)
+		if !errors.Is(err, unix.ENOENT) {
+			t.Fatalf("listener %s: a selector is still attached to its group (detach: %v)", l, err)
+		}
+	}
+}
+
 func requireGone(t testing.TB, pins string) {
 	t.Helper()
 	if _, err := os.Stat(pins); !os.IsNotExist(err) {
@@ -218,12 +249,12 @@ func requireGone(t testing.TB, pins string) {
 // they are closed, and exits.
 func TestHandoffUnderLoad(t *testing.T) {
 	ns, pins := setup(t)
-	handoffUnderLoad(t, ns, pins, func(old, new *testenv.Server) []string { return pidArgs(old, new, pins) }, nil)
+	handoffUnderLoad(t, ns, pins, func(old, new *testenv.Server) []string { return pidArgs(old, new, pins) }, nil, false)
 }
 
 // handoffUnderLoad runs the scenario of TestHandoffUnderLoad with the draind flags args gives (standalone, or
 // through a daemon) and checks its outcome; during, if set, runs while the handoff drains.
-func handoffUnderLoad(t *testing.T, ns *testenv.NetNS, pins string, args func(old, new *testenv.Server) []string, during func(old, new *testenv.Server)) {
+func handoffUnderLoad(t *testing.T, ns *testenv.NetNS, pins string, args func(old, new *testenv.Server) []string, during func(old, new *testenv.Server), daemon bool) {
 	old := server(t, ns, "old", testenv.ServerOptions{Delay: time.Millisecond})
 	const hold = 3 * time.Second // long enough to outlast starting the new server and draind
 	loadStart := testenv.MonoNow()
@@ -275,7 +306,10 @@ func handoffUnderLoad(t *testing.T, ns *testenv.NetNS, pins string, args func(ol
 		t.Fatalf("new got signals %v", newS.Signals())
 	}
 	requireGone(t, pins)
-	requireDetached(t, before)
+	requireNoSelector(t, newS)
+	if !daemon { // a daemon keeps its selector programs loaded (not attached) for the next handoff
+		requireDetached(t, before)
+	}
 }
 
 // TestWithoutDraindLosesConnections is the same load with the usual upgrade (start new, SIGTERM old) on a server
