@@ -349,3 +349,48 @@ func ensureBPFFS(dir string, log *slog.Logger) error {
 	log.Info("mounted bpffs", "path", dir)
 	return nil
 }
+
+// AllGroups reads the whole Groups array (MaxGroups values, indexed by group id), in one batch when the kernel can.
+func (o *Objects) AllGroups() ([]Group, error) { return readAll[Group](o.Groups, MaxGroups) }
+
+// AllGroupKeys reads the whole GroupKeys array likewise.
+func (o *Objects) AllGroupKeys() ([]GroupKey, error) {
+	return readAll[GroupKey](o.GroupKeys, MaxGroups)
+}
+
+// readAll reads every element of an array map of n entries: with BPF_MAP_LOOKUP_BATCH (a handful of syscalls instead
+// of n), or one by one where the kernel cannot batch.
+func readAll[V any](m *ebpf.Map, n int) ([]V, error) {
+	out := make([]V, n)
+	keys := make([]uint32, n)
+	vals := make([]V, n)
+	var cursor ebpf.MapBatchCursor
+	got := 0
+	for got < n {
+		c, err := m.BatchLookup(&cursor, keys[got:], vals[got:], nil)
+		got += c
+		if errors.Is(err, ebpf.ErrKeyNotExist) {
+			break
+		}
+		if errors.Is(err, ebpf.ErrNotSupported) {
+			for i := range n {
+				if err := m.Lookup(uint32(i), &out[i]); err != nil {
+					return nil, fmt.Errorf("read map %s: %w", m, err)
+				}
+			}
+			return out, nil
+		}
+		if err != nil {
+			return nil, fmt.Errorf("read map %s: %w", m, err)
+		}
+		if c == 0 {
+			break
+		}
+	}
+	for i := range got {
+		if int(keys[i]) < n {
+			out[keys[i]] = vals[i]
+		}
+	}
+	return out, nil
+}

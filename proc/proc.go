@@ -208,6 +208,14 @@ func (p *Process) Close() error {
 // Tree returns pid and all its descendants (read from /proc, so a snapshot), leaving out the subtrees rooted at
 // exclude (nginx's binary upgrade starts the new master as a child of the old one: it is not part of the old side).
 func Tree(pid int, exclude ...int) []int {
+	if out, ok := treeFromChildren(pid, exclude); ok {
+		return out
+	}
+	return treeFromScan(pid, exclude)
+}
+
+// treeFromScan walks the tree from every process's parent (/proc/*/stat).
+func treeFromScan(pid int, exclude []int) []int {
 	entries, err := os.ReadDir("/proc")
 	if err != nil {
 		return []int{pid}
@@ -233,6 +241,34 @@ func Tree(pid int, exclude ...int) []int {
 		}
 	}
 	return out
+}
+
+// treeFromChildren walks the tree through /proc/PID/task/TID/children (CONFIG_PROC_CHILDREN), which reads only the
+// tree's own processes instead of every process's stat. ok is false when the kernel has no such files.
+func treeFromChildren(pid int, exclude []int) (out []int, ok bool) {
+	out = []int{pid}
+	for i := 0; i < len(out); i++ {
+		dir := "/proc/" + strconv.Itoa(out[i]) + "/task"
+		tasks, err := os.ReadDir(dir)
+		if err != nil {
+			if i == 0 {
+				return nil, false
+			}
+			continue // exited meanwhile
+		}
+		for _, t := range tasks {
+			b, err := os.ReadFile(dir + "/" + t.Name() + "/children")
+			if errors.Is(err, os.ErrNotExist) && i == 0 {
+				return nil, false
+			}
+			for _, f := range strings.Fields(string(b)) {
+				if c, err := strconv.Atoi(f); err == nil && !slices.Contains(exclude, c) && !slices.Contains(out, c) {
+					out = append(out, c)
+				}
+			}
+		}
+	}
+	return out, true
 }
 
 func ppid(pid int) (int, error) {

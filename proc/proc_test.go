@@ -5,6 +5,7 @@ import (
 	"maps"
 	"os"
 	"os/exec"
+	"slices"
 	"testing"
 	"time"
 
@@ -116,5 +117,31 @@ func TestListening(t *testing.T) {
 	}
 	if queued != 7 {
 		t.Fatalf("accept queues hold %d, want the 7 connections made while accepting was paused", queued)
+	}
+}
+
+// TestTree: the tree of a pre-fork server is its master and its workers, and an excluded worker is left out; the
+// walk through /proc/PID/task/TID/children finds what a scan of every process's parent finds.
+func TestTree(t *testing.T) {
+	testenv.Require(t)
+	ns := testenv.NetNSForTest(t)
+	srv := testenv.StartServerForTest(t, ns, testenv.ServerOptions{Workers: 2})
+	sorted := func(s []int) []int { slices.Sort(s); return s }
+	want := sorted(append([]int{srv.PID}, srv.WorkerPIDs...))
+	if got := sorted(proc.Tree(srv.PID)); !slices.Equal(got, want) {
+		t.Fatalf("tree of %d: %v, want %v", srv.PID, got, want)
+	}
+	cut := []int{srv.WorkerPIDs[0]}
+	fast, ok := proc.TreeFromChildren(srv.PID, cut)
+	if !ok {
+		t.Fatal("no /proc/PID/task/TID/children on this kernel")
+	}
+	scan := proc.TreeFromScan(srv.PID, cut)
+	if !slices.Equal(sorted(fast), sorted(scan)) || len(fast) != 2 {
+		t.Fatalf("tree without worker %d: children walk %v, scan %v", cut[0], fast, scan)
+	}
+	self := sorted(proc.TreeFromScan(os.Getpid(), nil))
+	if f, _ := proc.TreeFromChildren(os.Getpid(), nil); !slices.Equal(sorted(f), self) {
+		t.Fatalf("tree of the test process: children walk %v, scan %v", f, self)
 	}
 }

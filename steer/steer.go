@@ -110,7 +110,7 @@ func (s *Steering) begin(p Pair) (*group, error) {
 			unix.Close(fd)
 		}
 	}()
-	cookies, err := s.slotCookies()
+	cookies, used, err := s.memberSlots()
 	if err != nil {
 		return g, err
 	}
@@ -124,13 +124,11 @@ func (s *Steering) begin(p Pair) (*group, error) {
 			g.slots[l.Cookie] = slot
 			continue
 		}
-		slot, err := s.freeSlot(cookies)
+		slot, err := s.insert(l, fd, used)
 		if err != nil {
 			return g, err
 		}
-		if err := s.objs.Sockets.Update(slot, uint64(fd), ebpf.UpdateNoExist); err != nil {
-			return g, fmt.Errorf("put %s in socket array: %w", l, explainInsert(err))
-		}
+		used[slot] = true
 		cookies[l.Cookie] = slot
 		g.slots[l.Cookie] = slot
 	}
@@ -191,17 +189,17 @@ func (s *Steering) begin(p Pair) (*group, error) {
 
 // findGroup returns the group id of key, or a free one (created=true).
 func (s *Steering) findGroup(key loader.GroupKey) (id uint32, created bool, err error) {
+	keys, err := s.objs.AllGroupKeys()
+	if err != nil {
+		return 0, false, fmt.Errorf("read group keys: %w", err)
+	}
 	free := -1
-	var k loader.GroupKey
-	for i := uint32(0); i < loader.MaxGroups; i++ {
-		if err := s.objs.GroupKeys.Lookup(i, &k); err != nil {
-			return 0, false, fmt.Errorf("read group key %d: %w", i, err)
-		}
+	for i, k := range keys {
 		if k == key {
-			return i, false, nil
+			return uint32(i), false, nil
 		}
 		if k.NetnsCookie == 0 && free < 0 {
-			free = int(i)
+			free = i
 		}
 	}
 	if free < 0 {
@@ -284,27 +282,57 @@ func (s *Steering) slotCookies() (map[uint64]uint32, error) {
 	return out, nil
 }
 
-// freeSlot finds a slot that holds no socket and that no group member points at.
-func (s *Steering) freeSlot(cookies map[uint64]uint32) (uint32, error) {
-	used := make([]bool, loader.MaxSockets)
-	for _, slot := range cookies {
-		used[slot] = true
+// memberSlots returns the slots that group members point at (used) and the cookies of the sockets in them: the
+// listeners draind put in the array. Reading every group is one batch; only their slots are looked up.
+func (s *Steering) memberSlots() (cookies map[uint64]uint32, used map[uint32]bool, err error) {
+	groups, err := s.objs.AllGroups()
+	if err != nil {
+		return nil, nil, fmt.Errorf("read groups: %w", err)
 	}
-	var gv loader.Group
-	for id := uint32(0); id < loader.MaxGroups; id++ {
-		if err := s.objs.Groups.Lookup(id, &gv); err != nil {
-			return 0, fmt.Errorf("read group %d: %w", id, err)
-		}
-		for _, m := range members(&gv) {
-			if m.Gen != 0 && m.Slot < loader.MaxSockets {
-				used[m.Slot] = true
+	cookies, used = map[uint64]uint32{}, map[uint32]bool{}
+	for i := range groups {
+		for _, m := range members(&groups[i]) {
+			if m.Gen == 0 || m.Slot >= loader.MaxSockets || used[m.Slot] {
+				continue
+			}
+			used[m.Slot] = true
+			var c uint64
+			err := s.objs.Sockets.Lookup(m.Slot, &c)
+			switch {
+			case err == nil:
+				cookies[c] = m.Slot
+			case !errors.Is(err, ebpf.ErrKeyNotExist):
+				return nil, nil, fmt.Errorf("read socket array: %w", err)
 			}
 		}
 	}
-	for i, u := range used {
-		if !u {
-			return uint32(i), nil
+	return cookies, used, nil
+}
+
+// insert puts listener l (fd: draind's copy) in a free slot of the socket array and returns the slot. A slot no
+// member points at may still hold a socket (a draind that died between the two writes): the insert then fails with
+// EEXIST and the next slot is tried; if l itself is such a socket (EBUSY), a full scan of the array finds its slot.
+func (s *Steering) insert(l *Listener, fd int, used map[uint32]bool) (uint32, error) {
+	for slot := uint32(0); slot < loader.MaxSockets; slot++ {
+		if used[slot] {
+			continue
 		}
+		err := s.objs.Sockets.Update(slot, uint64(fd), ebpf.UpdateNoExist)
+		switch {
+		case err == nil:
+			return slot, nil
+		case errors.Is(err, ebpf.ErrKeyExist):
+			continue
+		case errors.Is(err, unix.EBUSY):
+			all, serr := s.slotCookies()
+			if serr != nil {
+				return 0, serr
+			}
+			if slot, ok := all[l.Cookie]; ok {
+				return slot, nil
+			}
+		}
+		return 0, fmt.Errorf("put %s in socket array: %w", l, explainInsert(err))
 	}
 	return 0, fmt.Errorf("allocate slot: all %d in use", loader.MaxSockets)
 }

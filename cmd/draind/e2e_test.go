@@ -22,6 +22,7 @@ import (
 
 	"github.com/draind/draind/drain"
 	"github.com/draind/draind/handoff"
+	"github.com/draind/draind/loader"
 	"github.com/draind/draind/proc"
 	"github.com/draind/draind/steer"
 	"github.com/draind/draind/testenv"
@@ -715,4 +716,55 @@ func TestSeveralListenersIPv6(t *testing.T) {
 		t.Fatalf("selector: %d steered, %d fell back", out.Steered, out.Fallbacks)
 	}
 	requireGone(t, pins)
+}
+
+// TestStaleSlots: a draind that died between writing the socket array and the group leaves sockets in slots no group
+// points at: one of another process (its slot is skipped) and the old listener itself (found again). A handoff still
+// works, and leaves nothing behind.
+func TestStaleSlots(t *testing.T) {
+	ns, pins := setup(t)
+	old := server(t, ns, "old", testenv.ServerOptions{})
+	newS := server(t, ns, "new", testenv.ServerOptions{})
+	other := testenv.StartServerForTest(t, ns, testenv.ServerOptions{Addr: "127.0.0.1:9090", ID: "other", ReusePort: true})
+	objs, err := loader.Open(loader.Options{PinDir: pins})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer objs.Close()
+	for i, s := range []*testenv.Server{other, old} {
+		p, err := proc.Open(s.PID)
+		if err != nil {
+			t.Fatal(err)
+		}
+		side, err := steer.Discover(p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		fd, err := side.Listeners[0].Copy()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := objs.Sockets.Update(uint32(i), uint64(fd), ebpf.UpdateNoExist); err != nil {
+			t.Fatal(err)
+		}
+		unix.Close(fd)
+		side.Close()
+		p.Close()
+	}
+	h := startHandoff(t, pidArgs(old, newS, pins)...)
+	out, code := h.wait(t, 30*time.Second)
+	if code != exitOK || out.Outcome != handoff.OutcomeDrained {
+		t.Fatalf("handoff over stale slots: exit %d, %+v: %s", code, out.Result, h.errText())
+	}
+	// The other process's stale slot is still there (not draind's to clear); nothing else is.
+	var c uint64
+	if err := objs.Sockets.Lookup(uint32(0), &c); err != nil {
+		t.Fatalf("the other process's socket was removed from its slot: %v", err)
+	}
+	objs.Sockets.Delete(uint32(0))
+	for slot := uint32(1); slot < loader.MaxSockets; slot++ {
+		if objs.Sockets.Lookup(slot, &c) == nil {
+			t.Fatalf("slot %d still holds a socket after the handoff", slot)
+		}
+	}
 }
