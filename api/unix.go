@@ -20,6 +20,8 @@ type PeerConn struct {
 	fds     []int
 	tooMany bool // more than MaxFDs were passed: the extra ones were closed at once
 	oob     []byte
+	release func() // gives the listener's connection slot back
+	closed  sync.Once
 }
 
 // Read reads like the plain connection, keeping the file descriptors that come with the bytes.
@@ -81,24 +83,40 @@ func (c *PeerConn) Close() error {
 	for _, fd := range fds {
 		unix.Close(fd)
 	}
+	c.closed.Do(func() {
+		if c.release != nil {
+			c.release()
+		}
+	})
 	return c.UnixConn.Close()
 }
 
-// PeerListener accepts PeerConns.
+// MaxConns is how many API connections the daemon serves at once; more wait to be accepted.
+const MaxConns = 64
+
+// PeerListener accepts PeerConns, at most MaxConns at a time.
 type PeerListener struct {
 	*net.UnixListener
+	slots chan struct{}
 }
 
-// Accept waits for the next connection and reads its caller's credentials.
-func (l PeerListener) Accept() (net.Conn, error) {
+// NewPeerListener wraps l.
+func NewPeerListener(l *net.UnixListener) *PeerListener {
+	return &PeerListener{UnixListener: l, slots: make(chan struct{}, MaxConns)}
+}
+
+// Accept waits for a free connection slot and the next connection, and reads its caller's credentials.
+func (l *PeerListener) Accept() (net.Conn, error) {
+	l.slots <- struct{}{}
 	c, err := l.AcceptUnix()
 	if err != nil {
+		<-l.slots
 		return nil, err
 	}
-	pc := &PeerConn{UnixConn: c, oob: make([]byte, unix.CmsgSpace(4*(MaxFDs+1)))}
+	pc := &PeerConn{UnixConn: c, oob: make([]byte, unix.CmsgSpace(4*(MaxFDs+1))), release: func() { <-l.slots }}
 	raw, err := c.SyscallConn()
 	if err != nil {
-		c.Close()
+		pc.Close()
 		return nil, fmt.Errorf("read peer credentials: %w", err)
 	}
 	var cerr error
@@ -109,7 +127,7 @@ func (l PeerListener) Accept() (net.Conn, error) {
 			pc.Cred = *cred
 		}
 	}); err != nil || cerr != nil {
-		c.Close()
+		pc.Close()
 		return nil, fmt.Errorf("read peer credentials: %w", errors.Join(err, cerr))
 	}
 	return pc, nil

@@ -18,7 +18,7 @@ func TestPeerConn(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	l := PeerListener{UnixListener: ul}
+	l := NewPeerListener(ul)
 	defer l.Close()
 	pidfd := func() int {
 		fd, err := unix.PidfdOpen(os.Getpid(), 0)

@@ -141,11 +141,12 @@ func (d *Daemon) Serve(ctx context.Context) error {
 		Handler:           d.routes(),
 		ConnContext:       api.WithPeer,
 		ReadHeaderTimeout: 5 * time.Second,
+		IdleTimeout:       30 * time.Second,
 		MaxHeaderBytes:    16 << 10,
 		ErrorLog:          slog.NewLogLogger(d.log.Handler(), slog.LevelWarn),
 	}
 	served := make(chan error, 1)
-	go func() { served <- srv.Serve(api.PeerListener{UnixListener: l}) }()
+	go func() { served <- srv.Serve(api.NewPeerListener(l)) }()
 	d.log.Info("serving", "socket", d.opts.Socket, "state_dir", d.opts.StateDir, "pin_dir", d.opts.PinDir)
 	if d.opts.Ready != nil {
 		d.opts.Ready()
@@ -234,7 +235,8 @@ type entry struct {
 	stage     handoff.Stage
 	st        *handoff.State // last persisted
 	old, new  api.Count
-	recorded  bool // counted in draind_handoffs_started_total
+	recorded  bool            // counted in draind_handoffs_started_total
+	outcome   handoff.Outcome // set when the handoff ended
 
 	countMu    sync.Mutex     // held while the metrics Peek the counters
 	oldC, newC *drain.Counter // the sides' counters while the handoff runs
@@ -265,6 +267,13 @@ func (e *entry) signalled() bool {
 	return e.st != nil && e.st.Stage == handoff.StageSignalled
 }
 
+// outcomeOf returns how the handoff ended (valid once done is closed).
+func (e *entry) outcomeOf() handoff.Outcome {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.outcome
+}
+
 // persisted reports whether the handoff reached a state worth persisting (steering began).
 func (e *entry) persisted() bool {
 	e.mu.Lock()
@@ -282,8 +291,8 @@ func (e *entry) flipped() bool {
 // progress records a progress report and passes it on to the caller's stream.
 func (e *entry) progress(p handoff.Progress) {
 	ev := api.Event{Type: api.EventProgress, ID: e.id, Stage: p.Stage, Message: p.Message}
-	if p.Stage == handoff.StageSignalled && e.signal != nil {
-		e.signal(p.Message)
+	if p.Signal != "" && e.signal != nil {
+		e.signal(p.Signal)
 	}
 	e.mu.Lock()
 	e.stage = p.Stage
@@ -323,6 +332,9 @@ func (d *Daemon) start(e *entry, fn func(ctx context.Context) (*handoff.Result, 
 		defer close(e.result)
 		defer cancel(nil)
 		res, err := fn(ctx)
+		e.mu.Lock()
+		e.outcome = outcomeOf(res)
+		e.mu.Unlock()
 		if errors.Is(err, handoff.ErrLeft) {
 			d.forget(e, false) // the state file keeps it for the next daemon process
 			d.log.Info("handoff left for the next draind", "id", e.id)

@@ -6,6 +6,8 @@ import (
 	"net/netip"
 	"slices"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/draind/draind/drain"
 	"github.com/draind/draind/loader"
 	"github.com/draind/draind/metrics"
@@ -29,7 +31,7 @@ func (d *Daemon) Snapshot() (metrics.Snapshot, error) {
 	slices.SortFunc(entries, func(a, b *entry) int { return a.started.Compare(b.started) })
 	var snap metrics.Snapshot
 	var errs []error
-	index := map[[2]string]int{} // (addr, name) -> index in snap.Listeners
+	index := map[listenerKey]int{} // -> index in snap.Listeners
 	for _, e := range entries {
 		e.mu.Lock()
 		st, name, newPID := e.st, e.name, e.newPID
@@ -37,13 +39,14 @@ func (d *Daemon) Snapshot() (metrics.Snapshot, error) {
 		if st == nil {
 			continue // not steering yet: nothing of it to show
 		}
+		netns := netnsOf(newPID)
 		snap.Handoffs++
 		oldPorts, newPorts, err := e.peek()
 		if err != nil {
 			errs = append(errs, err)
 		}
 		for _, g := range st.Groups {
-			key := [2]string{g.Addr, name}
+			key := listenerKey{g.Addr, name, netns}
 			i, ok := index[key]
 			if !ok {
 				i = len(snap.Listeners)
@@ -52,7 +55,7 @@ func (d *Daemon) Snapshot() (metrics.Snapshot, error) {
 				if err != nil {
 					errs = append(errs, err)
 				}
-				snap.Listeners = append(snap.Listeners, metrics.Listener{Addr: g.Addr, Name: name, Selector: sel})
+				snap.Listeners = append(snap.Listeners, metrics.Listener{Addr: g.Addr, Name: name, Netns: netns, Selector: sel})
 			}
 			l := &snap.Listeners[i]
 			if ap, err := netip.ParseAddrPort(g.Addr); err == nil {
@@ -72,6 +75,22 @@ func (d *Daemon) Snapshot() (metrics.Snapshot, error) {
 		}
 	}
 	return snap, errors.Join(errs...)
+}
+
+// listenerKey is what one set of listener series stands for: generations of a listener share it, pods with the same
+// address in other network namespaces do not.
+type listenerKey struct {
+	addr, name string
+	netns      uint64
+}
+
+// netnsOf is the inode number of the network namespace of process pid (0 if it is gone).
+func netnsOf(pid int) uint64 {
+	var st unix.Stat_t
+	if unix.Stat(fmt.Sprintf("/proc/%d/ns/net", pid), &st) != nil {
+		return 0
+	}
+	return st.Ino
 }
 
 // peek counts both sides now, per port (nothing while the handoff has no counters).

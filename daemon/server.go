@@ -92,7 +92,13 @@ func (d *Daemon) postHandoff(w http.ResponseWriter, r *http.Request) {
 		writeError(w, classify(err))
 		return
 	}
+	// The body must come within 10 s (a caller may not hold a connection by trickling it); no deadline afterwards:
+	// the response streams for as long as the handoff runs. (A server-wide ReadTimeout would cancel the request's
+	// context in the middle of that stream.)
+	rc := http.NewResponseController(w)
+	rc.SetReadDeadline(time.Now().Add(10 * time.Second))
 	req, err := api.DecodeHandoff(r.Body, len(fds))
+	rc.SetReadDeadline(time.Time{})
 	if err != nil {
 		writeError(w, classify(err))
 		return
@@ -329,11 +335,41 @@ func (d *Daemon) abortHandoff(w http.ResponseWriter, r *http.Request) {
 		writeError(w, &api.Error{Message: fmt.Sprintf("handoff %s already signalled its old process: too late to roll back", id), Kind: api.KindConflict, Conflict: id})
 		return
 	}
+	if later := d.successor(e); later != "" {
+		writeError(w, &api.Error{Message: fmt.Sprintf("handoff %s hands the new side of %s on: abort %s first", later, id, later), Kind: api.KindConflict, Conflict: later})
+		return
+	}
 	d.log.Info("abort requested", "id", id, "uid", pc.Cred.Uid)
 	e.cancel(fmt.Errorf("aborted through the API by uid %d", pc.Cred.Uid))
 	select {
 	case <-e.done:
 	case <-r.Context().Done():
+		return
+	}
+	if out := e.outcomeOf(); out != handoff.OutcomeRolledBack {
+		writeError(w, &api.Error{Message: fmt.Sprintf("handoff %s ended (%s) before the abort could roll it back", id, out), Kind: api.KindConflict, Conflict: id})
+		return
 	}
 	w.WriteHeader(http.StatusNoContent)
+}
+
+// successor returns the handoff that took e's new side over as its old side (B->C while A->B drains), if any: rolling
+// e back would take that side from under it.
+func (d *Daemon) successor(e *entry) string {
+	e.mu.Lock()
+	st := e.st
+	e.mu.Unlock()
+	if st == nil {
+		return ""
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	for _, g := range st.Groups {
+		for _, n := range g.New {
+			if c, ok := d.claims[n.Cookie]; ok && c.old && c.id != e.id {
+				return c.id
+			}
+		}
+	}
+	return ""
 }

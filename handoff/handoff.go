@@ -101,6 +101,8 @@ const (
 // Progress is one progress report.
 type Progress struct {
 	Stage   Stage
+	Signal  string      // StageSignalled, when the signal was just delivered: its name ("SIGTERM")
+	Resumed bool        // the report of a handoff taken over by Resume (its stage is where it was)
 	Count   drain.Count // the old side's count, in StageFlipped and StageDraining
 	New     drain.Count // the new side's count at the same time
 	Message string
@@ -442,10 +444,16 @@ func (h *run) run(ctx context.Context) (*Result, error) {
 	defer waitWatch()
 
 	if err := h.waitReady(ctx, newDied); err != nil {
+		if ctx.Err() != nil {
+			return h.rollback(CauseAborted, interrupted(ctx))
+		}
 		return h.rollback(CauseNotReady, err.Error())
 	}
 	h.opts.Progress(Progress{Stage: StageReady})
 
+	if ctx.Err() != nil { // aborted while the readiness check passed: not flipped yet
+		return h.rollback(CauseAborted, interrupted(ctx))
+	}
 	if err := h.st.Flip(); err != nil {
 		return h.rollback(CauseError, fmt.Sprintf("flip: %v", err))
 	}
@@ -521,6 +529,9 @@ func (h *run) drain(ctx context.Context, newDied <-chan struct{}, stopWatch func
 	default:
 	}
 	stopWatch()
+	if ctx.Err() != nil { // aborted (or draind stopping) as the drain ended: not signalled yet
+		return h.rollback(CauseAborted, interrupted(ctx))
+	}
 
 	sig := syscall.Signal(h.state.Signal)
 	if timedOut && h.state.OnTimeout == drain.TimeoutKill {
@@ -547,7 +558,9 @@ func (h *run) drain(ctx context.Context, newDied <-chan struct{}, stopWatch func
 			stopSig()
 		}
 	})
-	sent := func() { h.opts.Progress(Progress{Stage: StageSignalled, Message: "SIG" + h.res.Signal}) }
+	sent := func() {
+		h.opts.Progress(Progress{Stage: StageSignalled, Signal: "SIG" + h.res.Signal, Message: "SIG" + h.res.Signal})
+	}
 	out, err := drain.Signal(sigCtx, h.oldP, sig, drain.SignalOptions{KillAfter: h.state.KillAfter, ExitWait: h.state.ExitWait, Sent: sent})
 	h.res.Signalled, h.res.Killed, h.res.ExitSeen, h.res.ExitWait = out.Sent, out.Killed, out.Exited, out.ExitWait
 	if h.leaving() {

@@ -43,7 +43,8 @@ func Resume(ctx context.Context, st State, opts Options) (*Result, error) {
 		err = h.openMaps()
 	}
 	if err != nil {
-		return res, fmt.Errorf("resume handoff: %w", err)
+		// Nothing was changed and the kernel keeps steering: keep the record for a later attempt.
+		return res, fmt.Errorf("resume handoff: %w (%w)", err, ErrLeft)
 	}
 	var oldSide, newSide *steer.Side
 	if oldP != nil {
@@ -67,7 +68,7 @@ func Resume(ctx context.Context, st State, opts Options) (*Result, error) {
 	if h.st, err = steer.Adopt(h.objs, st.Groups, oldSide, newSide, steer.Options{Logger: opts.Logger}); err != nil {
 		return res, fmt.Errorf("resume handoff: %w", err)
 	}
-	opts.Progress(Progress{Stage: st.Stage, Message: "resumed by a new draind process"})
+	opts.Progress(Progress{Stage: st.Stage, Message: "resumed by a new draind process", Resumed: true})
 
 	switch {
 	case oldP == nil:
@@ -120,6 +121,9 @@ func Resume(ctx context.Context, st State, opts Options) (*Result, error) {
 		wctx, cancel := context.WithTimeout(ctx, st.ExitWait)
 		defer cancel()
 		res.ExitSeen = oldP.WaitExit(wctx)
+		if h.leaving() {
+			return h.leave() // the next draind watches for the exit
+		}
 		return h.finish(res.ExitSeen)
 	}
 	return res, fmt.Errorf("resume handoff: unknown stage %q", st.Stage)

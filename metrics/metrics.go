@@ -61,6 +61,7 @@ type Snapshot struct {
 type Listener struct {
 	Addr     string    // "127.0.0.1:8080"
 	Name     string    // operator-given name of the handoff, may be empty
+	Netns    uint64    // the listener's network namespace (inode number): pods on one node share addresses
 	Old, New Count     // in-flight connections of each side on the listener's port
 	Selector [5]uint64 // decisions: steered, fallback, migrated, failed, probed
 	Deadline time.Time // the drain deadline (zero before the flip)
@@ -136,12 +137,12 @@ func New(opts Options) *Metrics {
 	m.descActive = prometheus.NewDesc(f("handoffs_in_progress"), "Handoffs in progress.", nil, nil)
 	m.descInFlight = prometheus.NewDesc(f("inflight_connections"),
 		"Connections a side of a handoff holds on a listener's port (accepted, not closed), as ss sees them.",
-		[]string{"listener", "name", "role"}, nil)
+		[]string{"listener", "name", "netns", "role"}, nil)
 	m.descQueued = prometheus.NewDesc(f("queued_connections"),
-		"Connections waiting in the accept queue of a side's listener.", []string{"listener", "name", "role"}, nil)
+		"Connections waiting in the accept queue of a side's listener.", []string{"listener", "name", "netns", "role"}, nil)
 	m.descDecision = prometheus.NewDesc(f("selector_decisions_total"),
 		"The selector's decisions for new connections on a listener: steered (to the target side), fallback (to the other side: no target listener alive), migrated (off a closing listener), failed (left to the kernel: none of draind's listeners alive), probed (draind's readiness probe sent to the new side).",
-		[]string{"listener", "name", "decision"}, nil)
+		[]string{"listener", "name", "netns", "decision"}, nil)
 	m.descMigrate = prometheus.NewDesc(f("kernel_tcp_migrate_requests_total"),
 		"The kernel's count of connections migrated off closing listeners (TcpExt TCPMigrateReqSuccess/Failure), in a network namespace draind works in.",
 		[]string{"netns", "result"}, nil)
@@ -150,7 +151,7 @@ func New(opts Options) *Metrics {
 		[]string{"netns"}, nil)
 	m.descDeadline = prometheus.NewDesc(f("drain_deadline_timestamp_seconds"),
 		"When the drain of the old side of a listener's handoff must end (Unix time); after it, the deadline policy applies.",
-		[]string{"listener", "name"}, nil)
+		[]string{"listener", "name", "netns"}, nil)
 	m.descDrops = prometheus.NewDesc(f("kernel_listen_drops_total"),
 		"The kernel's count of SYNs dropped by listeners (TcpExt ListenDrops), in a network namespace draind works in.",
 		[]string{"netns"}, nil)
@@ -205,18 +206,19 @@ func (m *Metrics) Collect(ch chan<- prometheus.Metric) {
 	snap, err := m.source.Snapshot()
 	failed := err != nil
 	for _, l := range snap.Listeners {
+		ns := strconv.FormatUint(l.Netns, 10)
 		for _, side := range []struct {
 			role string
 			c    Count
 		}{{"old", l.Old}, {"new", l.New}} {
-			ch <- prometheus.MustNewConstMetric(m.descInFlight, prometheus.GaugeValue, float64(side.c.InFlight), l.Addr, l.Name, side.role)
-			ch <- prometheus.MustNewConstMetric(m.descQueued, prometheus.GaugeValue, float64(side.c.Queued), l.Addr, l.Name, side.role)
+			ch <- prometheus.MustNewConstMetric(m.descInFlight, prometheus.GaugeValue, float64(side.c.InFlight), l.Addr, l.Name, ns, side.role)
+			ch <- prometheus.MustNewConstMetric(m.descQueued, prometheus.GaugeValue, float64(side.c.Queued), l.Addr, l.Name, ns, side.role)
 		}
 		for i, d := range decisions {
-			ch <- prometheus.MustNewConstMetric(m.descDecision, prometheus.CounterValue, float64(l.Selector[i]), l.Addr, l.Name, d)
+			ch <- prometheus.MustNewConstMetric(m.descDecision, prometheus.CounterValue, float64(l.Selector[i]), l.Addr, l.Name, ns, d)
 		}
 		if !l.Deadline.IsZero() {
-			ch <- prometheus.MustNewConstMetric(m.descDeadline, prometheus.GaugeValue, float64(l.Deadline.UnixNano())/1e9, l.Addr, l.Name)
+			ch <- prometheus.MustNewConstMetric(m.descDeadline, prometheus.GaugeValue, float64(l.Deadline.UnixNano())/1e9, l.Addr, l.Name, ns)
 		}
 	}
 	seen := map[uint64]bool{}

@@ -40,7 +40,7 @@ func TestMetrics(t *testing.T) {
 	src := &source{}
 	m := New(Options{Source: src})
 	src.set(Snapshot{Handoffs: 1, Listeners: []Listener{{
-		Addr: "127.0.0.1:8080", Name: "web", Old: Count{InFlight: 7, Queued: 2}, New: Count{InFlight: 40},
+		Addr: "127.0.0.1:8080", Name: "web", Netns: 4026531840, Old: Count{InFlight: 7, Queued: 2}, New: Count{InFlight: 40},
 		Selector: [5]uint64{100, 1, 3, 0, 1},
 	}}, Netns: []Netns{{PID: os.Getpid()}}}, nil)
 	m.Started()
@@ -58,8 +58,8 @@ func TestMetrics(t *testing.T) {
 	want := `
 # HELP draind_inflight_connections Connections a side of a handoff holds on a listener's port (accepted, not closed), as ss sees them.
 # TYPE draind_inflight_connections gauge
-draind_inflight_connections{listener="127.0.0.1:8080",name="web",role="new"} 40
-draind_inflight_connections{listener="127.0.0.1:8080",name="web",role="old"} 7
+draind_inflight_connections{listener="127.0.0.1:8080",name="web",netns="4026531840",role="new"} 40
+draind_inflight_connections{listener="127.0.0.1:8080",name="web",netns="4026531840",role="old"} 7
 # HELP draind_handoffs_finished_total Handoffs that ended, by result: drained, timed_out, aborted, rolled_back, failed.
 # TYPE draind_handoffs_finished_total counter
 draind_handoffs_finished_total{result="aborted"} 0

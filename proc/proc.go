@@ -133,6 +133,9 @@ func (p *Process) pollExit(ctx context.Context) bool {
 	}
 }
 
+// pidfsMagic is the filesystem type of pidfds (Linux >= 6.9).
+const pidfsMagic = 0x50494446
+
 // Ino is the process's pidfs inode number (fstat of its pidfd): an identity that is never reused and is the same in
 // every PID namespace. BPF programs find the process by it (struct pid's ino).
 func (p *Process) Ino() (uint64, error) {
@@ -140,7 +143,6 @@ func (p *Process) Ino() (uint64, error) {
 	if err := unix.Fstat(p.fd, &st); err != nil {
 		return 0, fmt.Errorf("stat pidfd of process %d: %w", p.PID, err)
 	}
-	const pidfsMagic = 0x50494446
 	var fs unix.Statfs_t
 	if err := unix.Fstatfs(p.fd, &fs); err != nil || fs.Type != pidfsMagic {
 		return 0, fmt.Errorf("stat pidfd of process %d: not a pidfs file (needs Linux 6.9 or later)", p.PID)
@@ -358,8 +360,13 @@ const (
 // ErrNotPidfd is returned by FromPidfd for a file descriptor that is not a pidfd.
 var ErrNotPidfd = errors.New("not a pidfd")
 
-// pidfdGetInfoOf asks the kernel about the process behind pidfd fd.
+// pidfdGetInfoOf asks the kernel about the process behind pidfd fd. The fd is checked to be a pidfs file first: an
+// fd another process passed must not get an arbitrary ioctl from draind.
 func pidfdGetInfoOf(fd int) (Info, error) {
+	var fs unix.Statfs_t
+	if err := unix.Fstatfs(fd, &fs); err != nil || fs.Type != pidfsMagic {
+		return Info{}, ErrNotPidfd
+	}
 	in := pidfdInfo{Mask: pidfdInfoPID | pidfdInfoCreds}
 	_, _, errno := unix.Syscall(unix.SYS_IOCTL, uintptr(fd), pidfdGetInfo, uintptr(unsafe.Pointer(&in)))
 	switch {

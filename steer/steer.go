@@ -678,9 +678,8 @@ func (s *Steering) Flipped() (all, any bool, err error) {
 }
 
 // Adopt takes over the steering described by states, left in the kernel by a draind process that is gone (or that
-// handed it over), without changing it. old and new are the two sides as discovered now; listeners that are gone
-// (an old process may have closed its own) are fine, but the groups must still exist with both generations, and the
-// new side's listeners must still be the ones in their slots.
+// handed it over), without changing it. old and new are the two sides as discovered now (nil: that process is gone);
+// listeners that are gone are kept as closed ones, but the groups must still exist with the new generation in them.
 func Adopt(objs *loader.Objects, states []GroupState, old, new *Side, opts Options) (_ *Steering, err error) {
 	if opts.Logger == nil {
 		opts.Logger = slog.Default()
@@ -749,15 +748,11 @@ func Adopt(objs *loader.Objects, states []GroupState, old, new *Side, opts Optio
 			old  bool
 		}{{st.Old, &g.pair.Old, true}, {st.New, &g.pair.New, false}} {
 			for _, r := range side.refs {
-				var c uint64
-				live := objs.Sockets.Lookup(r.Slot, &c) == nil && c == r.Cookie
-				l := byCookie[r.Cookie]
-				if !side.old && (!live || l == nil) {
-					return nil, fmt.Errorf("adopt group %d (%s): a new listener is gone", st.ID, addr)
-				}
 				g.slots[r.Cookie] = r.Slot
+				l := byCookie[r.Cookie]
 				if l == nil {
-					// A closed old listener: keep its cookie for the slot bookkeeping.
+					// A closed listener (an old process may close its own; a new one that died closed all of
+					// them): keep its cookie for the slot bookkeeping; the caller decides what its absence means.
 					l = &Listener{Cookie: r.Cookie, Addr: addr}
 				}
 				*side.out = append(*side.out, l)

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"strings"
+	"sync"
 	"text/tabwriter"
 	"time"
 
@@ -45,12 +46,16 @@ func handoffViaDaemon(ctx context.Context, c *api.Client, from, to int, req api.
 			req.To.PIDFD = &idx
 		}
 	}
-	var id string
-	aborted := make(chan struct{})
+	var (
+		mu sync.Mutex
+		id string // the handoff's, once the daemon said it
+	)
 	stop := context.AfterFunc(ctx, func() {
-		defer close(aborted)
-		if id != "" {
-			c.Abort(context.Background(), id)
+		mu.Lock()
+		known := id
+		mu.Unlock()
+		if known != "" {
+			c.Abort(context.Background(), known)
 		}
 	})
 	defer stop()
@@ -58,9 +63,11 @@ func handoffViaDaemon(ctx context.Context, c *api.Client, from, to int, req api.
 	last, err := c.Handoff(context.WithoutCancel(ctx), req, fds, func(ev api.Event) {
 		switch ev.Type {
 		case api.EventStarted:
+			mu.Lock()
 			id = ev.ID
+			mu.Unlock()
 			if ctx.Err() != nil { // interrupted before the ID was known
-				go c.Abort(context.Background(), id)
+				go c.Abort(context.Background(), ev.ID)
 			}
 		case api.EventProgress:
 			p := handoff.Progress{Stage: ev.Stage, Message: ev.Message}
@@ -73,6 +80,8 @@ func handoffViaDaemon(ctx context.Context, c *api.Client, from, to int, req api.
 			pr.report(p)
 		}
 	})
+	mu.Lock()
+	defer mu.Unlock()
 	var ae *api.Error
 	switch {
 	case errors.As(err, &ae):

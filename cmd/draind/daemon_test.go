@@ -311,8 +311,14 @@ func TestDaemonGenerations(t *testing.T) {
 	waitCond(t, 10*time.Second, func() bool { return loadB.Progress().KeepAlive.Opened == 4 })
 	bc := startHandoff(t, daemonArgs(d, b, c)...)
 	bc.waitFor(t, "draining:", 10*time.Second)
-	if hs := d.status(); len(hs) != 2 {
+	hs = d.status()
+	if len(hs) != 2 {
 		t.Fatalf("status with both generations draining: %+v", hs)
+	}
+	// A->B cannot be rolled back any more: B->C took its new side over.
+	bcID := hs[1].ID
+	if code, _, stderr := runAs(t, 0, "abort", "--socket", d.socket, abID); code != exitBadInput || !strings.Contains(stderr, bcID) {
+		t.Fatalf("abort of A->B while B->C drains: exit %d, %q; want exit %d naming %s", code, stderr, exitBadInput, bcID)
 	}
 
 	outAB, codeAB := ab.wait(t, 30*time.Second)
@@ -696,7 +702,7 @@ func TestDaemonConcurrentPorts(t *testing.T) {
 	for range 3 {
 		text := <-scrapes
 		for _, p := range ps {
-			if v := sample(text, `draind_inflight_connections{listener="`+p.addr+`",name="",role="old"}`); v < 2 {
+			if v := sample(text, `draind_inflight_connections{listener="`+p.addr+`",name="",netns="`+netnsLabel(t, ns)+`",role="old"}`); v < 2 {
 				t.Errorf("a scrape during both handoffs: old in flight on %s = %v, want its 2 long-lived connections", p.addr, v)
 			}
 		}
@@ -801,6 +807,16 @@ func scrape(t testing.TB, url string) string {
 	return b.String()
 }
 
+// netnsLabel is the netns label of series about a network namespace: its inode number.
+func netnsLabel(t testing.TB, ns *testenv.NetNS) string {
+	t.Helper()
+	st, err := os.Stat(ns.Path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return strconv.FormatUint(st.Sys().(*syscall.Stat_t).Ino, 10)
+}
+
 // sample returns the value of the series whose line starts with prefix (name and labels), or -1.
 func sample(text, prefix string) float64 {
 	for _, line := range strings.Split(text, "\n") {
@@ -837,7 +853,7 @@ func TestDaemonMetrics(t *testing.T) {
 	h.waitFor(t, "draining:", 10*time.Second)
 	during := scrape(t, url)
 	series := func(name, labels string) string { return name + "{" + labels + "}" }
-	l := `listener="127.0.0.1:8080",name="web"`
+	l := `listener="127.0.0.1:8080",name="web",netns="` + netnsLabel(t, ns) + `"`
 	for _, c := range []struct {
 		series string
 		ok     func(float64) bool
@@ -894,4 +910,48 @@ func grepDraind(text string) string {
 		}
 	}
 	return strings.Join(out, "\n")
+}
+
+// TestDaemonResumeNewDied: the daemon is killed after the flip and the new process dies while it is down; the daemon
+// that takes the handoff over rolls it back: steering goes back to the old process (the selector is detached, the
+// pins are gone), which is not signalled, and the state file forgets the handoff.
+func TestDaemonResumeNewDied(t *testing.T) {
+	ns, pins := setup(t)
+	dir := newDaemonDir(t)
+	d := startDaemon(t, dir, pins)
+	old := server(t, ns, "old", testenv.ServerOptions{})
+	load := testenv.StartLoadForTest(t, ns, testenv.LoadOptions{
+		Addr: addr, Concurrency: 4, Duration: 20 * time.Second,
+		KeepAlive: 2, KeepAliveEvery: 50 * time.Millisecond, KeepAliveFor: 20 * time.Second,
+	})
+	defer load.Stop()
+	time.Sleep(200 * time.Millisecond)
+	newS := server(t, ns, "new", testenv.ServerOptions{})
+	h := startHandoff(t, daemonArgs(d, old, newS)...)
+	h.waitFor(t, "draining:", 10*time.Second)
+	d.signal(syscall.SIGKILL)
+	h.wait(t, 10*time.Second)
+	if err := newS.Kill(); err != nil {
+		t.Fatal(err)
+	}
+	waitCond(t, 10*time.Second, newS.Exited)
+
+	d2 := startDaemon(t, dir, pins)
+	waitCond(t, 20*time.Second, func() bool { return len(d2.status()) == 0 })
+	if recs := d2.records(); len(recs) != 0 {
+		t.Fatalf("state file still holds %d handoff(s)", len(recs))
+	}
+	if !strings.Contains(d2.log(), "new process") || !strings.Contains(d2.log(), "exited while draind was down") {
+		t.Fatalf("the resumed handoff did not roll back for the new process's death:\n%s", d2.log())
+	}
+	if len(old.Signals()) != 0 || old.Exited() {
+		t.Fatalf("old was signalled (%v) or exited", old.Signals())
+	}
+	requireGone(t, pins)
+	requireNoSelector(t, old)
+	before := load.Progress().ByServer["old"]
+	time.Sleep(300 * time.Millisecond)
+	if after := load.Progress().ByServer["old"]; after <= before {
+		t.Fatalf("new connections do not reach the old process after the rollback (%d then %d)", before, after)
+	}
 }

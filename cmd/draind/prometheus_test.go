@@ -230,7 +230,7 @@ func TestPrometheusDashboard(t *testing.T) {
 		return prom.get("/query", params)
 	}
 	sig := query(`draind_signals_sent_total{job="draind",signal="SIGTERM"}`)
-	inflight := query(`draind_inflight_connections{job="draind",role="old",listener="127.0.0.1:8080",name="web"}`)
+	inflight := query(`draind_inflight_connections{job="draind",role="old",listener="127.0.0.1:8080",name="web",netns="` + netnsLabel(t, ns) + `"}`)
 	if len(sig) != 1 || len(inflight) != 1 {
 		t.Fatalf("%d signal series, %d old in-flight series; want one each", len(sig), len(inflight))
 	}
