@@ -33,6 +33,8 @@ const (
 	MaxRequestBytes = 16 << 10 // a request body larger than this is refused
 	MaxFDs          = 2        // pidfds passed with one request
 	MaxPorts        = 64
+	MaxTimeout      = 7 * 24 * time.Hour // a drain deadline
+	MaxWait         = time.Hour          // kill_after, exit_wait, ready_timeout
 )
 
 // HandoffRequest asks for a handoff. The zero value of each optional field is the CLI's default.
@@ -163,6 +165,12 @@ func (r *HandoffRequest) Check(nfds int) error {
 	}
 	if r.Timeout < 0 || r.KillAfter < 0 || r.ExitWait < 0 || r.ReadyTimeout < 0 {
 		return invalid("durations must not be negative")
+	}
+	if time.Duration(r.Timeout) > MaxTimeout {
+		return invalid("timeout %s is over %s", time.Duration(r.Timeout), MaxTimeout)
+	}
+	if max(r.KillAfter, r.ExitWait, r.ReadyTimeout) > Duration(MaxWait) {
+		return invalid("kill_after, exit_wait and ready_timeout are at most %s", MaxWait)
 	}
 	if r.ReadyURL != "" {
 		u, err := url.Parse(r.ReadyURL)

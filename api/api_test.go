@@ -35,6 +35,8 @@ func TestDecodeHandoff(t *testing.T) {
 		{`{"from":{"pid":5},"to":{"pid":6},"on_timeout":"explode"}`, "want signal, kill or abort"},
 		{`{"from":{"pid":5},"to":{"pid":6},"timeout":"-1s"}`, "negative"},
 		{`{"from":{"pid":5},"to":{"pid":6},"timeout":90}`, "duration must be a string"},
+		{`{"from":{"pid":5},"to":{"pid":6},"timeout":"200h"}`, "is over 168h0m0s"},
+		{`{"from":{"pid":5},"to":{"pid":6},"exit_wait":"2h"}`, "at most 1h0m0s"},
 		{`{"from":{"pid":5},"to":{"pid":6},"ready_url":"ftp://x"}`, "not an http:// URL"},
 		{`{"from":{"pid":5},"to":{"pid":6},"color":"red"}`, "unknown field"},
 		{`{"from":{"pid":5},"to":{"pid":6}} {}`, "data after the request"},

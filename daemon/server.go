@@ -139,6 +139,12 @@ func (d *Daemon) postHandoff(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 
+	if uid != 0 && d.handoffsOf(uid) >= MaxHandoffsPerUser {
+		oldP.Close()
+		newP.Close()
+		writeError(w, &api.Error{Message: fmt.Sprintf("uid %d already has %d handoffs in progress (at most %d)", uid, MaxHandoffsPerUser, MaxHandoffsPerUser), Kind: api.KindForbidden})
+		return
+	}
 	e := &entry{id: newID(), name: req.Name, uid: uid, started: time.Now(), from: oldP.PID, to: newP.PID, newPID: newP.PID,
 		events: make(chan api.Event, 64)}
 	opts := req.Options()
@@ -213,6 +219,23 @@ func (d *Daemon) postHandoff(w http.ResponseWriter, r *http.Request) {
 			return // the caller went away, or the daemon stops; the handoff goes on
 		}
 	}
+}
+
+// MaxHandoffsPerUser is how many handoffs a user other than root may have in progress: each takes steering groups,
+// socket array slots and marks, which are shared by everyone.
+const MaxHandoffsPerUser = 16
+
+// handoffsOf counts uid's handoffs in progress.
+func (d *Daemon) handoffsOf(uid uint32) int {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	n := 0
+	for _, e := range d.handoffs {
+		if e.uid == uid {
+			n++
+		}
+	}
+	return n
 }
 
 // claimer is a handoff's Claim hook: the caller must own every process holding a listener (root excepted), and no

@@ -541,12 +541,6 @@ func (h *run) drain(ctx context.Context, newDied <-chan struct{}, stopWatch func
 	if timedOut {
 		h.res.Outcome = OutcomeTimedOut
 	}
-	h.state.Stage = StageSignalled
-	if err := h.persist(); err != nil {
-		// Signal anyway: a restarted draind would then signal again, which the old process can take (it is the
-		// signal it was about to get), rather than never.
-		h.opts.Logger.Error("persist handoff", "err", err)
-	}
 	h.res.Signal = drain.SignalName(sig)
 	h.res.SignalledAt = monoNow()
 	// Once signalled, an interruption does not stop the exit watch, except a daemon leaving the handoff (the next
@@ -559,6 +553,12 @@ func (h *run) drain(ctx context.Context, newDied <-chan struct{}, stopWatch func
 		}
 	})
 	sent := func() {
+		// Persisted once sent: a draind killed between the two resumes at "flipped", finds the drain over and
+		// signals again, which the old process can take (the same signal) rather than never getting one.
+		h.state.Stage = StageSignalled
+		if err := h.persist(); err != nil {
+			h.opts.Logger.Error("persist handoff", "err", err)
+		}
 		h.opts.Progress(Progress{Stage: StageSignalled, Signal: "SIG" + h.res.Signal, Message: "SIG" + h.res.Signal})
 	}
 	out, err := drain.Signal(sigCtx, h.oldP, sig, drain.SignalOptions{KillAfter: h.state.KillAfter, ExitWait: h.state.ExitWait, Sent: sent})
