@@ -177,6 +177,7 @@ type procConfig struct {
 	opts       any
 	extraFiles []*os.File
 	uid, gid   uint32 // credentials if uid != 0
+	cgroup     string // cgroup v2 directory to start the child in, if set
 	onEvent    func(event)
 }
 
@@ -230,6 +231,14 @@ func startProc(cfg procConfig) (_ *proc, err error) {
 	}
 	if cfg.uid != 0 {
 		cmd.SysProcAttr.Credential = &syscall.Credential{Uid: cfg.uid, Gid: cfg.gid, NoSetGroups: true}
+	}
+	if cfg.cgroup != "" {
+		cg, err := os.Open(cfg.cgroup)
+		if err != nil {
+			return nil, fmt.Errorf("open cgroup: %w", err)
+		}
+		defer cg.Close()
+		cmd.SysProcAttr.UseCgroupFD, cmd.SysProcAttr.CgroupFD = true, int(cg.Fd()) // clone3(CLONE_INTO_CGROUP)
 	}
 	if err := spawn(cfg.ns, cmd.Start); err != nil {
 		return nil, err

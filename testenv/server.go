@@ -53,6 +53,8 @@ type ServerOptions struct {
 	ReadyDelay time.Duration
 	// UID and GID, if UID != 0, are the credentials the server runs with.
 	UID, GID uint32
+	// Cgroup, if set, is the cgroup v2 directory the server (and its workers) start in (see CgroupForTest).
+	Cgroup string
 }
 
 func (o ServerOptions) withDefaults() ServerOptions {
@@ -118,6 +120,7 @@ func StartServer(ctx context.Context, ns *NetNS, opts ServerOptions) (*Server, e
 		role:    roleServer,
 		opts:    opts,
 		uid:     opts.UID,
+		cgroup:  opts.Cgroup,
 		gid:     opts.GID,
 		onEvent: s.handleEvent,
 	})

@@ -1,0 +1,71 @@
+//go:build ignore
+
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
+//
+// Prepared mode: servers that never set SO_REUSEPORT (Go, Python, Node defaults). draind attaches these programs to
+// the service's cgroup (v2) so that a new version started in it can bind the port the old one holds:
+//
+// - draind_bind4/draind_bind6 (cgroup/bind4, cgroup/bind6) give a TCP bind to a prepared (network namespace, port)
+//   SO_REUSEPORT, as if the server had asked for it. draind sets it on the old process's listeners itself (through
+//   its pidfd_getfd copies), so old and new form one reuseport group, which draind then steers as in the default
+//   mode.
+//
+// Binds to other ports, other namespaces and other socket types are left alone; no bind is ever refused here.
+
+#include <linux/bpf.h>
+#include <linux/in.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";
+
+// From <sys/socket.h> (not includable for the BPF target).
+#define SOL_SOCKET 1
+#define SO_REUSEPORT 15
+#define SOCK_STREAM 1
+
+// prepared: the (network namespace cookie, port) pairs whose TCP binds get SO_REUSEPORT. Value: unused (1).
+struct prepared_key {
+	__u64 netns; // bpf_get_netns_cookie of the binding socket
+	__u16 port;  // host byte order
+	__u16 pad[3];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1024);
+	__type(key, struct prepared_key);
+	__type(value, __u8);
+} prepared SEC(".maps");
+
+// Keep the key type in BTF for bpf2go.
+const struct prepared_key *unused_prepared_key __attribute__((unused));
+
+static __always_inline int on_bind(struct bpf_sock_addr *ctx)
+{
+	if (ctx->type != SOCK_STREAM)
+		return 1;
+	if (ctx->protocol != IPPROTO_TCP && ctx->protocol != 0)
+		return 1;
+	struct prepared_key k = {
+		.netns = bpf_get_netns_cookie(ctx),
+		.port = bpf_ntohs(ctx->user_port),
+	};
+	if (!bpf_map_lookup_elem(&prepared, &k))
+		return 1;
+	int one = 1;
+	bpf_setsockopt(ctx, SOL_SOCKET, SO_REUSEPORT, &one, sizeof(one));
+	return 1; // allow the bind either way: a failed setsockopt shows as the bind's own EADDRINUSE
+}
+
+SEC("cgroup/bind4")
+int draind_bind4(struct bpf_sock_addr *ctx)
+{
+	return on_bind(ctx);
+}
+
+SEC("cgroup/bind6")
+int draind_bind6(struct bpf_sock_addr *ctx)
+{
+	return on_bind(ctx);
+}

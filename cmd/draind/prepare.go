@@ -1,0 +1,73 @@
+package main
+
+import (
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"strings"
+
+	"github.com/draind/draind/loader"
+	"github.com/draind/draind/proc"
+	"github.com/draind/draind/steer"
+)
+
+func cmdPrepare(args []string, stdout, stderr io.Writer) int {
+	fs := flag.NewFlagSet("prepare", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	var ports portList
+	from := fs.Int("from", 0, "PID of the running (old) server (required)")
+	pinDir := fs.String("pin-dir", "", "bpffs directory for draind's pins (default /sys/fs/bpf/draind; prepare pins under DIR-prepare)")
+	jsonOut := fs.Bool("json", false, "print the result as JSON")
+	fs.Var(&ports, "port", "prepare only this port (repeatable; default: every port the process listens on)")
+	if err := fs.Parse(args); err != nil {
+		return exitBadInput
+	}
+	fail := badInput(stderr)
+	if fs.NArg() > 0 {
+		return fail("unexpected argument %q", fs.Arg(0))
+	}
+	if *from <= 0 {
+		return fail("--from is required")
+	}
+	p, err := proc.Open(*from)
+	if err != nil {
+		return fail("old process: %v", err)
+	}
+	defer p.Close()
+	objs, err := loader.OpenPrepare(loader.Options{PinDir: *pinDir})
+	if err != nil {
+		return fail("%v", err)
+	}
+	defer objs.Close()
+	res, err := steer.Prepare(objs, p, ports)
+	if err != nil {
+		if errors.Is(err, steer.ErrNoListeners) || errors.Is(err, steer.ErrNoMatch) || errors.Is(err, steer.ErrIncompatible) ||
+			errors.Is(err, proc.ErrNoCgroup2) || errors.Is(err, proc.ErrNotPermitted) || errors.Is(err, loader.ErrNotPermitted) {
+			return fail("%v", err)
+		}
+		fmt.Fprintf(stderr, "draind: %v\n", err)
+		return exitError
+	}
+	if *jsonOut {
+		enc := json.NewEncoder(stdout)
+		enc.SetIndent("", "  ")
+		enc.Encode(res)
+		return exitOK
+	}
+	if len(res.Shared) == 0 && res.Cgroup == "" {
+		fmt.Fprintf(stdout, "nothing to prepare: %s already set SO_REUSEPORT; hand it off as it is\n", strings.Join(res.Already, ", "))
+		return exitOK
+	}
+	fmt.Fprintf(stdout, "prepared process %d for a handoff on the same port\n", *from)
+	if len(res.Shared) > 0 {
+		fmt.Fprintf(stdout, "  made shareable (SO_REUSEPORT)  %s\n", strings.Join(res.Shared, ", "))
+	}
+	state := "attached"
+	if !res.Attached {
+		state = "already attached"
+	}
+	fmt.Fprintf(stdout, "  bind programs                  %s to cgroup %s: a new process started there binds these ports with SO_REUSEPORT\n", state, res.Cgroup)
+	return exitOK
+}

@@ -1,0 +1,113 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"os"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/draind/draind/handoff"
+	"github.com/draind/draind/steer"
+	"github.com/draind/draind/testenv"
+)
+
+// TestPreparedPlainServer: a server that never sets SO_REUSEPORT (plain TCP, like Go's, Python's or Node's defaults)
+// in its own cgroup. A new instance cannot even bind the port while the old one runs; after `draind prepare` it can
+// (the bind hook gives it SO_REUSEPORT, draind gave the old listener the same), and `draind handoff` then upgrades it
+// under load with zero failed connections, the old process signalled once its long-lived connections closed.
+func TestPreparedPlainServer(t *testing.T) {
+	ns, pins := setup(t)
+	cg := testenv.CgroupForTest(t)
+	t.Cleanup(func() { os.RemoveAll(pins + "-prepare") }) // unpins the bind links: they detach
+	plain := func(id string) (*testenv.Server, error) {
+		return testenv.StartServer(context.Background(), ns, testenv.ServerOptions{Addr: addr, ID: id, Cgroup: cg})
+	}
+	old, err := plain("old")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { old.Kill() })
+	if s, err := plain("too-early"); err == nil || !strings.Contains(err.Error(), "address already in use") {
+		if s != nil {
+			s.Kill()
+		}
+		t.Fatalf("a second plain server bound the port before prepare (err %v): the test cannot tell prepare works", err)
+	}
+
+	code, stdout, stderr := runAs(t, 0, "prepare", "--json", "--from", strconv.Itoa(old.PID), "--pin-dir", pins)
+	var res steer.Prepared
+	if code != exitOK || json.Unmarshal([]byte(stdout), &res) != nil || len(res.Shared) != 1 || res.Cgroup != cg || !res.Attached {
+		t.Fatalf("prepare: exit %d, %s %s", code, stdout, stderr)
+	}
+	// Again: nothing new to do, and it says so.
+	code, stdout, _ = runAs(t, 0, "prepare", "--json", "--from", strconv.Itoa(old.PID), "--pin-dir", pins)
+	if json.Unmarshal([]byte(stdout), &res) != nil || code != exitOK || res.Attached || len(res.Already) != 1 {
+		t.Fatalf("second prepare: exit %d, %s", code, stdout)
+	}
+
+	const hold = 3 * time.Second
+	loadStart := testenv.MonoNow()
+	load := testenv.StartLoadForTest(t, ns, testenv.LoadOptions{
+		Addr: addr, Concurrency: 16, Duration: 20 * time.Second,
+		KeepAlive: 4, KeepAliveEvery: 20 * time.Millisecond, KeepAliveFor: hold,
+	})
+	time.Sleep(300 * time.Millisecond)
+	newS, err := plain("new")
+	if err != nil {
+		t.Fatalf("the new plain server could not start after prepare: %v", err)
+	}
+	t.Cleanup(func() { newS.Kill() })
+	h := startHandoff(t, pidArgs(old, newS, pins)...)
+	out, code := h.wait(t, 30*time.Second)
+	time.Sleep(300 * time.Millisecond)
+	r, err := load.Stop()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("load: requests %d ok %d failures %v by server %v; keep-alive %+v", r.Requests, r.OK, r.Failures, r.ByServer, r.KeepAlive)
+	if code != exitOK || out.Outcome != handoff.OutcomeDrained {
+		t.Fatalf("handoff: exit %d, %+v: %s", code, out.Result, h.errText())
+	}
+	requireNoFailures(t, r)
+	if r.ByServer["new"] == 0 || r.KeepAlive.ByServer["old"] == 0 {
+		t.Fatalf("load did not reach both servers: %v, keep-alive %v", r.ByServer, r.KeepAlive.ByServer)
+	}
+	sigs := old.Signals()
+	if len(sigs) != 1 || sigs[0].Signal != syscall.SIGTERM || sigs[0].MonoNS < loadStart+hold.Nanoseconds() {
+		t.Fatalf("old got signals %v, want one SIGTERM after its long-lived connections closed", sigs)
+	}
+	requireGone(t, pins)
+}
+
+// TestPrepareBadInput: prepare refuses what it cannot do, changing nothing.
+func TestPrepareBadInput(t *testing.T) {
+	ns, pins := setup(t)
+	t.Cleanup(func() { os.RemoveAll(pins + "-prepare") })
+	plainTCP := testenv.StartServerForTest(t, ns, testenv.ServerOptions{Addr: addr, ID: "plain"})
+	reuse := testenv.StartServerForTest(t, ns, testenv.ServerOptions{Addr: "127.0.0.1:8081", ID: "reuse", ReusePort: true})
+	mptcp := testenv.StartServerForTest(t, ns, testenv.ServerOptions{Addr: "127.0.0.1:8082", ID: "mptcp", MPTCP: true})
+	pid := func(s *testenv.Server) string { return strconv.Itoa(s.PID) }
+	for _, c := range []struct {
+		name string
+		args []string
+		code int
+		want string
+	}{
+		{"unknown pid", []string{"--from", "4194000"}, exitBadInput, "no such process"},
+		{"port not listened", []string{"--from", pid(plainTCP), "--port", "9999"}, exitBadInput, "does not listen on port 9999"},
+		{"MPTCP listener", []string{"--from", pid(mptcp)}, exitBadInput, "MPTCP listener"},
+		{"already SO_REUSEPORT", []string{"--from", pid(reuse)}, exitOK, "nothing to prepare: 127.0.0.1:8081 already set SO_REUSEPORT"},
+	} {
+		code, stdout, stderr := runAs(t, 0, append([]string{"prepare", "--pin-dir", pins}, c.args...)...)
+		if code != c.code || !strings.Contains(stdout+stderr, c.want) {
+			t.Errorf("%s: exit %d, %q %q; want exit %d and %q", c.name, code, stdout, stderr, c.code, c.want)
+		}
+	}
+	if entries, _ := os.ReadDir(pins + "-prepare"); len(entries) > 1 { // the map's pin at most
+		t.Errorf("refused prepares left pins: %v", entries)
+	}
+}

@@ -1,0 +1,90 @@
+package steer
+
+import (
+	"fmt"
+	"slices"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/draind/draind/loader"
+	"github.com/draind/draind/proc"
+)
+
+// Prepared says what Prepare did.
+type Prepared struct {
+	Cgroup    string   // the cgroup v2 directory the bind programs are attached to
+	Attached  bool     // they were attached now (false: an earlier prepare did)
+	Shared    []string // listeners of the old process draind gave SO_REUSEPORT
+	Already   []string // listeners that had it already
+	Listeners []string // every prepared listener
+}
+
+// Prepare makes a server that never set SO_REUSEPORT upgradable on the same port: it gives the old process's TCP
+// listeners on ports (all of them if none given) SO_REUSEPORT through draind's copies, and attaches the bind programs
+// to the old process's cgroup (v2) so that a new process started there gets SO_REUSEPORT on the same ports in the
+// same network namespace. Then `handoff` works as for any reuseport server. Prepare is idempotent; for a server whose
+// listeners all have SO_REUSEPORT already it changes nothing (Prepared.Shared is empty, Cgroup too). Clearing
+// SO_REUSEPORT again is never done: the port's bind bucket remembers it (see DESIGN.md).
+func Prepare(objs *loader.Prepare, p *proc.Process, ports []uint16) (*Prepared, error) {
+	side, err := Discover(p)
+	if err != nil {
+		return nil, err
+	}
+	defer side.Close()
+	var ls []*Listener
+	for _, l := range side.Listeners {
+		if len(ports) == 0 || slices.Contains(ports, l.Addr.Port()) {
+			ls = append(ls, l)
+		}
+	}
+	for _, port := range ports {
+		if !slices.ContainsFunc(ls, func(l *Listener) bool { return l.Addr.Port() == port }) {
+			return nil, fmt.Errorf("%w: process %d does not listen on port %d", ErrNoMatch, p.PID, port)
+		}
+	}
+	for _, l := range ls {
+		if l.MPTCP {
+			return nil, fmt.Errorf("%w: %s is an MPTCP listener (Go >= 1.24 listens with MPTCP by default): it cannot be steered", ErrIncompatible, l)
+		}
+	}
+	out := &Prepared{}
+	for _, l := range ls {
+		out.Listeners = append(out.Listeners, l.Addr.String())
+		if l.ReusePort {
+			out.Already = append(out.Already, l.Addr.String())
+		}
+	}
+	if len(out.Already) == len(ls) {
+		return out, nil // a reuseport server: nothing to prepare
+	}
+	dir, err := proc.CgroupDir(p.PID)
+	if err != nil {
+		return nil, err
+	}
+	out.Cgroup = dir
+	// The bind programs first: if they cannot be attached, the old process's listeners are left as they were.
+	for _, l := range ls {
+		if err := objs.Put(l.NetnsCookie, l.Addr.Port()); err != nil {
+			return nil, err
+		}
+	}
+	if out.Attached, err = objs.Attach(dir); err != nil {
+		return nil, err
+	}
+	for _, l := range ls {
+		if l.ReusePort {
+			continue
+		}
+		fd, err := l.Copy()
+		if err != nil {
+			return nil, err
+		}
+		err = unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_REUSEPORT, 1)
+		unix.Close(fd)
+		if err != nil {
+			return nil, fmt.Errorf("set SO_REUSEPORT on %s: %w", l, err)
+		}
+		out.Shared = append(out.Shared, l.Addr.String())
+	}
+	return out, nil
+}
