@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
@@ -124,9 +123,7 @@ func cmdStatus(args []string, stdout, stderr io.Writer) int {
 		return exitError
 	}
 	if *jsonOut {
-		enc := json.NewEncoder(stdout)
-		enc.SetIndent("", "  ")
-		enc.Encode(hs)
+		printJSON(stdout, hs)
 		return exitOK
 	}
 	if len(hs) == 0 {
@@ -173,9 +170,7 @@ func cmdAbort(args []string, stdout, stderr io.Writer) int {
 		return exitError
 	}
 	if *jsonOut {
-		enc := json.NewEncoder(stdout)
-		enc.SetIndent("", "  ")
-		enc.Encode(struct {
+		printJSON(stdout, struct {
 			ID         string `json:"id"`
 			RolledBack bool   `json:"rolled_back"`
 		}{fs.Arg(0), true})

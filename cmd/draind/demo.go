@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"encoding/json"
 	"flag"
 	"fmt"
 	"io"
@@ -100,9 +99,7 @@ func cmdDemo(args []string, stdout, stderr io.Writer) int {
 		return exitError
 	}
 	if *jsonOut {
-		enc := json.NewEncoder(stdout)
-		enc.SetIndent("", "  ")
-		enc.Encode(struct {
+		printJSON(stdout, struct {
 			Handoff *handoff.Result    `json:"handoff"`
 			Error   string             `json:"error,omitempty"`
 			Load    testenv.LoadResult `json:"load"`

@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
@@ -133,9 +132,7 @@ func cmdHandoff(args []string, stdout, stderr io.Writer) int {
 			Error    string `json:"error,omitempty"`
 			ExitCode int    `json:"exit_code"`
 		}{res, id, errString(err), code}
-		enc := json.NewEncoder(stdout)
-		enc.SetIndent("", "  ")
-		enc.Encode(out)
+		printJSON(stdout, out)
 		return code
 	}
 	if err != nil && (res == nil || res.Outcome == handoff.OutcomeFailed && res.Listeners == nil) {

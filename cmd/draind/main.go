@@ -3,6 +3,7 @@
 package main
 
 import (
+	"encoding/json"
 	"fmt"
 	"io"
 	"os"
@@ -69,4 +70,11 @@ func badInput(stderr io.Writer) func(format string, a ...any) int {
 		fmt.Fprintf(stderr, "draind: "+format+"\n", a...)
 		return exitBadInput
 	}
+}
+
+// printJSON writes v as indented JSON (the --json output of every command).
+func printJSON(w io.Writer, v any) {
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	enc.Encode(v)
 }

@@ -1,7 +1,6 @@
 package main
 
 import (
-	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
@@ -51,9 +50,7 @@ func cmdPrepare(args []string, stdout, stderr io.Writer) int {
 		return exitError
 	}
 	if *jsonOut {
-		enc := json.NewEncoder(stdout)
-		enc.SetIndent("", "  ")
-		enc.Encode(res)
+		printJSON(stdout, res)
 		return exitOK
 	}
 	if len(res.Shared) == 0 && res.Cgroup == "" {
