@@ -10,6 +10,11 @@
 //   its pidfd_getfd copies), so old and new form one reuseport group, which draind then steers as in the default
 //   mode.
 //
+// - draind_no_mptcp (cgroup/sock_create) refuses MPTCP sockets in a prepared network namespace: an MPTCP listener
+//   can be neither put in a socket map nor carry the selector. Go >= 1.24 listens with MPTCP by default and falls
+//   back to plain TCP when the MPTCP socket cannot be created, so a new Go version started in the cgroup listens
+//   with plain TCP.
+//
 // Binds to other ports, other namespaces and other socket types are left alone; no bind is ever refused here.
 
 #include <linux/bpf.h>
@@ -23,6 +28,7 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
 #define SOL_SOCKET 1
 #define SO_REUSEPORT 15
 #define SOCK_STREAM 1
+#define IPPROTO_MPTCP_ 262 // linux/in.h names it IPPROTO_MPTCP in an enum on recent headers only
 
 // prepared: the (network namespace cookie, port) pairs whose TCP binds get SO_REUSEPORT. Value: unused (1).
 struct prepared_key {
@@ -37,6 +43,14 @@ struct {
 	__type(key, struct prepared_key);
 	__type(value, __u8);
 } prepared SEC(".maps");
+
+// prepared_netns: the network namespaces (cookies) with prepared ports, where MPTCP sockets are refused.
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1024);
+	__type(key, __u64);
+	__type(value, __u8);
+} prepared_netns SEC(".maps");
 
 // Keep the key type in BTF for bpf2go.
 const struct prepared_key *unused_prepared_key __attribute__((unused));
@@ -68,4 +82,15 @@ SEC("cgroup/bind6")
 int draind_bind6(struct bpf_sock_addr *ctx)
 {
 	return on_bind(ctx);
+}
+
+SEC("cgroup/sock_create")
+int draind_no_mptcp(struct bpf_sock *ctx)
+{
+	if (ctx->protocol != IPPROTO_MPTCP_)
+		return 1;
+	__u64 netns = bpf_get_netns_cookie(ctx);
+	if (bpf_map_lookup_elem(&prepared_netns, &netns))
+		return 0; // EPERM: Go falls back to plain TCP
+	return 1;
 }

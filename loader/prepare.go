@@ -48,6 +48,7 @@ func OpenPrepare(opts Options) (*Prepare, error) {
 		return nil, fmt.Errorf("load prepare spec: %w", err)
 	}
 	spec.Maps[prepareMapPrepared].Pinning = ebpf.PinByName
+	spec.Maps[prepareMapPreparedNetns].Pinning = ebpf.PinByName
 	if err := spec.LoadAndAssign(&p.objs, &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: p.dir}}); err != nil {
 		var verr *ebpf.VerifierError
 		if errors.As(err, &verr) {
@@ -58,17 +59,20 @@ func OpenPrepare(opts Options) (*Prepare, error) {
 	return p, nil
 }
 
-// Put makes TCP binds to port in the network namespace with cookie netns get SO_REUSEPORT (in the cgroups the
-// programs are attached to).
+// Put makes TCP binds to port in the network namespace with cookie netns get SO_REUSEPORT, and MPTCP sockets there
+// be refused (in the cgroups the programs are attached to).
 func (p *Prepare) Put(netns uint64, port uint16) error {
 	if err := p.objs.Prepared.Put(PreparedKey{Netns: netns, Port: port}, uint8(1)); err != nil {
+		return fmt.Errorf("prepare port %d: %w", port, err)
+	}
+	if err := p.objs.PreparedNetns.Put(netns, uint8(1)); err != nil {
 		return fmt.Errorf("prepare port %d: %w", port, err)
 	}
 	return nil
 }
 
-// Attach attaches the bind programs to the cgroup v2 directory dir, unless a draind already did (their links are
-// pinned by the cgroup's inode number). It reports whether it attached them now.
+// Attach attaches the bind programs and the MPTCP refusal to the cgroup v2 directory dir, unless a draind already
+// did (their links are pinned by the cgroup's inode number). It reports whether it attached them now.
 func (p *Prepare) Attach(dir string) (bool, error) {
 	var st unix.Stat_t
 	if err := unix.Stat(dir, &st); err != nil {
@@ -79,7 +83,11 @@ func (p *Prepare) Attach(dir string) (bool, error) {
 		name string
 		typ  ebpf.AttachType
 		prog *ebpf.Program
-	}{{"bind4", ebpf.AttachCGroupInet4Bind, p.objs.DraindBind4}, {"bind6", ebpf.AttachCGroupInet6Bind, p.objs.DraindBind6}} {
+	}{
+		{"bind4", ebpf.AttachCGroupInet4Bind, p.objs.DraindBind4},
+		{"bind6", ebpf.AttachCGroupInet6Bind, p.objs.DraindBind6},
+		{"sock_create", ebpf.AttachCGroupInetSockCreate, p.objs.DraindNoMptcp},
+	} {
 		pin := filepath.Join(p.dir, "cgroup-"+strconv.FormatUint(st.Ino, 10)+"-"+a.name)
 		if l, err := link.LoadPinnedLink(pin, nil); err == nil {
 			l.Close() // attached by an earlier draind: the pin keeps it

@@ -25,8 +25,10 @@ type preparePreparedKey struct {
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
 	prepareMapPrepared          = "prepared"
+	prepareMapPreparedNetns     = "prepared_netns"
 	prepareProgDraindBind4      = "draind_bind4"
 	prepareProgDraindBind6      = "draind_bind6"
+	prepareProgDraindNoMptcp    = "draind_no_mptcp"
 	prepareVarUnusedPreparedKey = "unused_prepared_key"
 )
 
@@ -72,15 +74,17 @@ type prepareSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type prepareProgramSpecs struct {
-	DraindBind4 *ebpf.ProgramSpec `ebpf:"draind_bind4"`
-	DraindBind6 *ebpf.ProgramSpec `ebpf:"draind_bind6"`
+	DraindBind4   *ebpf.ProgramSpec `ebpf:"draind_bind4"`
+	DraindBind6   *ebpf.ProgramSpec `ebpf:"draind_bind6"`
+	DraindNoMptcp *ebpf.ProgramSpec `ebpf:"draind_no_mptcp"`
 }
 
 // prepareMapSpecs contains maps before they are loaded into the kernel.
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type prepareMapSpecs struct {
-	Prepared *ebpf.MapSpec `ebpf:"prepared"`
+	Prepared      *ebpf.MapSpec `ebpf:"prepared"`
+	PreparedNetns *ebpf.MapSpec `ebpf:"prepared_netns"`
 }
 
 // prepareVariableSpecs contains global variables before they are loaded into the kernel.
@@ -110,12 +114,14 @@ func (o *prepareObjects) Close() error {
 //
 // It can be passed to loadPrepareObjects or ebpf.CollectionSpec.LoadAndAssign.
 type prepareMaps struct {
-	Prepared *ebpf.Map `ebpf:"prepared"`
+	Prepared      *ebpf.Map `ebpf:"prepared"`
+	PreparedNetns *ebpf.Map `ebpf:"prepared_netns"`
 }
 
 func (m *prepareMaps) Close() error {
 	return _PrepareClose(
 		m.Prepared,
+		m.PreparedNetns,
 	)
 }
 
@@ -130,14 +136,16 @@ type prepareVariables struct {
 //
 // It can be passed to loadPrepareObjects or ebpf.CollectionSpec.LoadAndAssign.
 type preparePrograms struct {
-	DraindBind4 *ebpf.Program `ebpf:"draind_bind4"`
-	DraindBind6 *ebpf.Program `ebpf:"draind_bind6"`
+	DraindBind4   *ebpf.Program `ebpf:"draind_bind4"`
+	DraindBind6   *ebpf.Program `ebpf:"draind_bind6"`
+	DraindNoMptcp *ebpf.Program `ebpf:"draind_no_mptcp"`
 }
 
 func (p *preparePrograms) Close() error {
 	return _PrepareClose(
 		p.DraindBind4,
 		p.DraindBind6,
+		p.DraindNoMptcp,
 	)
 }
 

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/draind/draind/handoff"
+	"github.com/draind/draind/proc"
 	"github.com/draind/draind/steer"
 	"github.com/draind/draind/testenv"
 )
@@ -107,7 +108,49 @@ func TestPrepareBadInput(t *testing.T) {
 			t.Errorf("%s: exit %d, %q %q; want exit %d and %q", c.name, code, stdout, stderr, c.code, c.want)
 		}
 	}
-	if entries, _ := os.ReadDir(pins + "-prepare"); len(entries) > 1 { // the map's pin at most
-		t.Errorf("refused prepares left pins: %v", entries)
+	entries, _ := os.ReadDir(pins + "-prepare") // the maps' pins may be there, no program attached to a cgroup
+	for _, e := range entries {
+		if strings.HasPrefix(e.Name(), "cgroup-") {
+			t.Errorf("a refused prepare attached programs: %s", e.Name())
+		}
+	}
+}
+
+// TestPreparedRefusesMPTCP: in a prepared cgroup and network namespace, a new server that asks for MPTCP (Go's
+// default since 1.24) gets plain TCP (the socket is refused and Go falls back), so it can be handed off; outside the
+// cgroup, MPTCP is untouched.
+func TestPreparedRefusesMPTCP(t *testing.T) {
+	ns, pins := setup(t)
+	cg := testenv.CgroupForTest(t)
+	t.Cleanup(func() { os.RemoveAll(pins + "-prepare") })
+	old := testenv.StartServerForTest(t, ns, testenv.ServerOptions{Addr: addr, ID: "old", Cgroup: cg})
+	if code, stdout, stderr := runAs(t, 0, "prepare", "--from", strconv.Itoa(old.PID), "--pin-dir", pins); code != exitOK {
+		t.Fatalf("prepare: exit %d, %s %s", code, stdout, stderr)
+	}
+	newS := testenv.StartServerForTest(t, ns, testenv.ServerOptions{Addr: addr, ID: "new", Cgroup: cg, MPTCP: true})
+	outside := testenv.StartServerForTest(t, ns, testenv.ServerOptions{Addr: "127.0.0.1:8081", ID: "outside", MPTCP: true})
+	isMPTCP := func(s *testenv.Server) bool {
+		t.Helper()
+		p, err := proc.Open(s.PID)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer p.Close()
+		side, err := steer.Discover(p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer side.Close()
+		return side.Listeners[0].MPTCP
+	}
+	if isMPTCP(newS) {
+		t.Fatal("the new server in the prepared cgroup listens with MPTCP")
+	}
+	if !isMPTCP(outside) {
+		t.Fatal("a server outside the prepared cgroup lost MPTCP: the refusal is not scoped")
+	}
+	h := startHandoff(t, pidArgs(old, newS, pins)...)
+	if out, code := h.wait(t, 30*time.Second); code != exitOK || out.Outcome != handoff.OutcomeDrained {
+		t.Fatalf("handoff: exit %d, %+v: %s", code, out.Result, h.errText())
 	}
 }
