@@ -17,6 +17,9 @@ import (
 // PreparedKey is a (network namespace cookie, port) whose TCP binds get SO_REUSEPORT in prepared cgroups.
 type PreparedKey = preparePreparedKey
 
+// Service is the cgroup whose processes may bind a prepared (network namespace, port): its id and depth.
+type Service = prepareService
+
 // Prepare is the prepared mode's BPF side: the bind programs and their pinned map of prepared (netns, port) pairs,
 // and their attachments to cgroups, pinned so that they outlive draind. Everything lives under its own directory,
 // PinDir+"-prepare", apart from the steering maps (which are removed when no handoff runs).
@@ -59,10 +62,11 @@ func OpenPrepare(opts Options) (*Prepare, error) {
 	return p, nil
 }
 
-// Put makes TCP binds to port in the network namespace with cookie netns get SO_REUSEPORT, and MPTCP sockets there
-// be refused (in the cgroups the programs are attached to).
-func (p *Prepare) Put(netns uint64, port uint16) error {
-	if err := p.objs.Prepared.Put(PreparedKey{Netns: netns, Port: port}, uint8(1)); err != nil {
+// Put makes TCP binds to port in the network namespace with cookie netns get SO_REUSEPORT in the service's cgroup,
+// refuses them everywhere else, and refuses MPTCP sockets in that namespace (in the cgroups the programs are attached
+// to).
+func (p *Prepare) Put(netns uint64, port uint16, svc Service) error {
+	if err := p.objs.Prepared.Put(PreparedKey{Netns: netns, Port: port}, svc); err != nil {
 		return fmt.Errorf("prepare port %d: %w", port, err)
 	}
 	if err := p.objs.PreparedNetns.Put(netns, uint8(1)); err != nil {
@@ -71,23 +75,36 @@ func (p *Prepare) Put(netns uint64, port uint16) error {
 	return nil
 }
 
-// Attach attaches the bind programs and the MPTCP refusal to the cgroup v2 directory dir, unless a draind already
-// did (their links are pinned by the cgroup's inode number). It reports whether it attached them now.
-func (p *Prepare) Attach(dir string) (bool, error) {
+// Attach attaches the bind programs and the MPTCP refusal to the cgroup v2 directory dir, and the bind guard to the
+// hierarchy's root, unless a draind already did (their links are pinned by the cgroup's inode number). It reports
+// whether it attached them to dir now.
+func (p *Prepare) Attach(dir, root string) (bool, error) {
+	if _, err := p.attach(root, []attachment{
+		{"guard4", ebpf.AttachCGroupInet4Bind, p.objs.DraindGuard4},
+		{"guard6", ebpf.AttachCGroupInet6Bind, p.objs.DraindGuard6},
+	}); err != nil {
+		return false, err
+	}
+	return p.attach(dir, []attachment{
+		{"bind4", ebpf.AttachCGroupInet4Bind, p.objs.DraindBind4},
+		{"bind6", ebpf.AttachCGroupInet6Bind, p.objs.DraindBind6},
+		{"sock_create", ebpf.AttachCGroupInetSockCreate, p.objs.DraindNoMptcp},
+	})
+}
+
+type attachment struct {
+	name string
+	typ  ebpf.AttachType
+	prog *ebpf.Program
+}
+
+func (p *Prepare) attach(dir string, as []attachment) (bool, error) {
 	var st unix.Stat_t
 	if err := unix.Stat(dir, &st); err != nil {
 		return false, fmt.Errorf("attach bind programs to %s: %w", dir, err)
 	}
 	attached := false
-	for _, a := range []struct {
-		name string
-		typ  ebpf.AttachType
-		prog *ebpf.Program
-	}{
-		{"bind4", ebpf.AttachCGroupInet4Bind, p.objs.DraindBind4},
-		{"bind6", ebpf.AttachCGroupInet6Bind, p.objs.DraindBind6},
-		{"sock_create", ebpf.AttachCGroupInetSockCreate, p.objs.DraindNoMptcp},
-	} {
+	for _, a := range as {
 		pin := filepath.Join(p.dir, "cgroup-"+strconv.FormatUint(st.Ino, 10)+"-"+a.name)
 		if l, err := link.LoadPinnedLink(pin, nil); err == nil {
 			l.Close() // attached by an earlier draind: the pin keeps it

@@ -20,6 +20,13 @@ type preparePreparedKey struct {
 	Pad   [3]uint16
 }
 
+type prepareService struct {
+	_      structs.HostLayout
+	Cgroup uint64
+	Level  uint32
+	Pad    uint32
+}
+
 // Names of all BPF objects in the ELF.
 //
 // Used for safe lookups in a Collection or CollectionSpec.
@@ -28,8 +35,11 @@ const (
 	prepareMapPreparedNetns     = "prepared_netns"
 	prepareProgDraindBind4      = "draind_bind4"
 	prepareProgDraindBind6      = "draind_bind6"
+	prepareProgDraindGuard4     = "draind_guard4"
+	prepareProgDraindGuard6     = "draind_guard6"
 	prepareProgDraindNoMptcp    = "draind_no_mptcp"
 	prepareVarUnusedPreparedKey = "unused_prepared_key"
+	prepareVarUnusedService     = "unused_service"
 )
 
 // loadPrepare returns the embedded CollectionSpec for prepare.
@@ -76,6 +86,8 @@ type prepareSpecs struct {
 type prepareProgramSpecs struct {
 	DraindBind4   *ebpf.ProgramSpec `ebpf:"draind_bind4"`
 	DraindBind6   *ebpf.ProgramSpec `ebpf:"draind_bind6"`
+	DraindGuard4  *ebpf.ProgramSpec `ebpf:"draind_guard4"`
+	DraindGuard6  *ebpf.ProgramSpec `ebpf:"draind_guard6"`
 	DraindNoMptcp *ebpf.ProgramSpec `ebpf:"draind_no_mptcp"`
 }
 
@@ -92,6 +104,7 @@ type prepareMapSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type prepareVariableSpecs struct {
 	UnusedPreparedKey *ebpf.VariableSpec `ebpf:"unused_prepared_key"`
+	UnusedService     *ebpf.VariableSpec `ebpf:"unused_service"`
 }
 
 // prepareObjects contains all objects after they have been loaded into the kernel.
@@ -130,6 +143,7 @@ func (m *prepareMaps) Close() error {
 // It can be passed to loadPrepareObjects or ebpf.CollectionSpec.LoadAndAssign.
 type prepareVariables struct {
 	UnusedPreparedKey *ebpf.Variable `ebpf:"unused_prepared_key"`
+	UnusedService     *ebpf.Variable `ebpf:"unused_service"`
 }
 
 // preparePrograms contains all programs after they have been loaded into the kernel.
@@ -138,6 +152,8 @@ type prepareVariables struct {
 type preparePrograms struct {
 	DraindBind4   *ebpf.Program `ebpf:"draind_bind4"`
 	DraindBind6   *ebpf.Program `ebpf:"draind_bind6"`
+	DraindGuard4  *ebpf.Program `ebpf:"draind_guard4"`
+	DraindGuard6  *ebpf.Program `ebpf:"draind_guard6"`
 	DraindNoMptcp *ebpf.Program `ebpf:"draind_no_mptcp"`
 }
 
@@ -145,6 +161,8 @@ func (p *preparePrograms) Close() error {
 	return _PrepareClose(
 		p.DraindBind4,
 		p.DraindBind6,
+		p.DraindGuard4,
+		p.DraindGuard6,
 		p.DraindNoMptcp,
 	)
 }

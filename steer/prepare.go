@@ -2,7 +2,9 @@ package steer
 
 import (
 	"fmt"
+	"path/filepath"
 	"slices"
+	"strings"
 
 	"golang.org/x/sys/unix"
 
@@ -62,13 +64,21 @@ func Prepare(objs *loader.Prepare, p *proc.Process, ports []uint16) (*Prepared, 
 		return nil, err
 	}
 	out.Cgroup = dir
+	root, err := proc.Cgroup2Root()
+	if err != nil {
+		return nil, err
+	}
+	svc, err := serviceOf(dir, root)
+	if err != nil {
+		return nil, err
+	}
 	// The bind programs first: if they cannot be attached, the old process's listeners are left as they were.
 	for _, l := range ls {
-		if err := objs.Put(l.NetnsCookie, l.Addr.Port()); err != nil {
+		if err := objs.Put(l.NetnsCookie, l.Addr.Port(), svc); err != nil {
 			return nil, err
 		}
 	}
-	if out.Attached, err = objs.Attach(dir); err != nil {
+	if out.Attached, err = objs.Attach(dir, root); err != nil {
 		return nil, err
 	}
 	for _, l := range ls {
@@ -87,4 +97,21 @@ func Prepare(objs *loader.Prepare, p *proc.Process, ports []uint16) (*Prepared, 
 		out.Shared = append(out.Shared, l.Addr.String())
 	}
 	return out, nil
+}
+
+// serviceOf identifies the cgroup v2 directory dir for the bind guard: its id (inode number) and depth below root.
+func serviceOf(dir, root string) (loader.Service, error) {
+	var st unix.Stat_t
+	if err := unix.Stat(dir, &st); err != nil {
+		return loader.Service{}, fmt.Errorf("read cgroup %s: %w", dir, err)
+	}
+	rel, err := filepath.Rel(root, dir)
+	if err != nil || strings.HasPrefix(rel, "..") {
+		return loader.Service{}, fmt.Errorf("read cgroup %s: not below %s", dir, root)
+	}
+	level := 0
+	if rel != "." {
+		level = len(strings.Split(rel, string(filepath.Separator)))
+	}
+	return loader.Service{Cgroup: st.Ino, Level: uint32(level)}, nil
 }

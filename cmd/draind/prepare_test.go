@@ -18,8 +18,9 @@ import (
 
 // TestPreparedPlainServer: a server that never sets SO_REUSEPORT (plain TCP, like Go's, Python's or Node's defaults)
 // in its own cgroup. A new instance cannot even bind the port while the old one runs; after `draind prepare` it can
-// (the bind hook gives it SO_REUSEPORT, draind gave the old listener the same), and `draind handoff` then upgrades it
-// under load with zero failed connections, the old process signalled once its long-lived connections closed.
+// (the bind hook gives it SO_REUSEPORT, draind gave the old listener the same), a same-user process outside the
+// cgroup cannot (EPERM), and `draind handoff` then upgrades it under load with zero failed connections, the old
+// process signalled once its long-lived connections closed.
 func TestPreparedPlainServer(t *testing.T) {
 	ns, pins := setup(t)
 	cg := testenv.CgroupForTest(t)
@@ -43,6 +44,16 @@ func TestPreparedPlainServer(t *testing.T) {
 	var res steer.Prepared
 	if code != exitOK || json.Unmarshal([]byte(stdout), &res) != nil || len(res.Shared) != 1 || res.Cgroup != cg || !res.Attached {
 		t.Fatalf("prepare: exit %d, %s %s", code, stdout, stderr)
+	}
+	// The old listener now has SO_REUSEPORT: a process of the same user outside the service's cgroup could join its
+	// reuseport group, but the bind guard refuses it.
+	rogue, err := testenv.StartServer(context.Background(), ns, testenv.ServerOptions{Addr: addr, ID: "rogue", ReusePort: true})
+	if err == nil {
+		rogue.Kill()
+		t.Fatal("a process outside the service's cgroup bound the prepared port")
+	}
+	if !strings.Contains(err.Error(), "operation not permitted") {
+		t.Fatalf("a process outside the service's cgroup: %v, want EPERM from the bind guard", err)
 	}
 	// Again: nothing new to do, and it says so.
 	code, stdout, _ = runAs(t, 0, "prepare", "--json", "--from", strconv.Itoa(old.PID), "--pin-dir", pins)
