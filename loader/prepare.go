@@ -132,3 +132,53 @@ func (p *Prepare) Close() error {
 	p.once.Do(func() { p.err = p.objs.Close() })
 	return p.err
 }
+
+// Entries lists the prepared (network namespace, port) pairs and their services.
+func (p *Prepare) Entries() (map[PreparedKey]Service, error) {
+	out := map[PreparedKey]Service{}
+	var k PreparedKey
+	var v Service
+	it := p.objs.Prepared.Iterate()
+	for it.Next(&k, &v) {
+		out[k] = v
+	}
+	if err := it.Err(); err != nil {
+		return nil, fmt.Errorf("read prepared ports: %w", err)
+	}
+	return out, nil
+}
+
+// Delete forgets a prepared pair (its binds get no SO_REUSEPORT and are no longer guarded).
+func (p *Prepare) Delete(k PreparedKey) error {
+	if err := p.objs.Prepared.Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		return fmt.Errorf("forget prepared port %d: %w", k.Port, err)
+	}
+	return nil
+}
+
+// Detach removes the pinned links of the programs attached to the cgroup v2 directory dir (the bind programs and the
+// MPTCP refusal, or the guard on the root), which detaches them. It reports whether there were any.
+func (p *Prepare) Detach(dir string) (bool, error) {
+	var st unix.Stat_t
+	if err := unix.Stat(dir, &st); err != nil {
+		return false, fmt.Errorf("detach from %s: %w", dir, err)
+	}
+	pins, err := filepath.Glob(filepath.Join(p.dir, "cgroup-"+strconv.FormatUint(st.Ino, 10)+"-*"))
+	if err != nil {
+		return false, err
+	}
+	for _, pin := range pins {
+		if err := os.Remove(pin); err != nil {
+			return false, fmt.Errorf("detach from %s: %w", dir, err)
+		}
+	}
+	return len(pins) > 0, nil
+}
+
+// ForgetNetns stops refusing MPTCP in the network namespace with cookie netns.
+func (p *Prepare) ForgetNetns(netns uint64) error {
+	if err := p.objs.PreparedNetns.Delete(netns); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		return fmt.Errorf("forget prepared namespace: %w", err)
+	}
+	return nil
+}

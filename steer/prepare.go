@@ -115,3 +115,84 @@ func serviceOf(dir, root string) (loader.Service, error) {
 	}
 	return loader.Service{Cgroup: st.Ino, Level: uint32(level)}, nil
 }
+
+// Unprepared says what Unprepare did, and what stays.
+type Unprepared struct {
+	Ports    []uint16 // prepared ports forgotten
+	Detached []string // cgroups the programs were detached from
+	Stays    []string // what is not undone, and why
+}
+
+// Unprepare undoes Prepare for process p's cgroup (the old or the new version of the service): the ports (all the
+// cgroup's if none given) are no longer prepared, and once none is left in the cgroup its programs are detached
+// (and the root's guard once none is left anywhere). SO_REUSEPORT stays on the listeners that have it: clearing it
+// on a listening socket is not safe (the port's bind bucket keeps it).
+func Unprepare(objs *loader.Prepare, p *proc.Process, ports []uint16) (*Unprepared, error) {
+	dir, err := proc.CgroupDir(p.PID)
+	if err != nil {
+		return nil, err
+	}
+	root, err := proc.Cgroup2Root()
+	if err != nil {
+		return nil, err
+	}
+	svc, err := serviceOf(dir, root)
+	if err != nil {
+		return nil, err
+	}
+	entries, err := objs.Entries()
+	if err != nil {
+		return nil, err
+	}
+	out := &Unprepared{}
+	left, leftAnywhere := 0, 0
+	netnsLeft := map[uint64]bool{}
+	var mine []loader.PreparedKey
+	for k, v := range entries {
+		if v.Cgroup == svc.Cgroup && (len(ports) == 0 || slices.Contains(ports, k.Port)) {
+			mine = append(mine, k)
+			continue
+		}
+		leftAnywhere++
+		netnsLeft[k.Netns] = true
+		if v.Cgroup == svc.Cgroup {
+			left++
+		}
+	}
+	for _, port := range ports {
+		if !slices.ContainsFunc(mine, func(k loader.PreparedKey) bool { return k.Port == port }) {
+			return nil, fmt.Errorf("%w: port %d is not prepared in cgroup %s", ErrNoMatch, port, dir)
+		}
+	}
+	if len(mine) == 0 {
+		return nil, fmt.Errorf("%w: nothing is prepared in cgroup %s", ErrNoMatch, dir)
+	}
+	for _, k := range mine {
+		if err := objs.Delete(k); err != nil {
+			return out, err
+		}
+		out.Ports = append(out.Ports, k.Port)
+		if !netnsLeft[k.Netns] {
+			if err := objs.ForgetNetns(k.Netns); err != nil {
+				return out, err
+			}
+		}
+	}
+	slices.Sort(out.Ports)
+	if left == 0 {
+		if ok, err := objs.Detach(dir); err != nil {
+			return out, err
+		} else if ok {
+			out.Detached = append(out.Detached, dir)
+		}
+	}
+	if leftAnywhere == 0 {
+		if ok, err := objs.Detach(root); err != nil {
+			return out, err
+		} else if ok {
+			out.Detached = append(out.Detached, root+" (bind guard)")
+		}
+	}
+	out.Stays = append(out.Stays, "SO_REUSEPORT on the listeners that have it: clearing it on a listening socket is unsafe (the port's bind bucket keeps it)")
+	return out, nil
+}

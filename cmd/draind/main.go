@@ -25,6 +25,7 @@ const usage = `usage: draind <command> [flags]
 commands:
   handoff   hand the listeners of --from over to --to, drain --from, signal it (through the daemon if it runs)
   prepare   make a server without SO_REUSEPORT upgradable on the same port (before starting the new version)
+  unprepare undo prepare (what is safe to undo) for a service's cgroup
   serve     run the daemon: a local API for handoffs, which survive the daemon's restarts
   status    list the daemon's handoffs in progress
   abort     roll back one of the daemon's handoffs (before its old process was signalled)
@@ -48,6 +49,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 		return cmdHandoff(args[1:], stdout, stderr)
 	case "prepare":
 		return cmdPrepare(args[1:], stdout, stderr)
+	case "unprepare":
+		return cmdUnprepare(args[1:], stdout, stderr)
 	case "serve":
 		return cmdServe(args[1:], stdout, stderr)
 	case "status":

@@ -93,6 +93,23 @@ func TestPreparedPlainServer(t *testing.T) {
 		t.Fatalf("old got signals %v, want one SIGTERM after its long-lived connections closed", sigs)
 	}
 	requireGone(t, pins)
+
+	// Unprepare, through the new version: the cgroup's programs and the root's guard are detached; SO_REUSEPORT
+	// stays, and it says so. Twice: nothing left to do.
+	code, stdout, stderr = runAs(t, 0, "unprepare", "--json", "--from", strconv.Itoa(newS.PID), "--pin-dir", pins)
+	var un steer.Unprepared
+	if code != exitOK || json.Unmarshal([]byte(stdout), &un) != nil || len(un.Ports) != 1 || un.Ports[0] != 8080 || len(un.Detached) != 2 || len(un.Stays) == 0 {
+		t.Fatalf("unprepare: exit %d, %s %s", code, stdout, stderr)
+	}
+	entries, _ := os.ReadDir(pins + "-prepare")
+	for _, e := range entries {
+		if strings.HasPrefix(e.Name(), "cgroup-") {
+			t.Errorf("unprepare left the link %s", e.Name())
+		}
+	}
+	if code, _, stderr = runAs(t, 0, "unprepare", "--from", strconv.Itoa(newS.PID), "--pin-dir", pins); code != exitBadInput || !strings.Contains(stderr, "nothing is prepared") {
+		t.Fatalf("second unprepare: exit %d, %q", code, stderr)
+	}
 }
 
 // TestPrepareBadInput: prepare refuses what it cannot do, changing nothing.
