@@ -24,10 +24,12 @@ type Prepared struct {
 // Prepare makes a server that never set SO_REUSEPORT upgradable on the same port: it gives the old process's TCP
 // listeners on ports (all of them if none given) SO_REUSEPORT through draind's copies, and attaches the bind programs
 // to the old process's cgroup (v2) so that a new process started there gets SO_REUSEPORT on the same ports in the
-// same network namespace. Then `handoff` works as for any reuseport server. Prepare is idempotent; for a server whose
+// same network namespace. It also attaches draind's selector to their reuseport groups with the old listeners as
+// target (steering: the pinned maps), so a new process that listens gets nothing before the handoff's flip. Then
+// `handoff` works as for any reuseport server. Prepare is idempotent; for a server whose
 // listeners all have SO_REUSEPORT already it changes nothing (Prepared.Shared is empty, Cgroup too). Clearing
 // SO_REUSEPORT again is never done: the port's bind bucket remembers it (see DESIGN.md).
-func Prepare(objs *loader.Prepare, p *proc.Process, ports []uint16) (*Prepared, error) {
+func Prepare(objs *loader.Prepare, steering *loader.Objects, p *proc.Process, ports []uint16) (*Prepared, error) {
 	side, err := Discover(p)
 	if err != nil {
 		return nil, err
@@ -72,19 +74,17 @@ func Prepare(objs *loader.Prepare, p *proc.Process, ports []uint16) (*Prepared, 
 	if err != nil {
 		return nil, err
 	}
-	// The bind programs first: if they cannot be attached, the old process's listeners are left as they were.
-	for _, l := range ls {
-		if err := objs.Put(l.NetnsCookie, l.Addr.Port(), svc); err != nil {
-			return nil, err
-		}
-	}
+	// The programs first (they do nothing until the ports are put in their map): if they cannot be attached, the old
+	// process's listeners are left as they were.
 	if out.Attached, err = objs.Attach(dir, root); err != nil {
 		return nil, err
 	}
+	var shared []*Listener
 	for _, l := range ls {
 		if l.ReusePort {
 			continue
 		}
+		shared = append(shared, l)
 		fd, err := l.Copy()
 		if err != nil {
 			return nil, err
@@ -95,6 +95,16 @@ func Prepare(objs *loader.Prepare, p *proc.Process, ports []uint16) (*Prepared, 
 			return nil, fmt.Errorf("set SO_REUSEPORT on %s: %w", l, err)
 		}
 		out.Shared = append(out.Shared, l.Addr.String())
+	}
+	// The selector, target: old, before any new process listens (the bind guard is not armed yet, so draind's
+	// placeholder may bind).
+	if err := attachEarly(steering, p, shared); err != nil {
+		return nil, err
+	}
+	for _, l := range ls {
+		if err := objs.Put(l.NetnsCookie, l.Addr.Port(), svc); err != nil {
+			return nil, err
+		}
 	}
 	return out, nil
 }
@@ -193,6 +203,7 @@ func Unprepare(objs *loader.Prepare, p *proc.Process, ports []uint16) (*Unprepar
 			out.Detached = append(out.Detached, root+" (bind guard)")
 		}
 	}
-	out.Stays = append(out.Stays, "SO_REUSEPORT on the listeners that have it: clearing it on a listening socket is unsafe (the port's bind bucket keeps it)")
+	out.Stays = append(out.Stays, "SO_REUSEPORT on the listeners that have it: clearing it on a listening socket is unsafe (the port's bind bucket keeps it)",
+		"draind's selector on a group no handoff has flipped since prepare (target: the old listeners, so it changes nothing): the next handoff of the port ends it")
 	return out, nil
 }

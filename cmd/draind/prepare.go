@@ -40,7 +40,13 @@ func cmdPrepare(args []string, stdout, stderr io.Writer) int {
 		return fail("%v", err)
 	}
 	defer objs.Close()
-	res, err := steer.Prepare(objs, p, ports)
+	steering, err := loader.Open(loader.Options{PinDir: *pinDir})
+	if err != nil {
+		return fail("%v", err)
+	}
+	defer steering.Close()
+	defer steering.RemoveUnusedPins() // a refused prepare leaves no steering pins
+	res, err := steer.Prepare(objs, steering, p, ports)
 	if err != nil {
 		if errors.Is(err, steer.ErrNoListeners) || errors.Is(err, steer.ErrNoMatch) || errors.Is(err, steer.ErrIncompatible) ||
 			errors.Is(err, proc.ErrNoCgroup2) || errors.Is(err, proc.ErrNotPermitted) || errors.Is(err, loader.ErrNotPermitted) {

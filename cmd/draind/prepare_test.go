@@ -18,9 +18,10 @@ import (
 
 // TestPreparedPlainServer: a server that never sets SO_REUSEPORT (plain TCP, like Go's, Python's or Node's defaults)
 // in its own cgroup. A new instance cannot even bind the port while the old one runs; after `draind prepare` it can
-// (the bind hook gives it SO_REUSEPORT, draind gave the old listener the same), a same-user process outside the
-// cgroup cannot (EPERM), and `draind handoff` then upgrades it under load with zero failed connections, the old
-// process signalled once its long-lived connections closed.
+// (the bind hook gives it SO_REUSEPORT, draind gave the old listener the same) but gets no connection before the
+// flip (prepare attached the selector, target: old), a same-user process outside the cgroup cannot bind (EPERM), and
+// `draind handoff` then upgrades it under load with zero failed connections, the old process signalled once its
+// long-lived connections closed.
 func TestPreparedPlainServer(t *testing.T) {
 	ns, pins := setup(t)
 	cg := testenv.CgroupForTest(t)
@@ -73,6 +74,12 @@ func TestPreparedPlainServer(t *testing.T) {
 		t.Fatalf("the new plain server could not start after prepare: %v", err)
 	}
 	t.Cleanup(func() { newS.Kill() })
+	// It listens, in the old one's reuseport group, but draind's selector (attached by prepare, target: old) gives
+	// it nothing before the flip.
+	time.Sleep(500 * time.Millisecond)
+	if p := load.Progress(); p.ByServer["new"] != 0 || p.ByServer["old"] == 0 {
+		t.Fatalf("before the flip: connections by server %v, want all on the old one", p.ByServer)
+	}
 	h := startHandoff(t, pidArgs(old, newS, pins)...)
 	out, code := h.wait(t, 30*time.Second)
 	time.Sleep(300 * time.Millisecond)
@@ -135,6 +142,7 @@ func TestPrepareBadInput(t *testing.T) {
 		if code != c.code || !strings.Contains(stdout+stderr, c.want) {
 			t.Errorf("%s: exit %d, %q %q; want exit %d and %q", c.name, code, stdout, stderr, c.code, c.want)
 		}
+		requireGone(t, pins)
 	}
 	entries, _ := os.ReadDir(pins + "-prepare") // the maps' pins may be there, no program attached to a cgroup
 	for _, e := range entries {

@@ -1,0 +1,110 @@
+package steer
+
+import (
+	"errors"
+	"fmt"
+	"net/netip"
+	"os"
+	"runtime"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/draind/draind/loader"
+	"github.com/draind/draind/proc"
+)
+
+// attachEarly gives the reuseport group of each of old's listeners (which just got SO_REUSEPORT) draind's selector
+// with the old side as target, before any new process listens: a new process that joins the group later gets no
+// connection until a handoff flips the target. A listener that got SO_REUSEPORT after it started listening has no
+// group yet; a placeholder listener of draind's own on the same address forms it, the selector is attached, and the
+// placeholder closes again (what reached it meanwhile migrates to the old listener). The steering is left in the
+// kernel and the pinned maps for the handoff to adopt.
+func attachEarly(objs *loader.Objects, p *proc.Process, ls []*Listener) error {
+	self, err := proc.Open(os.Getpid())
+	if err != nil {
+		return err
+	}
+	defer self.Close()
+	nsfd, err := p.NetNS()
+	if err != nil {
+		return err
+	}
+	defer unix.Close(nsfd)
+	byAddr := map[netip.AddrPort][]*Listener{}
+	var order []netip.AddrPort
+	for _, l := range ls {
+		if byAddr[l.Addr] == nil {
+			order = append(order, l.Addr)
+		}
+		byAddr[l.Addr] = append(byAddr[l.Addr], l)
+	}
+	for _, addr := range order {
+		old := byAddr[addr]
+		fd, err := placeholder(old[0], nsfd)
+		if err != nil {
+			return err
+		}
+		ph, err := inspect(self, proc.SocketFD{FD: fd})
+		if err != nil || ph == nil {
+			unix.Close(fd)
+			return fmt.Errorf("inspect placeholder for %s: %w", addr, errors.Join(err, errors.New("not a listener")))
+		}
+		st, err := Begin(objs, []Pair{{Addr: addr, Old: old, New: []*Listener{ph}}}, Options{})
+		unix.Close(fd) // leaves the group, and the socket array; the group keeps the selector, target: old
+		if err != nil {
+			return fmt.Errorf("attach selector to %s: %w", addr, err)
+		}
+		st.Abandon()
+	}
+	return nil
+}
+
+// placeholder opens a TCP listener of draind's own on l's address, in the network namespace nsfd, with SO_REUSEPORT
+// and owned by l's owner (one reuseport group has one owner): it joins (or forms) l's reuseport group.
+func placeholder(l *Listener, nsfd int) (_ int, err error) {
+	runtime.LockOSThread()
+	orig, err := os.Open("/proc/thread-self/ns/net")
+	if err != nil {
+		runtime.UnlockOSThread()
+		return -1, fmt.Errorf("open network namespace: %w", err)
+	}
+	defer orig.Close()
+	prevUID := -1
+	defer func() {
+		ok := true
+		if prevUID >= 0 {
+			ok = unix.Setfsuid(prevUID) == nil
+		}
+		ok = unix.Setns(int(orig.Fd()), unix.CLONE_NEWNET) == nil && ok
+		if ok {
+			runtime.UnlockOSThread()
+		} // else the thread stays locked and dies with the goroutine: it is in the wrong namespace or identity
+	}()
+	if err := unix.Setns(nsfd, unix.CLONE_NEWNET); err != nil {
+		return -1, fmt.Errorf("enter network namespace: %w", err)
+	}
+	if prevUID, err = unix.SetfsuidRetUid(int(l.UID)); err != nil {
+		prevUID = -1
+		return -1, fmt.Errorf("take the listener owner's uid: %w", err)
+	}
+	fd, err := unix.Socket(l.Family, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, unix.IPPROTO_TCP)
+	if err != nil {
+		return -1, fmt.Errorf("create placeholder listener: %w", err)
+	}
+	var sa unix.Sockaddr
+	if l.Addr.Addr().Is4() {
+		sa = &unix.SockaddrInet4{Port: int(l.Addr.Port()), Addr: l.Addr.Addr().As4()}
+	} else {
+		sa = &unix.SockaddrInet6{Port: int(l.Addr.Port()), Addr: l.Addr.Addr().As16()}
+	}
+	if err = unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_REUSEPORT, 1); err == nil {
+		if err = unix.Bind(fd, sa); err == nil {
+			err = unix.Listen(fd, 16)
+		}
+	}
+	if err != nil {
+		unix.Close(fd)
+		return -1, fmt.Errorf("placeholder listener on %s: %w", l.Addr, err)
+	}
+	return fd, nil
+}
