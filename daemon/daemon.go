@@ -94,13 +94,12 @@ func New(opts Options) (*Daemon, error) {
 	if err != nil {
 		return nil, err
 	}
-	// Fail at start, not at the first handoff, when BPF is out of reach (this also mounts bpffs if needed).
+	// Fail at start, not at the first handoff, when BPF is out of reach (this also mounts bpffs if needed). The
+	// maps stay pinned while the daemon runs, so that other draind processes (prepare, a standalone handoff) share
+	// them; Close removes the pins if no steering uses them.
 	objs, err := loader.Open(loader.Options{PinDir: opts.PinDir, Logger: opts.Logger})
 	if err != nil {
 		return nil, fmt.Errorf("start daemon: %w", err)
-	}
-	if _, err := objs.RemoveUnusedPins(); err != nil {
-		opts.Logger.Warn("remove unused pins", "err", err)
 	}
 	tr, err := drain.NewTracker(drain.TrackerOptions{Logger: opts.Logger})
 	if err != nil {
@@ -179,6 +178,9 @@ func (d *Daemon) Close() error {
 		d.cancel(handoff.ErrLeft)
 		d.wg.Wait()
 		err = d.tracker.Close()
+		if _, rerr := d.objs.RemoveUnusedPins(); rerr != nil {
+			d.log.Warn("remove unused pins", "err", rerr)
+		}
 		d.objs.Close()
 	})
 	return err

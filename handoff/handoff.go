@@ -363,13 +363,11 @@ func (h *run) close() {
 	if h.ownTracker {
 		h.tracker.Close()
 	}
-	if h.objs != nil {
+	if h.objs != nil && h.opts.Objects == nil { // shared maps (a daemon's) stay pinned for their owner
 		if _, err := h.objs.RemoveUnusedPins(); err != nil {
 			h.opts.Logger.Warn("remove unused pins", "err", err)
 		}
-		if h.opts.Objects == nil {
-			h.objs.Close()
-		}
+		h.objs.Close()
 	}
 }
 

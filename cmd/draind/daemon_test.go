@@ -256,7 +256,7 @@ func TestDaemonSurvivesKillAndStop(t *testing.T) {
 	if recs := d3.records(); len(recs) != 0 {
 		t.Fatalf("state file still holds %d handoff(s)", len(recs))
 	}
-	requireGone(t, pins)
+	requireUnused(t, pins)
 }
 
 func waitCond(t testing.TB, within time.Duration, cond func() bool) {
@@ -355,7 +355,7 @@ func TestDaemonGenerations(t *testing.T) {
 	if len(c.Signals()) != 0 || c.Exited() {
 		t.Fatalf("C was signalled or exited")
 	}
-	requireGone(t, pins)
+	requireUnused(t, pins)
 }
 
 // runAs runs draind with args as uid/gid and returns its exit code, stdout and stderr.
@@ -411,7 +411,7 @@ func TestDaemonAuthorization(t *testing.T) {
 		if code != exitBadInput || !strings.Contains(stderr, c.want) {
 			t.Fatalf("%s: exit %d, %q; want exit %d and %q", c.name, code, stderr, exitBadInput, c.want)
 		}
-		requireGone(t, pins)
+		requireUnused(t, pins)
 		requireDetached(t, before)
 	}
 	for _, s := range []*testenv.Server{oldR, newR, oldM, newM} {
@@ -440,7 +440,7 @@ func TestDaemonAuthorization(t *testing.T) {
 	if r.ByServer["new-nobody"] == 0 {
 		t.Fatalf("no request reached the new process: %v", r.ByServer)
 	}
-	requireGone(t, pins)
+	requireUnused(t, pins)
 }
 
 // envPIDNSClient makes the test binary run pidnsClient instead of the tests (TestDaemonPIDNamespace starts it as the
@@ -533,7 +533,7 @@ func TestDaemonPIDNamespace(t *testing.T) {
 	if rep.OldSignals != 1 || !rep.OldExited {
 		t.Fatalf("old server: %d signal(s), exited %v", rep.OldSignals, rep.OldExited)
 	}
-	requireGone(t, pins)
+	requireUnused(t, pins)
 }
 
 // TestServeConfig: `draind serve --config` reads the YAML file (flags win); an unknown key or a bad value is refused
@@ -619,7 +619,7 @@ func TestDaemonAbortAndBadRequests(t *testing.T) {
 	if code, _, stderr := runAs(t, 0, "abort", "--socket", d.socket, "h-00000000"); code != exitBadInput || !strings.Contains(stderr, "no handoff") {
 		t.Fatalf("abort of an unknown id: exit %d, %q", code, stderr)
 	}
-	requireGone(t, pins)
+	requireUnused(t, pins)
 	requireDetached(t, before)
 
 	h := startHandoff(t, daemonArgs(d, old, newS)...)
@@ -649,7 +649,7 @@ func TestDaemonAbortAndBadRequests(t *testing.T) {
 	if len(old.Signals()) != 0 || old.Exited() {
 		t.Fatalf("old was signalled after an abort: %v", old.Signals())
 	}
-	requireGone(t, pins)
+	requireUnused(t, pins)
 	requireNoSelector(t, old)
 }
 
@@ -721,7 +721,7 @@ func TestDaemonConcurrentPorts(t *testing.T) {
 			t.Fatalf("%s: old signals %v, by server %v", p.addr, p.old.Signals(), r.ByServer)
 		}
 	}
-	requireGone(t, pins)
+	requireUnused(t, pins)
 }
 
 // TestServeNotifiesSystemd: started as a Type=notify service (NOTIFY_SOCKET, WATCHDOG_USEC), the daemon says
@@ -947,7 +947,7 @@ func TestDaemonResumeNewDied(t *testing.T) {
 	if len(old.Signals()) != 0 || old.Exited() {
 		t.Fatalf("old was signalled (%v) or exited", old.Signals())
 	}
-	requireGone(t, pins)
+	requireUnused(t, pins)
 	requireNoSelector(t, old)
 	before := load.Progress().ByServer["old"]
 	time.Sleep(300 * time.Millisecond)

@@ -190,3 +190,22 @@ func TestPreparedRefusesMPTCP(t *testing.T) {
 		t.Fatalf("handoff: exit %d, %+v: %s", code, out.Result, h.errText())
 	}
 }
+
+// TestPreparedWithDaemon: with a daemon running, `draind prepare` from the command line shares the daemon's pinned
+// steering maps, and the daemon then hands the prepared server off.
+func TestPreparedWithDaemon(t *testing.T) {
+	ns, pins := setup(t)
+	cg := testenv.CgroupForTest(t)
+	t.Cleanup(func() { os.RemoveAll(pins + "-prepare") })
+	d := startDaemon(t, newDaemonDir(t), pins)
+	old := testenv.StartServerForTest(t, ns, testenv.ServerOptions{Addr: addr, ID: "old", Cgroup: cg})
+	if code, stdout, stderr := runAs(t, 0, "prepare", "--from", strconv.Itoa(old.PID), "--pin-dir", pins); code != exitOK {
+		t.Fatalf("prepare: exit %d, %s %s", code, stdout, stderr)
+	}
+	newS := testenv.StartServerForTest(t, ns, testenv.ServerOptions{Addr: addr, ID: "new", Cgroup: cg})
+	h := startHandoff(t, daemonArgs(d, old, newS)...)
+	if out, code := h.wait(t, 30*time.Second); code != exitOK || out.Outcome != handoff.OutcomeDrained {
+		t.Fatalf("handoff through the daemon after prepare: exit %d, %+v: %s", code, out.Result, h.errText())
+	}
+	requireUnused(t, pins)
+}
