@@ -8,7 +8,6 @@ import (
 	"os"
 	"os/exec"
 	"strings"
-	"sync"
 	"syscall"
 
 	"github.com/draind/draind/testenv"
@@ -77,20 +76,8 @@ type event struct {
 	Report *LoadReport `json:"report,omitempty"`
 }
 
-var stdoutMu sync.Mutex
-
-// emit writes one event line to stdout (child side), in a single write.
-func emit(ev event) {
-	b, err := json.Marshal(ev)
-	if err != nil {
-		fmt.Fprintf(os.Stderr, "drainbench: encode event: %v\n", err)
-		return
-	}
-	b = append(b, '\n')
-	stdoutMu.Lock()
-	defer stdoutMu.Unlock()
-	_, _ = os.Stdout.Write(b)
-}
+// emit writes one event line to stdout (child side).
+func emit(ev event) { testenv.WriteEvent(ev) }
 
 // child is the parent's handle on a bench child process.
 type child struct {

@@ -260,14 +260,6 @@ func (w *loadWorker) run(ctx context.Context) {
 	}
 }
 
-// errNoResponse marks an EOF before any byte of the answer.
-var errNoResponse = errors.New("connection closed before any response byte")
-
-// errWrong is an answer that is not what the server should send.
-type errWrong struct{ msg string }
-
-func (e *errWrong) Error() string { return "wrong response: " + e.msg }
-
 // one makes one attempt (a request loop cannot stop in the middle of one: it is bounded by Timeout).
 func (w *loadWorker) one() attempt {
 	start := testenv.MonoNow()
@@ -289,19 +281,19 @@ func (w *loadWorker) one() attempt {
 		n, err := readAll(conn, w.buf)
 		if err != nil {
 			if n > 0 && errors.Is(err, io.ErrUnexpectedEOF) {
-				return "", &errWrong{msg: "cut short"}
+				return "", &testenv.WrongResponse{Msg: "cut short"}
 			}
 			return "", err
 		}
 		if n == 0 {
-			return "", errNoResponse
+			return "", testenv.ErrNoResponse
 		}
 		return parseResponse(w.buf[:n])
 	}()
 	a.totalNS = testenv.MonoNow() - start
 	if err != nil {
-		kind := classify(err)
-		a.eof = errors.Is(err, errNoResponse)
+		kind := testenv.Classify(err)
+		a.eof = errors.Is(err, testenv.ErrNoResponse)
 		for i, k := range failKinds {
 			if k == kind {
 				a.fail = int8(i + 1)
@@ -345,11 +337,11 @@ func readAll(r io.Reader, buf []byte) (int, error) {
 func parseResponse(b []byte) (string, error) {
 	head, body, ok := bytes.Cut(b, []byte("\r\n\r\n"))
 	if !ok {
-		return "", &errWrong{msg: "no end of header"}
+		return "", &testenv.WrongResponse{Msg: "no end of header"}
 	}
 	lines := bytes.Split(head, []byte("\r\n"))
 	if !bytes.HasPrefix(lines[0], []byte("HTTP/1.")) || len(lines[0]) < 12 || string(lines[0][9:12]) != "200" {
-		return "", &errWrong{msg: fmt.Sprintf("status line %q", lines[0])}
+		return "", &testenv.WrongResponse{Msg: fmt.Sprintf("status line %q", lines[0])}
 	}
 	id := ""
 	for _, l := range lines[1:] {
@@ -360,30 +352,11 @@ func parseResponse(b []byte) (string, error) {
 	}
 	switch {
 	case id == "":
-		return "", &errWrong{msg: "no X-Server header"}
+		return "", &testenv.WrongResponse{Msg: "no X-Server header"}
 	case string(body) != id+"\n":
-		return "", &errWrong{msg: fmt.Sprintf("body %q from %q", body, id)}
+		return "", &testenv.WrongResponse{Msg: fmt.Sprintf("body %q from %q", body, id)}
 	}
 	return id, nil
-}
-
-// classify maps an attempt's error to a failure kind, as testenv's load client does.
-func classify(err error) string {
-	var wrong *errWrong
-	var ne net.Error
-	switch {
-	case errors.As(err, &wrong):
-		return failWrong
-	case errors.Is(err, syscall.ECONNREFUSED):
-		return failRefused
-	case errors.Is(err, syscall.ECONNRESET), errors.Is(err, syscall.EPIPE), errors.Is(err, syscall.ECONNABORTED),
-		errors.Is(err, errNoResponse):
-		return failReset
-	case errors.Is(err, os.ErrDeadlineExceeded), errors.Is(err, context.DeadlineExceeded),
-		errors.Is(err, syscall.ETIMEDOUT), errors.As(err, &ne) && ne.Timeout():
-		return failTimeout
-	}
-	return failOther
 }
 
 // buildReport merges the workers' records into a report.

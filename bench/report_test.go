@@ -3,12 +3,10 @@ package bench
 import (
 	"encoding/xml"
 	"errors"
-	"fmt"
+	"github.com/draind/draind/testenv"
 	"io"
 	"math"
-	"os"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 )
@@ -78,26 +76,8 @@ func TestParseResponse(t *testing.T) {
 		"garbage",
 	} {
 		_, err := parseResponse([]byte(bad))
-		if classify(err) != failWrong {
+		if testenv.Classify(err) != failWrong {
 			t.Errorf("parseResponse(%q) = %v, want a wrong answer", bad, err)
-		}
-	}
-}
-
-func TestClassify(t *testing.T) {
-	for _, tc := range []struct {
-		err  error
-		want string
-	}{
-		{fmt.Errorf("dial: %w", syscall.ECONNREFUSED), failRefused},
-		{fmt.Errorf("read: %w", syscall.ECONNRESET), failReset},
-		{errNoResponse, failReset},
-		{fmt.Errorf("read: %w", os.ErrDeadlineExceeded), failTimeout},
-		{&errWrong{msg: "x"}, failWrong},
-		{errors.New("something else"), failOther},
-	} {
-		if got := classify(tc.err); got != tc.want {
-			t.Errorf("classify(%v) = %s, want %s", tc.err, got, tc.want)
 		}
 	}
 }

@@ -46,23 +46,10 @@ func Resume(ctx context.Context, st State, opts Options) (*Result, error) {
 		// Nothing was changed and the kernel keeps steering: keep the record for a later attempt.
 		return res, fmt.Errorf("resume handoff: %w (%w)", err, ErrLeft)
 	}
-	var oldSide, newSide *steer.Side
-	if oldP != nil {
-		exclude := 0
-		if newP != nil {
-			exclude = newP.PID
-		}
-		if oldSide, err = steer.Discover(oldP, exclude); err == nil {
-			defer oldSide.Close()
-		}
-	}
-	if newP != nil {
-		exclude := 0
-		if oldP != nil {
-			exclude = oldP.PID
-		}
-		if newSide, err = steer.Discover(newP, exclude); err == nil {
-			defer newSide.Close()
+	oldSide, newSide := discoverIfAlive(oldP, newP), discoverIfAlive(newP, oldP)
+	for _, side := range []*steer.Side{oldSide, newSide} {
+		if side != nil {
+			defer side.Close()
 		}
 	}
 	if h.st, err = steer.Adopt(h.objs, st.Groups, oldSide, newSide, steer.Options{Logger: opts.Logger}); err != nil {
@@ -147,4 +134,21 @@ func signalNameIf(sent bool, sig int) string {
 		return ""
 	}
 	return drain.SignalName(syscall.Signal(sig))
+}
+
+// discoverIfAlive lists p's listeners (less other's subtree), or returns nil when p is gone or listens on nothing
+// any more: Adopt keeps the listeners it cannot find as closed ones.
+func discoverIfAlive(p, other *proc.Process) *steer.Side {
+	if p == nil {
+		return nil
+	}
+	var exclude []int
+	if other != nil {
+		exclude = append(exclude, other.PID)
+	}
+	side, err := steer.Discover(p, exclude...)
+	if err != nil {
+		return nil
+	}
+	return side
 }

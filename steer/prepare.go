@@ -61,19 +61,11 @@ func Prepare(objs *loader.Prepare, steering *loader.Objects, p *proc.Process, po
 	if len(out.Already) == len(ls) {
 		return out, nil // a reuseport server: nothing to prepare
 	}
-	dir, err := proc.CgroupDir(p.PID)
+	dir, root, svc, err := serviceOf(p)
 	if err != nil {
 		return nil, err
 	}
 	out.Cgroup = dir
-	root, err := proc.Cgroup2Root()
-	if err != nil {
-		return nil, err
-	}
-	svc, err := serviceOf(dir, root)
-	if err != nil {
-		return nil, err
-	}
 	// The programs first (they do nothing until the ports are put in their map): if they cannot be attached, the old
 	// process's listeners are left as they were.
 	if out.Attached, err = objs.Attach(dir, root); err != nil {
@@ -109,21 +101,28 @@ func Prepare(objs *loader.Prepare, steering *loader.Objects, p *proc.Process, po
 	return out, nil
 }
 
-// serviceOf identifies the cgroup v2 directory dir for the bind guard: its id (inode number) and depth below root.
-func serviceOf(dir, root string) (loader.Service, error) {
+// serviceOf finds process p's cgroup v2 directory, the hierarchy's root, and the cgroup's identity for the bind
+// guard: its id (inode number) and depth below the root.
+func serviceOf(p *proc.Process) (dir, root string, svc loader.Service, err error) {
+	if dir, err = proc.CgroupDir(p.PID); err != nil {
+		return "", "", svc, err
+	}
+	if root, err = proc.Cgroup2Root(); err != nil {
+		return "", "", svc, err
+	}
 	var st unix.Stat_t
 	if err := unix.Stat(dir, &st); err != nil {
-		return loader.Service{}, fmt.Errorf("read cgroup %s: %w", dir, err)
+		return "", "", svc, fmt.Errorf("read cgroup %s: %w", dir, err)
 	}
 	rel, err := filepath.Rel(root, dir)
 	if err != nil || strings.HasPrefix(rel, "..") {
-		return loader.Service{}, fmt.Errorf("read cgroup %s: not below %s", dir, root)
+		return "", "", svc, fmt.Errorf("read cgroup %s: not below %s", dir, root)
 	}
 	level := 0
 	if rel != "." {
 		level = len(strings.Split(rel, string(filepath.Separator)))
 	}
-	return loader.Service{Cgroup: st.Ino, Level: uint32(level)}, nil
+	return dir, root, loader.Service{Cgroup: st.Ino, Level: uint32(level)}, nil
 }
 
 // Unprepared says what Unprepare did, and what stays.
@@ -138,15 +137,7 @@ type Unprepared struct {
 // (and the root's guard once none is left anywhere). SO_REUSEPORT stays on the listeners that have it: clearing it
 // on a listening socket is not safe (the port's bind bucket keeps it).
 func Unprepare(objs *loader.Prepare, p *proc.Process, ports []uint16) (*Unprepared, error) {
-	dir, err := proc.CgroupDir(p.PID)
-	if err != nil {
-		return nil, err
-	}
-	root, err := proc.Cgroup2Root()
-	if err != nil {
-		return nil, err
-	}
-	svc, err := serviceOf(dir, root)
+	dir, root, svc, err := serviceOf(p)
 	if err != nil {
 		return nil, err
 	}

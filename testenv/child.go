@@ -116,8 +116,12 @@ type event struct {
 var stdoutMu sync.Mutex
 
 // emit writes one event line to stdout (child side).
-func emit(ev event) {
-	b, err := json.Marshal(ev)
+func emit(ev event) { WriteEvent(ev) }
+
+// WriteEvent writes v as one JSON line to stdout, in a single write (a child's side of the event protocol; the
+// bench's children use it too).
+func WriteEvent(v any) {
+	b, err := json.Marshal(v)
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "testenv: encode event: %v\n", err)
 		return

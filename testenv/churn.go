@@ -364,7 +364,7 @@ func (r *churnRunner) count(f func(*ChurnResult)) {
 }
 
 func (r *churnRunner) failure(step string, err error) {
-	kind := classify(err)
+	kind := Classify(err)
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	r.res.Failures[kind]++

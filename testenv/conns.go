@@ -421,7 +421,7 @@ func (c *connsChild) emitStats(seq int, now int64) {
 }
 
 func (c *connsChild) fail(err error, what string) {
-	kind := classify(err)
+	kind := Classify(err)
 	c.stats.Failed++
 	c.stats.Failures[kind]++
 	if len(c.stats.Samples) < maxFailureSamples {

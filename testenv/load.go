@@ -493,7 +493,7 @@ func (r *loadRunner) recordRequest(startNS int64, id string, err error) {
 	defer r.mu.Unlock()
 	r.res.Requests++
 	if err != nil {
-		kind := classify(err)
+		kind := Classify(err)
 		r.res.Failures[kind]++
 		r.sampleLocked(kind, err)
 		return
@@ -515,7 +515,7 @@ func (r *loadRunner) recordKeepAlive(id string, err error) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if err != nil {
-		kind := classify(err)
+		kind := Classify(err)
 		r.res.KeepAlive.Failures[kind]++
 		r.sampleLocked(kind, fmt.Errorf("keep-alive: %w", err))
 		return
@@ -542,13 +542,13 @@ func (c *countingConn) Read(p []byte) (int, error) {
 	return n, err
 }
 
-// errWrong is a response that came but is not what the server should send.
-type errWrong struct{ msg string }
+// WrongResponse is a response that came but is not what the server should send (Classify: FailWrong).
+type WrongResponse struct{ Msg string }
 
-func (e *errWrong) Error() string { return "wrong response: " + e.msg }
+func (e *WrongResponse) Error() string { return "wrong response: " + e.Msg }
 
-// errNoResponse marks an EOF before any byte of the response.
-var errNoResponse = errors.New("connection closed before any response byte")
+// ErrNoResponse marks an EOF before any byte of the response (Classify: FailReset).
+var ErrNoResponse = errors.New("connection closed before any response byte")
 
 const maxBody = 4096
 
@@ -559,15 +559,15 @@ func readResponse(br *bufio.Reader, cc *countingConn) (id string, closing bool, 
 		if err == nil {
 			return
 		}
-		var w *errWrong
+		var w *WrongResponse
 		if errors.As(err, &w) {
 			return
 		}
 		if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
 			if cc.n == 0 {
-				err = fmt.Errorf("%w: %w", errNoResponse, err)
+				err = fmt.Errorf("%w: %w", ErrNoResponse, err)
 			} else {
-				err = &errWrong{msg: "cut short: " + err.Error()}
+				err = &WrongResponse{Msg: "cut short: " + err.Error()}
 			}
 		}
 	}()
@@ -578,11 +578,11 @@ func readResponse(br *bufio.Reader, cc *countingConn) (id string, closing bool, 
 	proto, rest, _ := strings.Cut(line, " ")
 	codeStr, _, _ := strings.Cut(rest, " ")
 	if !strings.HasPrefix(proto, "HTTP/1.") {
-		return "", false, &errWrong{msg: fmt.Sprintf("status line %q", line)}
+		return "", false, &WrongResponse{Msg: fmt.Sprintf("status line %q", line)}
 	}
 	code, err := strconv.Atoi(codeStr)
 	if err != nil {
-		return "", false, &errWrong{msg: fmt.Sprintf("status line %q", line)}
+		return "", false, &WrongResponse{Msg: fmt.Sprintf("status line %q", line)}
 	}
 	contentLength := -1
 	chunked := false
@@ -596,14 +596,14 @@ func readResponse(br *bufio.Reader, cc *countingConn) (id string, closing bool, 
 		}
 		k, v, ok := strings.Cut(h, ":")
 		if !ok {
-			return "", false, &errWrong{msg: fmt.Sprintf("header line %q", h)}
+			return "", false, &WrongResponse{Msg: fmt.Sprintf("header line %q", h)}
 		}
 		v = strings.TrimSpace(v)
 		switch {
 		case strings.EqualFold(k, "Content-Length"):
 			n, err := strconv.Atoi(v)
 			if err != nil || n < 0 {
-				return "", false, &errWrong{msg: fmt.Sprintf("Content-Length %q", v)}
+				return "", false, &WrongResponse{Msg: fmt.Sprintf("Content-Length %q", v)}
 			}
 			contentLength = n
 		case strings.EqualFold(k, "X-Server"):
@@ -615,12 +615,12 @@ func readResponse(br *bufio.Reader, cc *countingConn) (id string, closing bool, 
 		}
 	}
 	if chunked {
-		return "", true, &errWrong{msg: "chunked body"}
+		return "", true, &WrongResponse{Msg: "chunked body"}
 	}
 	var body []byte
 	if contentLength >= 0 {
 		if contentLength > maxBody {
-			return "", true, &errWrong{msg: fmt.Sprintf("Content-Length %d too large", contentLength)}
+			return "", true, &WrongResponse{Msg: fmt.Sprintf("Content-Length %d too large", contentLength)}
 		}
 		body = make([]byte, contentLength)
 		if _, err := io.ReadFull(br, body); err != nil {
@@ -639,11 +639,11 @@ func readResponse(br *bufio.Reader, cc *countingConn) (id string, closing bool, 
 	}
 	switch {
 	case code != 200:
-		return id, closing, &errWrong{msg: fmt.Sprintf("status %d from %q", code, id)}
+		return id, closing, &WrongResponse{Msg: fmt.Sprintf("status %d from %q", code, id)}
 	case id == "":
-		return "", closing, &errWrong{msg: "no X-Server header"}
+		return "", closing, &WrongResponse{Msg: "no X-Server header"}
 	case string(body) != id+"\n":
-		return "", closing, &errWrong{msg: fmt.Sprintf("body %q from %q", body, id)}
+		return "", closing, &WrongResponse{Msg: fmt.Sprintf("body %q from %q", body, id)}
 	}
 	return id, closing, nil
 }
@@ -652,7 +652,7 @@ func readLine(br *bufio.Reader) (string, error) {
 	line, err := br.ReadSlice('\n')
 	if err != nil {
 		if errors.Is(err, bufio.ErrBufferFull) {
-			return "", &errWrong{msg: "line too long"}
+			return "", &WrongResponse{Msg: "line too long"}
 		}
 		if errors.Is(err, io.EOF) && len(line) > 0 {
 			return "", io.ErrUnexpectedEOF
@@ -662,9 +662,10 @@ func readLine(br *bufio.Reader) (string, error) {
 	return strings.TrimRight(string(line), "\r\n"), nil
 }
 
-// classify maps a request error to a failure kind.
-func classify(err error) string {
-	var wrong *errWrong
+// Classify maps a request's error to a failure kind (FailRefused, ...): how every load client of testenv, and the
+// bench's, report failures.
+func Classify(err error) string {
+	var wrong *WrongResponse
 	var ne net.Error
 	switch {
 	case errors.As(err, &wrong):
@@ -672,7 +673,7 @@ func classify(err error) string {
 	case errors.Is(err, syscall.ECONNREFUSED):
 		return FailRefused
 	case errors.Is(err, syscall.ECONNRESET), errors.Is(err, syscall.EPIPE), errors.Is(err, syscall.ECONNABORTED),
-		errors.Is(err, errNoResponse):
+		errors.Is(err, ErrNoResponse):
 		return FailReset
 	case errors.Is(err, os.ErrDeadlineExceeded), errors.Is(err, context.DeadlineExceeded),
 		errors.Is(err, syscall.ETIMEDOUT), errors.As(err, &ne) && ne.Timeout():

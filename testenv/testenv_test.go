@@ -2,6 +2,7 @@ package testenv_test
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net"
 	"os"
@@ -497,5 +498,24 @@ func TestFailureClassification(t *testing.T) {
 	}
 	if res.FailureCount() != res.Requests {
 		t.Errorf("FailureCount %d != Requests %d", res.FailureCount(), res.Requests)
+	}
+}
+
+// TestClassify: the failure kinds the load clients report.
+func TestClassify(t *testing.T) {
+	for _, tc := range []struct {
+		err  error
+		want string
+	}{
+		{fmt.Errorf("dial: %w", syscall.ECONNREFUSED), testenv.FailRefused},
+		{fmt.Errorf("read: %w", syscall.ECONNRESET), testenv.FailReset},
+		{testenv.ErrNoResponse, testenv.FailReset},
+		{fmt.Errorf("read: %w", os.ErrDeadlineExceeded), testenv.FailTimeout},
+		{&testenv.WrongResponse{Msg: "x"}, testenv.FailWrong},
+		{errors.New("something else"), testenv.FailOther},
+	} {
+		if got := testenv.Classify(tc.err); got != tc.want {
+			t.Errorf("testenv.Classify(%v) = %s, want %s", tc.err, got, tc.want)
+		}
 	}
 }

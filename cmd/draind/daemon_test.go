@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bufio"
 	"context"
 	"io"
 
@@ -13,7 +12,6 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -25,15 +23,11 @@ import (
 
 // daemonProc is a `draind serve` running for one test, with its own socket, state directory and pin directory.
 type daemonProc struct {
-	t      testing.TB
-	dir    string // holds the socket (reachable by nobody) and the state directory
-	pins   string
-	socket string
-	cmd    *exec.Cmd
-	mu     sync.Mutex
-	logs   strings.Builder
-	done   chan struct{}
-	code   int
+	*bgProc // its stderr is its log
+	t       testing.TB
+	dir     string // holds the socket (reachable by nobody) and the state directory
+	pins    string
+	socket  string
 }
 
 // newDaemonDir makes the directory for a test daemon's socket and state; nobody may reach the socket.
@@ -51,36 +45,11 @@ func newDaemonDir(t testing.TB) string {
 // startDaemon starts `draind serve` and waits until its socket answers.
 func startDaemon(t testing.TB, dir, pins string) *daemonProc {
 	t.Helper()
-	d := &daemonProc{t: t, dir: dir, pins: pins, socket: filepath.Join(dir, "draind.sock"), done: make(chan struct{})}
-	d.cmd = exec.Command(draindBin(t), "serve", "--socket", d.socket, "--state-dir", filepath.Join(dir, "state"),
-		"--pin-dir", pins, "--socket-group", "65534", "--log-level", "debug", "--metrics-addr", "127.0.0.1:0")
-	errPipe, err := d.cmd.StderrPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := d.cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	go func() {
-		defer close(d.done)
-		sc := bufio.NewScanner(errPipe)
-		sc.Buffer(make([]byte, 64<<10), 1<<20)
-		for sc.Scan() {
-			d.mu.Lock()
-			d.logs.WriteString(sc.Text() + "\n")
-			d.mu.Unlock()
-		}
-		err := d.cmd.Wait()
-		if ee, ok := err.(*exec.ExitError); ok {
-			d.code = ee.ExitCode()
-			if ws, ok := ee.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
-				d.code = -int(ws.Signal())
-			}
-		}
-	}()
+	d := &daemonProc{t: t, dir: dir, pins: pins, socket: filepath.Join(dir, "draind.sock")}
+	d.bgProc = startBg(t, exec.Command(draindBin(t), "serve", "--socket", d.socket, "--state-dir", filepath.Join(dir, "state"),
+		"--pin-dir", pins, "--socket-group", "65534", "--log-level", "debug", "--metrics-addr", "127.0.0.1:0"))
 	t.Cleanup(func() {
-		d.cmd.Process.Kill()
-		<-d.done
+		d.kill()                                    // before startBg's own cleanup: the log is complete once it exited
 		if strings.Contains(d.log(), "DATA RACE") { // a draind built with DRAIND_TEST_RACE=1 found one
 			t.Errorf("the race detector reported a data race in draind serve")
 		}
@@ -106,11 +75,7 @@ func startDaemon(t testing.TB, dir, pins string) *daemonProc {
 	}
 }
 
-func (d *daemonProc) log() string {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	return d.logs.String()
-}
+func (d *daemonProc) log() string { return d.errText() }
 
 // signal sends sig and waits for the daemon to exit; it returns the exit code (-N: killed by signal N).
 func (d *daemonProc) signal(sig syscall.Signal) int {

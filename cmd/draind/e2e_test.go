@@ -83,47 +83,71 @@ func pinDir(t testing.TB) string {
 	return d
 }
 
-// handoffRun is a `draind handoff --json` running in the background.
-type handoffRun struct {
+// bgProc is a draind command running in the background, its stderr collected line by line.
+type bgProc struct {
 	cmd    *exec.Cmd
-	stdout bytes.Buffer
 	mu     sync.Mutex
 	stderr strings.Builder
 	done   chan struct{}
-	code   int
+	code   int // once done is closed: the exit code, or -N if a signal N killed it
+}
+
+// startBg starts cmd; it is killed at cleanup.
+func startBg(t testing.TB, cmd *exec.Cmd) *bgProc {
+	t.Helper()
+	b := &bgProc{cmd: cmd, done: make(chan struct{})}
+	errPipe, err := cmd.StderrPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() {
+		defer close(b.done)
+		sc := bufio.NewScanner(errPipe)
+		sc.Buffer(make([]byte, 64<<10), 1<<20)
+		for sc.Scan() {
+			b.mu.Lock()
+			b.stderr.WriteString(sc.Text() + "\n")
+			b.mu.Unlock()
+		}
+		err := cmd.Wait()
+		if ee, ok := err.(*exec.ExitError); ok {
+			b.code = ee.ExitCode()
+			if ws, ok := ee.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
+				b.code = -int(ws.Signal())
+			}
+		}
+	}()
+	t.Cleanup(b.kill)
+	return b
+}
+
+// kill kills the process and waits for it.
+func (b *bgProc) kill() {
+	b.cmd.Process.Kill()
+	<-b.done
+}
+
+func (b *bgProc) errText() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.stderr.String()
+}
+
+// handoffRun is a `draind handoff --json` running in the background.
+type handoffRun struct {
+	*bgProc
+	stdout bytes.Buffer
 }
 
 func startHandoff(t testing.TB, args ...string) *handoffRun {
 	t.Helper()
-	h := &handoffRun{done: make(chan struct{})}
-	h.cmd = exec.Command(draindBin(t), append([]string{"handoff", "--json"}, args...)...)
-	h.cmd.Stdout = &h.stdout
-	errPipe, err := h.cmd.StderrPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := h.cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	go func() {
-		defer close(h.done)
-		sc := bufio.NewScanner(errPipe)
-		for sc.Scan() {
-			line := sc.Text()
-			h.mu.Lock()
-			h.stderr.WriteString(line + "\n")
-			h.mu.Unlock()
-		}
-		err := h.cmd.Wait()
-		h.code = 0
-		if ee, ok := err.(*exec.ExitError); ok {
-			h.code = ee.ExitCode()
-		}
-	}()
-	t.Cleanup(func() {
-		h.cmd.Process.Kill()
-		<-h.done
-	})
+	h := &handoffRun{}
+	cmd := exec.Command(draindBin(t), append([]string{"handoff", "--json"}, args...)...)
+	cmd.Stdout = &h.stdout
+	h.bgProc = startBg(t, cmd)
 	return h
 }
 
@@ -142,12 +166,6 @@ func (h *handoffRun) waitFor(t testing.TB, s string, within time.Duration) {
 		}
 		time.Sleep(2 * time.Millisecond)
 	}
-}
-
-func (h *handoffRun) errText() string {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	return h.stderr.String()
 }
 
 type handoffOut struct {
@@ -214,17 +232,7 @@ func requireDetached(t testing.TB, before map[ebpf.ProgramID]bool) {
 // selector programs loaded for the next handoff, which requireDetached cannot tell from an attached one.
 func requireNoSelector(t testing.TB, s *testenv.Server) {
 	t.Helper()
-	p, err := proc.Open(s.PID)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer p.Close()
-	side, err := steer.Discover(p)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer side.Close()
-	for _, l := range side.Listeners {
+	for _, l := range listenersOf(t, s) {
 		fd, err := l.Copy()
 		if err != nil {
 			t.Fatal(err)
@@ -235,6 +243,22 @@ func requireNoSelector(t testing.TB, s *testenv.Server) {
 			t.Fatalf("listener %s: a selector is still attached to its group (detach: %v)", l, err)
 		}
 	}
+}
+
+// listenersOf discovers a test server's listeners as draind sees them (their handles are closed at cleanup).
+func listenersOf(t testing.TB, s *testenv.Server) []*steer.Listener {
+	t.Helper()
+	p, err := proc.Open(s.PID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { p.Close() })
+	side, err := steer.Discover(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { side.Close() })
+	return side.Listeners
 }
 
 // requireUnused checks that the steering maps a running daemon keeps pinned hold no group and no socket: every
@@ -754,15 +778,7 @@ func TestStaleSlots(t *testing.T) {
 	}
 	defer objs.Close()
 	for i, s := range []*testenv.Server{other, old} {
-		p, err := proc.Open(s.PID)
-		if err != nil {
-			t.Fatal(err)
-		}
-		side, err := steer.Discover(p)
-		if err != nil {
-			t.Fatal(err)
-		}
-		fd, err := side.Listeners[0].Copy()
+		fd, err := listenersOf(t, s)[0].Copy()
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -770,8 +786,6 @@ func TestStaleSlots(t *testing.T) {
 			t.Fatal(err)
 		}
 		unix.Close(fd)
-		side.Close()
-		p.Close()
 	}
 	h := startHandoff(t, pidArgs(old, newS, pins)...)
 	out, code := h.wait(t, 30*time.Second)

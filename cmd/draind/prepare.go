@@ -12,41 +12,67 @@ import (
 	"github.com/draind/draind/steer"
 )
 
-func cmdPrepare(args []string, stdout, stderr io.Writer) int {
-	fs := flag.NewFlagSet("prepare", flag.ContinueOnError)
+// prepareCmd is what prepare and unprepare share: their flags, the process named by --from, and the prepared mode's
+// BPF objects.
+type prepareCmd struct {
+	p      *proc.Process
+	objs   *loader.Prepare
+	ports  portList
+	pinDir string
+	json   bool
+}
+
+// openPrepareCmd parses the flags of prepare or unprepare and opens what they need; a non-zero code means the
+// command ends with it (the error is printed).
+func openPrepareCmd(name, fromHelp, portHelp string, args []string, stderr io.Writer) (*prepareCmd, int) {
+	c := &prepareCmd{}
+	fs := flag.NewFlagSet(name, flag.ContinueOnError)
 	fs.SetOutput(stderr)
-	var ports portList
-	from := fs.Int("from", 0, "PID of the running (old) server (required)")
-	pinDir := fs.String("pin-dir", "", "bpffs directory for draind's pins (default /sys/fs/bpf/draind; prepare pins under DIR-prepare)")
-	jsonOut := fs.Bool("json", false, "print the result as JSON")
-	fs.Var(&ports, "port", "prepare only this port (repeatable; default: every port the process listens on)")
+	from := fs.Int("from", 0, fromHelp+" (required)")
+	fs.StringVar(&c.pinDir, "pin-dir", "", "bpffs directory for draind's pins (default /sys/fs/bpf/draind; prepare pins under DIR-prepare)")
+	fs.BoolVar(&c.json, "json", false, "print the result as JSON")
+	fs.Var(&c.ports, "port", portHelp)
 	if err := fs.Parse(args); err != nil {
-		return exitBadInput
+		return nil, exitBadInput
 	}
 	fail := badInput(stderr)
 	if fs.NArg() > 0 {
-		return fail("unexpected argument %q", fs.Arg(0))
+		return nil, fail("unexpected argument %q", fs.Arg(0))
 	}
 	if *from <= 0 {
-		return fail("--from is required")
+		return nil, fail("--from is required")
 	}
-	p, err := proc.Open(*from)
-	if err != nil {
-		return fail("old process: %v", err)
+	var err error
+	if c.p, err = proc.Open(*from); err != nil {
+		return nil, fail("process: %v", err)
 	}
-	defer p.Close()
-	objs, err := loader.OpenPrepare(loader.Options{PinDir: *pinDir})
-	if err != nil {
-		return fail("%v", err)
+	if c.objs, err = loader.OpenPrepare(loader.Options{PinDir: c.pinDir}); err != nil {
+		c.p.Close()
+		return nil, fail("%v", err)
 	}
-	defer objs.Close()
-	steering, err := loader.Open(loader.Options{PinDir: *pinDir})
+	return c, exitOK
+}
+
+func (c *prepareCmd) close() {
+	c.objs.Close()
+	c.p.Close()
+}
+
+func cmdPrepare(args []string, stdout, stderr io.Writer) int {
+	c, code := openPrepareCmd("prepare", "PID of the running (old) server",
+		"prepare only this port (repeatable; default: every port the process listens on)", args, stderr)
+	if c == nil {
+		return code
+	}
+	defer c.close()
+	fail := badInput(stderr)
+	steering, err := loader.Open(loader.Options{PinDir: c.pinDir})
 	if err != nil {
 		return fail("%v", err)
 	}
 	defer steering.Close()
 	defer steering.RemoveUnusedPins() // a refused prepare leaves no steering pins
-	res, err := steer.Prepare(objs, steering, p, ports)
+	res, err := steer.Prepare(c.objs, steering, c.p, c.ports)
 	if err != nil {
 		if errors.Is(err, steer.ErrNoListeners) || errors.Is(err, steer.ErrNoMatch) || errors.Is(err, steer.ErrIncompatible) ||
 			errors.Is(err, proc.ErrNoCgroup2) || errors.Is(err, proc.ErrNotPermitted) || errors.Is(err, loader.ErrNotPermitted) {
@@ -55,7 +81,7 @@ func cmdPrepare(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "draind: %v\n", err)
 		return exitError
 	}
-	if *jsonOut {
+	if c.json {
 		printJSON(stdout, res)
 		return exitOK
 	}
@@ -63,7 +89,7 @@ func cmdPrepare(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stdout, "nothing to prepare: %s already set SO_REUSEPORT; hand it off as it is\n", strings.Join(res.Already, ", "))
 		return exitOK
 	}
-	fmt.Fprintf(stdout, "prepared process %d for a handoff on the same port\n", *from)
+	fmt.Fprintf(stdout, "prepared process %d for a handoff on the same port\n", c.p.PID)
 	if len(res.Shared) > 0 {
 		fmt.Fprintf(stdout, "  made shareable (SO_REUSEPORT)  %s\n", strings.Join(res.Shared, ", "))
 	}
@@ -76,34 +102,14 @@ func cmdPrepare(args []string, stdout, stderr io.Writer) int {
 }
 
 func cmdUnprepare(args []string, stdout, stderr io.Writer) int {
-	fs := flag.NewFlagSet("unprepare", flag.ContinueOnError)
-	fs.SetOutput(stderr)
-	var ports portList
-	from := fs.Int("from", 0, "PID of a process of the prepared service (old or new version; required)")
-	pinDir := fs.String("pin-dir", "", "bpffs directory for draind's pins (default /sys/fs/bpf/draind)")
-	jsonOut := fs.Bool("json", false, "print the result as JSON")
-	fs.Var(&ports, "port", "unprepare only this port (repeatable; default: every port prepared in the process's cgroup)")
-	if err := fs.Parse(args); err != nil {
-		return exitBadInput
+	c, code := openPrepareCmd("unprepare", "PID of a process of the prepared service (old or new version)",
+		"unprepare only this port (repeatable; default: every port prepared in the process's cgroup)", args, stderr)
+	if c == nil {
+		return code
 	}
+	defer c.close()
 	fail := badInput(stderr)
-	if fs.NArg() > 0 {
-		return fail("unexpected argument %q", fs.Arg(0))
-	}
-	if *from <= 0 {
-		return fail("--from is required")
-	}
-	p, err := proc.Open(*from)
-	if err != nil {
-		return fail("process: %v", err)
-	}
-	defer p.Close()
-	objs, err := loader.OpenPrepare(loader.Options{PinDir: *pinDir})
-	if err != nil {
-		return fail("%v", err)
-	}
-	defer objs.Close()
-	res, err := steer.Unprepare(objs, p, ports)
+	res, err := steer.Unprepare(c.objs, c.p, c.ports)
 	if err != nil {
 		if errors.Is(err, steer.ErrNoMatch) || errors.Is(err, proc.ErrNoCgroup2) {
 			return fail("%v", err)
@@ -111,11 +117,11 @@ func cmdUnprepare(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "draind: %v\n", err)
 		return exitError
 	}
-	if *jsonOut {
+	if c.json {
 		printJSON(stdout, res)
 		return exitOK
 	}
-	fmt.Fprintf(stdout, "unprepared port(s) %v of process %d's cgroup\n", res.Ports, *from)
+	fmt.Fprintf(stdout, "unprepared port(s) %v of process %d's cgroup\n", res.Ports, c.p.PID)
 	for _, d := range res.Detached {
 		fmt.Fprintf(stdout, "  detached programs from  %s\n", d)
 	}

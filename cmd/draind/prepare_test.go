@@ -11,7 +11,6 @@ import (
 	"time"
 
 	"github.com/draind/draind/handoff"
-	"github.com/draind/draind/proc"
 	"github.com/draind/draind/steer"
 	"github.com/draind/draind/testenv"
 )
@@ -165,20 +164,7 @@ func TestPreparedRefusesMPTCP(t *testing.T) {
 	}
 	newS := testenv.StartServerForTest(t, ns, testenv.ServerOptions{Addr: addr, ID: "new", Cgroup: cg, MPTCP: true})
 	outside := testenv.StartServerForTest(t, ns, testenv.ServerOptions{Addr: "127.0.0.1:8081", ID: "outside", MPTCP: true})
-	isMPTCP := func(s *testenv.Server) bool {
-		t.Helper()
-		p, err := proc.Open(s.PID)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer p.Close()
-		side, err := steer.Discover(p)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer side.Close()
-		return side.Listeners[0].MPTCP
-	}
+	isMPTCP := func(s *testenv.Server) bool { return listenersOf(t, s)[0].MPTCP }
 	if isMPTCP(newS) {
 		t.Fatal("the new server in the prepared cgroup listens with MPTCP")
 	}
