@@ -439,57 +439,31 @@ func (r *Results) Targets() Table {
 	has := func(c string) bool {
 		return slices.ContainsFunc(r.Contenders, func(x Contender) bool { return x.Key == c })
 	}
+	// failures sums contender c's failed connections over every run of scenarios (1) and (2), and with cut its cut
+	// long-lived connections in (3), each as a part of the measured column.
+	failures := func(c string, cut bool) (parts []string, total int) {
+		add := func(format string, n, runs int) {
+			if runs > 0 {
+				total += n
+				parts = append(parts, fmt.Sprintf(format, n))
+			}
+		}
+		storm, queue := r.stormOf(c), r.queueOf(c)
+		add("(1) %d", sumOf(storm, func(s *StormRun) int { return s.Failed }), len(storm))
+		add("(2) %d", sumOf(queue, func(s *QueueRun) int { return s.Failed }), len(queue))
+		if cut {
+			long := r.longOf(c)
+			add("(3) %d cut", sumOf(long, func(s *LongRun) int { return s.Cut }), len(long))
+		}
+		return parts, total
+	}
 	if has(Draind) {
-		var parts []string
-		total := 0
-		if runs := r.stormOf(Draind); len(runs) > 0 {
-			n := 0
-			for _, s := range runs {
-				n += s.Failed
-			}
-			total += n
-			parts = append(parts, fmt.Sprintf("(1) %d", n))
-		}
-		if runs := r.queueOf(Draind); len(runs) > 0 {
-			n := 0
-			for _, s := range runs {
-				n += s.Failed
-			}
-			total += n
-			parts = append(parts, fmt.Sprintf("(2) %d", n))
-		}
-		if runs := r.longOf(Draind); len(runs) > 0 {
-			n := 0
-			for _, s := range runs {
-				n += s.Cut
-			}
-			total += n
-			parts = append(parts, fmt.Sprintf("(3) %d cut", n))
-		}
-		if len(parts) > 0 {
+		if parts, total := failures(Draind, true); len(parts) > 0 {
 			t.Rows = append(t.Rows, []string{"draind: 0 failed connections in every scenario (all repeats)", strings.Join(parts, ", "), yes(total == 0)})
 		}
 	}
 	if has(ReusePort) {
-		var parts []string
-		total := 0
-		if runs := r.stormOf(ReusePort); len(runs) > 0 {
-			n := 0
-			for _, s := range runs {
-				n += s.Failed
-			}
-			total += n
-			parts = append(parts, fmt.Sprintf("(1) %d", n))
-		}
-		if runs := r.queueOf(ReusePort); len(runs) > 0 {
-			n := 0
-			for _, s := range runs {
-				n += s.Failed
-			}
-			total += n
-			parts = append(parts, fmt.Sprintf("(2) %d", n))
-		}
-		if len(parts) > 0 {
+		if parts, total := failures(ReusePort, false); len(parts) > 0 {
 			t.Rows = append(t.Rows, []string{"(b) shows failures in (1) or (2) (all repeats)", strings.Join(parts, ", "), yes(total > 0)})
 		}
 	}
@@ -620,4 +594,13 @@ func (r *Results) runErrors() []string {
 	errs := slices.Clone(r.Errors)
 	sort.Strings(errs)
 	return slices.Compact(errs)
+}
+
+// sumOf adds up f over xs.
+func sumOf[T any](xs []T, f func(T) int) int {
+	n := 0
+	for _, x := range xs {
+		n += f(x)
+	}
+	return n
 }
