@@ -116,3 +116,35 @@ func TestCounterLifecycle(t *testing.T) {
 		t.Fatalf("second close: %v", err)
 	}
 }
+
+// BenchmarkLoadSelector: loading a group's selector (the verifier's work) against handing out the one a long-lived
+// draind keeps loaded. go test -run '^$' -bench LoadSelector ./loader
+func BenchmarkLoadSelector(b *testing.B) {
+	testenv.Require(b)
+	dir := filepath.Join("/sys/fs/bpf", "draind-loader-bench")
+	os.RemoveAll(dir)
+	b.Cleanup(func() { os.RemoveAll(dir) })
+	o, err := Open(Options{PinDir: dir})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer o.Close()
+	b.Run("load", func(b *testing.B) {
+		for b.Loop() {
+			p, err := o.loadSelector(1)
+			if err != nil {
+				b.Fatal(err)
+			}
+			p.Close()
+		}
+	})
+	b.Run("cached", func(b *testing.B) {
+		for b.Loop() {
+			p, err := o.LoadSelector(2)
+			if err != nil {
+				b.Fatal(err)
+			}
+			p.Close()
+		}
+	})
+}
