@@ -97,7 +97,13 @@ func placeholder(l *Listener, nsfd int) (_ int, err error) {
 	} else {
 		sa = &unix.SockaddrInet6{Port: int(l.Addr.Port()), Addr: l.Addr.Addr().As16()}
 	}
-	if err = unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_REUSEPORT, 1); err == nil {
+	// SO_REUSEADDR too: the old listener's connections in TIME_WAIT were accepted before it had SO_REUSEPORT, and
+	// only SO_REUSEADDR on both sides lets a bind pass them (a server sets it on its listener as a rule).
+	err = unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_REUSEADDR, 1)
+	if err == nil {
+		err = unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_REUSEPORT, 1)
+	}
+	if err == nil {
 		if err = unix.Bind(fd, sa); err == nil {
 			err = unix.Listen(fd, 16)
 		}

@@ -2,6 +2,7 @@ package steer
 
 import (
 	"fmt"
+	"net/netip"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -197,4 +198,50 @@ func Unprepare(objs *loader.Prepare, p *proc.Process, ports []uint16) (*Unprepar
 	out.Stays = append(out.Stays, "SO_REUSEPORT on the listeners that have it: clearing it on a listening socket is unsafe (the port's bind bucket keeps it)",
 		"draind's selector on a group no handoff has flipped since prepare (target: the old listeners, so it changes nothing): the next handoff of the port ends it")
 	return out, nil
+}
+
+// Hold gives the reuseport groups of process p's listeners on addrs (as Listener.Addr prints them) draind's
+// selector with p's listeners as target, as Prepare does for the listeners it makes shareable: a new process that
+// listens next gets no connection before a handoff flips. The listeners must have SO_REUSEPORT. It returns the
+// listeners held.
+func Hold(steering *loader.Objects, p *proc.Process, addrs []string) ([]string, error) {
+	if len(addrs) == 0 {
+		return nil, nil
+	}
+	side, err := Discover(p)
+	if err != nil {
+		return nil, err
+	}
+	defer side.Close()
+	var ls []*Listener
+	var held []string
+	for _, l := range side.Listeners {
+		if !slices.Contains(addrs, l.Addr.String()) {
+			continue
+		}
+		if !l.ReusePort {
+			return nil, fmt.Errorf("%w: %s has no SO_REUSEPORT", ErrIncompatible, l)
+		}
+		ls = append(ls, l)
+		held = append(held, l.Addr.String())
+	}
+	for _, a := range addrs {
+		if !slices.Contains(held, a) {
+			return nil, fmt.Errorf("%w: process %d does not listen on %s", ErrNoMatch, p.PID, a)
+		}
+	}
+	// They listened with SO_REUSEPORT, so each has its group already (no placeholder needed, which the bind guard of
+	// a prepared port would refuse).
+	byAddr := map[netip.AddrPort][]*Listener{}
+	for _, l := range ls {
+		byAddr[l.Addr] = append(byAddr[l.Addr], l)
+	}
+	for addr, old := range byAddr {
+		st, err := Begin(steering, []Pair{{Addr: addr, Old: old}}, Options{})
+		if err != nil {
+			return nil, err
+		}
+		st.Abandon()
+	}
+	return held, nil
 }

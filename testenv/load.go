@@ -2,6 +2,7 @@ package testenv
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -52,6 +53,9 @@ type LoadOptions struct {
 	KeepAliveFor time.Duration
 	// Timeout bounds each request, connect included; default 3s.
 	Timeout time.Duration
+	// Path is the requested path; default "/". A server that sends no X-Server header (a third-party server serving
+	// a file) is identified by its body: a single word and a newline.
+	Path string
 }
 
 func (o LoadOptions) withDefaults() LoadOptions {
@@ -70,6 +74,9 @@ func (o LoadOptions) withDefaults() LoadOptions {
 	if o.Timeout <= 0 {
 		o.Timeout = 3 * time.Second
 	}
+	if o.Path == "" {
+		o.Path = "/"
+	}
 	return o
 }
 
@@ -87,6 +94,9 @@ type LoadResult struct {
 // Span is a range of CLOCK_MONOTONIC times (see MonoNow).
 type Span struct {
 	FirstStartNS, LastStartNS int64
+	// FirstConnectedNS is the earliest time a connection it answered was established (connect(2) returned): a
+	// connection whose SYN was dropped and sent again may start well before it reaches a listener.
+	FirstConnectedNS int64
 }
 
 // KeepAliveResult counts what the long-lived connections saw.
@@ -293,8 +303,8 @@ func runLoad(optsJSON []byte) error {
 	r := &loadRunner{
 		opts:   opts,
 		res:    newLoadResult(),
-		req:    []byte("GET / HTTP/1.1\r\nHost: " + opts.Addr + "\r\nUser-Agent: draind-testenv\r\nConnection: close\r\n\r\n"),
-		kaReq:  []byte("GET / HTTP/1.1\r\nHost: " + opts.Addr + "\r\nUser-Agent: draind-testenv\r\n\r\n"),
+		req:    []byte("GET " + opts.Path + " HTTP/1.1\r\nHost: " + opts.Addr + "\r\nUser-Agent: draind-testenv\r\nConnection: close\r\n\r\n"),
+		kaReq:  []byte("GET " + opts.Path + " HTTP/1.1\r\nHost: " + opts.Addr + "\r\nUser-Agent: draind-testenv\r\n\r\n"),
 		dialer: net.Dialer{Timeout: opts.Timeout},
 	}
 	r.dialer.SetMultipathTCP(false)
@@ -378,36 +388,38 @@ func (r *loadRunner) requestLoop(ctx context.Context) {
 	// A stop lets the request in flight finish: it is bounded by Timeout.
 	for r.waitSlot(ctx) {
 		startNS := MonoNow()
-		id, err := r.oneRequest(br)
-		r.recordRequest(startNS, id, err)
+		id, connNS, err := r.oneRequest(br)
+		r.recordRequest(startNS, connNS, id, err)
 	}
 }
 
-// oneRequest connects, sends one request and reads the answer; it returns the server ID.
-func (r *loadRunner) oneRequest(br *bufio.Reader) (string, error) {
+// oneRequest connects, sends one request and reads the answer; it returns the server ID and when the connection was
+// established.
+func (r *loadRunner) oneRequest(br *bufio.Reader) (string, int64, error) {
 	deadline := time.Now().Add(r.opts.Timeout)
 	d := r.dialer
 	d.Deadline = deadline
 	conn, err := d.Dial("tcp", r.opts.Addr)
 	if err != nil {
-		return "", err
+		return "", 0, err
 	}
+	connNS := MonoNow()
 	defer conn.Close()
 	_ = conn.SetDeadline(deadline)
 	cc := &countingConn{Conn: conn}
 	if _, err := cc.Write(r.req); err != nil {
-		return "", err
+		return "", connNS, err
 	}
 	br.Reset(cc)
 	id, _, err := readResponse(br, cc)
 	if err != nil {
-		return "", err
+		return "", connNS, err
 	}
 	// Wait for the server's FIN (it closes after answering a "Connection: close" request), so the TIME_WAIT
 	// state stays on the server's side and does not use up client ports. What happens here is not the request's
 	// business any more.
 	_, _ = io.Copy(io.Discard, br)
-	return id, nil
+	return id, connNS, nil
 }
 
 func (r *loadRunner) keepAliveLoop(ctx context.Context, opened func()) {
@@ -488,7 +500,7 @@ func (r *loadRunner) keepAliveLoop(ctx context.Context, opened func()) {
 	}
 }
 
-func (r *loadRunner) recordRequest(startNS int64, id string, err error) {
+func (r *loadRunner) recordRequest(startNS, connNS int64, id string, err error) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	r.res.Requests++
@@ -506,6 +518,9 @@ func (r *loadRunner) recordRequest(startNS int64, id string, err error) {
 	}
 	if startNS > sp.LastStartNS {
 		sp.LastStartNS = startNS
+	}
+	if !ok || connNS < sp.FirstConnectedNS {
+		sp.FirstConnectedNS = connNS
 	}
 	r.res.Spans[id] = sp
 }
@@ -637,6 +652,9 @@ func readResponse(br *bufio.Reader, cc *countingConn) (id string, closing bool, 
 			return "", true, err
 		}
 	}
+	if id == "" && code == 200 {
+		id = idOfBody(body)
+	}
 	switch {
 	case code != 200:
 		return id, closing, &WrongResponse{Msg: fmt.Sprintf("status %d from %q", code, id)}
@@ -646,6 +664,20 @@ func readResponse(br *bufio.Reader, cc *countingConn) (id string, closing bool, 
 		return "", closing, &WrongResponse{Msg: fmt.Sprintf("body %q from %q", body, id)}
 	}
 	return id, closing, nil
+}
+
+// idOfBody is the server ID a body of one word and a newline carries ("" for any other body).
+func idOfBody(b []byte) string {
+	w, ok := bytes.CutSuffix(b, []byte("\n"))
+	if !ok || len(w) == 0 || len(w) > 64 {
+		return ""
+	}
+	for _, c := range w {
+		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '-' || c == '_' || c == '.') {
+			return ""
+		}
+	}
+	return string(w)
 }
 
 func readLine(br *bufio.Reader) (string, error) {

@@ -172,6 +172,7 @@ type handoffOut struct {
 	handoff.Result
 	Error    string `json:"error"`
 	ExitCode int    `json:"exit_code"`
+	NewPID   int    `json:"new_pid"` // handoff --exec
 }
 
 // wait waits for draind to end and decodes its JSON result.

@@ -19,6 +19,7 @@ import (
 	"github.com/draind/draind/api"
 	"github.com/draind/draind/drain"
 	"github.com/draind/draind/handoff"
+	"github.com/draind/draind/proc"
 )
 
 // portList is a repeatable --port flag (also accepts comma-separated lists).
@@ -59,17 +60,28 @@ func cmdHandoff(args []string, stdout, stderr io.Writer) int {
 		standalone   = fs.Bool("standalone", false, "run the handoff in this process even if a daemon serves --socket")
 		viaDaemon    = fs.Bool("daemon", false, "require the daemon (fail if it does not serve --socket)")
 		name         = fs.String("name", "", "a name for the handoff's metrics (the daemon's listener series)")
+		execNew      = fs.Bool("exec", false, "start the new process: the command after -- (prepare the old one, start the command with its user, groups, cgroup, network namespace, working directory and environment, wait until it listens; then hand off)")
+		listenWait   = fs.Duration("listen-timeout", 30*time.Second, "with --exec: how long to wait for the new process to listen")
+		pidFile      = fs.String("pid-file", "", "with --exec: write the new process's PID here once it took over")
 	)
 	fs.Var(&ports, "port", "hand off only this port (repeatable; default: every port the old process listens on)")
 	if err := fs.Parse(args); err != nil {
 		return exitBadInput
 	}
 	fail := badInput(stderr)
-	if fs.NArg() > 0 {
+	switch {
+	case *execNew && *to != 0:
+		return fail("--exec starts the new process: it excludes --to")
+	case *execNew && fs.NArg() == 0:
+		return fail("--exec needs the new process's command after --: draind handoff --from PID --exec -- CMD ARGS...")
+	case !*execNew && fs.NArg() > 0:
 		return fail("unexpected argument %q", fs.Arg(0))
-	}
-	if *from == 0 || *to == 0 {
-		return fail("--from and --to are required")
+	case !*execNew && (*listenWait != 30*time.Second || *pidFile != ""):
+		return fail("--listen-timeout and --pid-file go with --exec")
+	case *from == 0 || (*to == 0 && !*execNew):
+		return fail("--from and --to (or --exec) are required")
+	case *listenWait <= 0:
+		return fail("--listen-timeout %s is not positive", *listenWait)
 	}
 	sig, err := drain.ParseSignal(*sigName)
 	if err != nil {
@@ -90,7 +102,7 @@ func cmdHandoff(args []string, stdout, stderr io.Writer) int {
 	}
 	client := &api.Client{Socket: *socket}
 	useDaemon := *viaDaemon || (!*standalone && client.Available())
-	if useDaemon && (*poll > 0 || *pinDir != "") {
+	if useDaemon && (*poll > 0 || *pinDir != "" && !*execNew) {
 		return fail("--poll and --pin-dir are for --standalone runs (the daemon has its own pin dir)")
 	}
 	if !useDaemon && *name != "" {
@@ -109,7 +121,37 @@ func cmdHandoff(args []string, stdout, stderr io.Writer) int {
 		res  *handoff.Result
 		code int
 		id   string
+		neu  *started
 	)
+	if *execNew {
+		old, err := proc.Open(*from)
+		if err != nil {
+			return fail("old process: %v", err)
+		}
+		neu, err = startNew(ctx, execOptions{from: old, ports: ports, argv: fs.Args(), pinDir: *pinDir, listenTimeout: *listenWait, say: pr.say})
+		old.Close()
+		if errors.Is(err, errExecInput) {
+			return fail("%s", strings.TrimPrefix(err.Error(), errExecInput.Error()+": "))
+		}
+		if err != nil {
+			fmt.Fprintf(stderr, "draind: %v\n", err)
+			return exitError
+		}
+		defer neu.close()
+		*to = neu.p.PID
+		pr.onStage = func(ev handoff.Progress) {
+			switch ev.Stage {
+			case handoff.StageFlipped:
+				if err := mainPID(*to, *pidFile); err != nil {
+					logger.Warn("tell the supervisor the new main PID", "pid", *to, "err", err)
+				}
+			case handoff.StageRolledBack:
+				if err := mainPID(*from, *pidFile); err != nil {
+					logger.Warn("tell the supervisor the main PID", "pid", *from, "err", err)
+				}
+			}
+		}
+	}
 	if useDaemon {
 		req := api.HandoffRequest{
 			Name: *name, Ports: ports, Signal: *sigName, Timeout: api.Duration(*timeout), OnTimeout: *onTimeout,
@@ -125,13 +167,17 @@ func cmdHandoff(args []string, stdout, stderr io.Writer) int {
 		code = exitCode(res, err)
 	}
 	pr.done()
+	if neu != nil && !takesOver(res, err) {
+		neu.stop(pr.say)
+	}
 	if *jsonOut {
 		out := struct {
 			*handoff.Result
 			ID       string `json:"id,omitempty"`
 			Error    string `json:"error,omitempty"`
 			ExitCode int    `json:"exit_code"`
-		}{res, id, errString(err), code}
+			NewPID   int    `json:"new_pid,omitempty"`
+		}{res, id, errString(err), code, newPID(neu, res, err)}
 		printJSON(stdout, out)
 		return code
 	}
@@ -140,10 +186,21 @@ func cmdHandoff(args []string, stdout, stderr io.Writer) int {
 		return code
 	}
 	printSummary(stdout, res)
+	if pid := newPID(neu, res, err); pid != 0 {
+		fmt.Fprintf(stdout, "  new process        %d (started by draind)\n", pid)
+	}
 	if err != nil {
 		fmt.Fprintf(stderr, "draind: %v\n", err)
 	}
 	return code
+}
+
+// newPID is the PID of the process `--exec` started, when it took over.
+func newPID(s *started, res *handoff.Result, err error) int {
+	if s == nil || !takesOver(res, err) {
+		return 0
+	}
+	return s.p.PID
 }
 
 func errString(err error) string {
@@ -203,6 +260,17 @@ type progress struct {
 	quiet bool
 	start time.Time
 	open  bool // an updating line is on screen
+	// onStage, if set, sees every report first.
+	onStage func(handoff.Progress)
+}
+
+// say prints a line of its own among the progress.
+func (p *progress) say(format string, a ...any) {
+	if p.quiet {
+		return
+	}
+	p.done()
+	fmt.Fprintf(p.w, "[%8s] %s\n", time.Since(p.start).Round(time.Millisecond), fmt.Sprintf(format, a...))
 }
 
 func newProgress(w io.Writer, quiet bool) *progress {
@@ -215,6 +283,9 @@ func newProgress(w io.Writer, quiet bool) *progress {
 }
 
 func (p *progress) report(ev handoff.Progress) {
+	if p.onStage != nil {
+		p.onStage(ev)
+	}
 	if p.quiet {
 		return
 	}

@@ -1,0 +1,296 @@
+package main
+
+import (
+	"bytes"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/draind/draind/handoff"
+	"github.com/draind/draind/proc"
+	"github.com/draind/draind/steer"
+	"github.com/draind/draind/testenv"
+)
+
+// foreign is a third-party server process the test started (not testenv's): it is killed at cleanup.
+type foreign struct {
+	cmd *exec.Cmd
+	p   *proc.Process
+	log string // its stdout and stderr
+}
+
+// startForeign starts argv in network namespace ns and cgroup cg, as uid (and gid uid), in directory dir, with
+// environment env, and waits until it listens on port.
+func startForeign(t *testing.T, ns *testenv.NetNS, cg string, uid uint32, dir string, env []string, port uint16, argv ...string) *foreign {
+	t.Helper()
+	cgf, err := os.Open(cg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cgf.Close()
+	f := &foreign{log: filepath.Join(t.TempDir(), "server.log")}
+	out, err := os.Create(f.log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer out.Close()
+	os.Chmod(f.log, 0o666)
+	f.cmd = exec.Command(argv[0], argv[1:]...)
+	f.cmd.Dir, f.cmd.Env, f.cmd.Stdout, f.cmd.Stderr = dir, env, out, out
+	f.cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: int(cgf.Fd()), Setsid: true}
+	if uid != 0 {
+		f.cmd.SysProcAttr.Credential = &syscall.Credential{Uid: uid, Gid: uid}
+	}
+	if err := testenv.StartIn(ns, f.cmd); err != nil {
+		t.Fatal(err)
+	}
+	exited := make(chan struct{})
+	go func() { f.cmd.Wait(); close(exited) }()
+	t.Cleanup(func() { f.cmd.Process.Kill(); <-exited })
+	if f.p, err = proc.Open(f.cmd.Process.Pid); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { f.p.Close() })
+	waitListening(t, f.p, port, f.log)
+	return f
+}
+
+// waitListening waits (10s at most) until process p listens on port.
+func waitListening(t *testing.T, p *proc.Process, port uint16, log string) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		if side, err := steer.Discover(p); err == nil {
+			ok := slices.ContainsFunc(side.Listeners, func(l *steer.Listener) bool { return l.Addr.Port() == port })
+			side.Close()
+			if ok {
+				return
+			}
+		}
+		if p.Exited() || time.Now().After(deadline) {
+			b, _ := os.ReadFile(log)
+			t.Fatalf("process %d does not listen on port %d (exited: %v); its output:\n%s", p.PID, port, p.Exited(), b)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// execCase is one kind of unmodified server for `draind handoff --exec`.
+type execCase struct {
+	argv func(id string) []string // the command of the instance that answers with id
+	path string                   // what the load client asks for
+}
+
+// execUnderLoad starts the old instance of c as uid 65534 in a child cgroup, in a working directory of its own and
+// with a marker in its environment, puts new-connection and keep-alive load on it, and runs `draind handoff --from
+// OLD --exec -- NEW…`. It checks: zero failed connections, long-lived connections kept working on the old
+// instance, the new instance answered only after the flip, it runs with the old one's uid, gid, cgroup, network
+// namespace, directory and environment, and the old instance exited once drained. It returns the new process's PID.
+func execUnderLoad(t *testing.T, c execCase, prepare func(ns *testenv.NetNS, cg, pins string)) int {
+	ns, pins := setup(t)
+	cg := testenv.CgroupForTest(t)
+	t.Cleanup(func() { os.RemoveAll(pins + "-prepare") })
+	if prepare != nil {
+		prepare(ns, cg, pins)
+	}
+	work := t.TempDir()
+	os.Chmod(work, 0o755)
+	os.Chmod(filepath.Dir(work), 0o755) // the test's temporary directory: uid 65534 works in it
+	for _, id := range []string{"old", "new"} {
+		if err := os.Mkdir(filepath.Join(work, id), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(work, id, "id"), []byte(id+"\n"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	const nobody = 65534
+	env := []string{systemPATH, "HOME=" + work, "DRAIND_TEST_MARK=" + t.Name()}
+	old := startForeign(t, ns, cg, nobody, work, env, 8080, c.argv("old")...)
+
+	const hold = 3 * time.Second
+	load := testenv.StartLoadForTest(t, ns, testenv.LoadOptions{
+		Addr: addr, Path: c.path, Concurrency: 8, Duration: 20 * time.Second,
+		KeepAlive: 4, KeepAliveEvery: 20 * time.Millisecond, KeepAliveFor: hold,
+	})
+	time.Sleep(300 * time.Millisecond)
+	h := startHandoff(t, append([]string{"--from", strconv.Itoa(old.p.PID), "--pin-dir", pins, "--exec", "--"}, c.argv("new")...)...)
+	out, code := h.wait(t, 30*time.Second)
+	if out.NewPID > 0 {
+		t.Cleanup(func() { syscall.Kill(out.NewPID, syscall.SIGKILL) })
+	}
+	time.Sleep(300 * time.Millisecond)
+	r, err := load.Stop()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("load: requests %d ok %d failures %v by server %v; keep-alive %+v", r.Requests, r.OK, r.Failures, r.ByServer, r.KeepAlive)
+	t.Logf("draind: %s", h.errText())
+	if code != exitOK || out.Outcome != handoff.OutcomeDrained || out.NewPID == 0 {
+		b, _ := os.ReadFile(old.log)
+		t.Fatalf("handoff --exec: exit %d, %+v: %s\nold server's output:\n%s", code, out, h.errText(), b)
+	}
+	requireNoFailures(t, r)
+	if r.ByServer["new"] == 0 || r.ByServer["old"] == 0 || r.KeepAlive.ByServer["old"] == 0 {
+		t.Fatalf("load did not reach both servers: %v, keep-alive %v", r.ByServer, r.KeepAlive.ByServer)
+	}
+	if first := r.Spans["new"].FirstConnectedNS; first < out.FlippedAt {
+		t.Fatalf("the new server answered a connection established %s before the flip", time.Duration(out.FlippedAt-first))
+	}
+	if !old.p.Exited() || out.Left != 0 || !out.Signalled {
+		t.Fatalf("old server: exited %v, signalled %v with %d connections left", old.p.Exited(), out.Signalled, out.Left)
+	}
+	requireLike(t, old.p.PID, out.NewPID, work, cg)
+	return out.NewPID
+}
+
+// requireLike checks that process pid runs like the old process did: uid and gid 65534, cgroup cg, the network
+// namespace of the test's netns, working directory dir and the test's environment marker.
+func requireLike(t *testing.T, oldPID, pid int, dir, cg string) {
+	t.Helper()
+	np, err := proc.Open(pid)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer np.Close()
+	like, err := proc.Identity(np)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if like.UID != 65534 || like.GID != 65534 || like.Cgroup != cg || like.Dir != dir || !slices.Contains(like.Env, "DRAIND_TEST_MARK="+t.Name()) {
+		t.Fatalf("new process runs as uid %d gid %d in cgroup %s and directory %s with environment %q", like.UID, like.GID, like.Cgroup, like.Dir, like.Env)
+	}
+	ino, err := np.NetNSIno()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ino == selfNetNSIno(t) {
+		t.Fatal("the new process runs in draind's network namespace, not the old process's")
+	}
+}
+
+func selfNetNSIno(t *testing.T) uint64 {
+	t.Helper()
+	var st syscall.Stat_t
+	if err := syscall.Stat("/proc/self/ns/net", &st); err != nil {
+		t.Fatal(err)
+	}
+	return st.Ino
+}
+
+// TestExecPython: `python3 -m http.server` (no SO_REUSEPORT, one process) is upgraded in one step by `draind
+// handoff --exec` under load, with zero failed connections.
+func TestExecPython(t *testing.T) {
+	python := lookCommand(t, "python3")
+	execUnderLoad(t, execCase{
+		argv: func(id string) []string {
+			return []string{python, "-m", "http.server", "8080", "--bind", "127.0.0.1", "--directory", id, "--protocol", "HTTP/1.1"}
+		},
+		path: "/id",
+	}, nil)
+}
+
+// TestExecNode: Node's http server (no SO_REUSEPORT) upgraded in one step under load.
+func TestExecNode(t *testing.T) {
+	node := lookCommand(t, "node")
+	const script = `const fs = require('fs'); const id = fs.readFileSync(process.argv[1] + '/id');
+require('http').createServer((req, res) => { res.setHeader('Content-Length', id.length); res.end(id); }).listen(8080, '127.0.0.1');`
+	execUnderLoad(t, execCase{argv: func(id string) []string { return []string{node, "-e", script, id} }, path: "/"}, nil)
+}
+
+// TestExecBadInput: `handoff --exec` refuses what it cannot do before it changes anything, and stops a new process
+// that never listens, the old one keeping everything.
+func TestExecBadInput(t *testing.T) {
+	ns, pins := setup(t)
+	cg := testenv.CgroupForTest(t)
+	t.Cleanup(func() { os.RemoveAll(pins + "-prepare") })
+	old := testenv.StartServerForTest(t, ns, testenv.ServerOptions{Addr: addr, ID: "old", Cgroup: cg})
+	from := strconv.Itoa(old.PID)
+	for _, c := range []struct {
+		name string
+		args []string
+		want string
+	}{
+		{"no command", []string{"--from", from, "--exec"}, "needs the new process's command"},
+		{"--to and --exec", []string{"--from", from, "--to", from, "--exec", "--", "true"}, "excludes --to"},
+		{"unknown command", []string{"--from", from, "--exec", "--", "no-such-server-xyz"}, "command not found"},
+		{"unknown pid", []string{"--from", "4194000", "--exec", "--", "true"}, "no such process"},
+		{"port not listened", []string{"--from", from, "--port", "9999", "--exec", "--", "true"}, "does not listen on port 9999"},
+	} {
+		code, stdout, stderr := runAs(t, 0, append([]string{"handoff", "--pin-dir", pins}, c.args...)...)
+		if code != exitBadInput || !strings.Contains(stderr, c.want) {
+			t.Errorf("%s: exit %d, %q %q; want exit %d and %q", c.name, code, stdout, stderr, exitBadInput, c.want)
+		}
+	}
+	if entries, _ := os.ReadDir(pins + "-prepare"); slices.ContainsFunc(entries, func(e os.DirEntry) bool { return strings.HasPrefix(e.Name(), "cgroup-") }) {
+		t.Errorf("a refused handoff --exec attached programs: %v", entries)
+	}
+	// A new process that exits without listening: draind says so, the old server keeps serving.
+	code, _, stderr := runAs(t, 0, "handoff", "--pin-dir", pins, "--listen-timeout", "5s", "--from", from, "--exec", "--", "sh", "-c", "exit 3")
+	if code != exitError || !strings.Contains(stderr, "exited (exit status 3) before it listened") {
+		t.Fatalf("a new process that exits: exit %d, %q", code, stderr)
+	}
+	// One that runs but never listens: stopped at the timeout.
+	code, _, stderr = runAs(t, 0, "handoff", "--pin-dir", pins, "--listen-timeout", "500ms", "--from", from, "--exec", "--", "sleep", "60")
+	if code != exitError || !strings.Contains(stderr, "not listening on port(s) [8080] after 500ms") || !strings.Contains(stderr, "stopped new process") {
+		t.Fatalf("a new process that never listens: exit %d, %q", code, stderr)
+	}
+	if sleeping := pgrep(t, "sleep 60"); len(sleeping) > 0 {
+		t.Fatalf("the new process that never listened still runs: %v", sleeping)
+	}
+	load := testenv.StartLoadForTest(t, ns, testenv.LoadOptions{Addr: addr, Concurrency: 4, Duration: 500 * time.Millisecond})
+	time.Sleep(500 * time.Millisecond)
+	r, err := load.Stop()
+	if err != nil {
+		t.Fatal(err)
+	}
+	requireNoFailures(t, r)
+	if r.ByServer["old"] != r.OK || r.OK == 0 {
+		t.Fatalf("after the failed --exec: answered by %v, want the old server alone", r.ByServer)
+	}
+}
+
+// systemPATH is the servers' PATH: the system's directories (root's own, such as a pyenv shim under /root, are not
+// for uid 65534).
+const systemPATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+// lookCommand returns the path of a program the test needs, found in the system's directories: the test fails in
+// CI without it (.ci/run installs it) and is skipped elsewhere.
+func lookCommand(t *testing.T, name string) string {
+	t.Helper()
+	p, err := proc.LookPath(name, []string{systemPATH})
+	if err != nil {
+		if os.Getenv("CI") == "true" {
+			t.Fatalf("requires %s: %v", name, err)
+		}
+		t.Skipf("requires %s: %v", name, err)
+	}
+	return p
+}
+
+// pgrep lists the processes whose command line is cmdline.
+func pgrep(t *testing.T, cmdline string) []int {
+	entries, err := os.ReadDir("/proc")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []int
+	for _, e := range entries {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+		if err == nil && string(bytes.ReplaceAll(bytes.TrimRight(b, "\x00"), []byte{0}, []byte(" "))) == cmdline {
+			out = append(out, pid)
+		}
+	}
+	return out
+}
