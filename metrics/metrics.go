@@ -6,15 +6,12 @@
 package metrics
 
 import (
-	"bufio"
 	"fmt"
-	"io"
 	"log/slog"
 	"net/http"
 	"os"
 	"runtime"
 	"strconv"
-	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -22,6 +19,8 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/draind/draind/proc"
 )
 
 const namespace = "draind"
@@ -257,41 +256,7 @@ func (m *Metrics) netstat(pid int) (map[string]float64, error) {
 		return nil, fmt.Errorf("read kernel counters: %w", err)
 	}
 	defer f.Close()
-	return parseNetstat(f)
-}
-
-// parseNetstat reads the TcpExt section of /proc/net/netstat: a line of names, then a line of values.
-func parseNetstat(r io.Reader) (map[string]float64, error) {
-	sc := bufio.NewScanner(r)
-	sc.Buffer(make([]byte, 64<<10), 1<<20)
-	var names []string
-	for sc.Scan() {
-		fields := strings.Fields(sc.Text())
-		if len(fields) == 0 || fields[0] != "TcpExt:" {
-			continue
-		}
-		if names == nil {
-			names = fields[1:]
-			continue
-		}
-		vals := fields[1:]
-		if len(vals) != len(names) {
-			return nil, fmt.Errorf("read kernel counters: %d TcpExt names, %d values", len(names), len(vals))
-		}
-		out := make(map[string]float64, len(names))
-		for i, n := range names {
-			v, err := strconv.ParseFloat(vals[i], 64)
-			if err != nil {
-				return nil, fmt.Errorf("read kernel counters: %s: %w", n, err)
-			}
-			out[n] = v
-		}
-		return out, nil
-	}
-	if err := sc.Err(); err != nil {
-		return nil, fmt.Errorf("read kernel counters: %w", err)
-	}
-	return nil, fmt.Errorf("read kernel counters: no TcpExt section")
+	return proc.ParseTcpExt(f)
 }
 
 // Handler serves the registry (OpenMetrics if the scraper asks for it); errors of the HTTP layer go to log.

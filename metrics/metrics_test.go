@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/draind/draind/proc"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 )
 
@@ -104,11 +105,11 @@ draind_signals_sent_total{signal="SIGTERM"} 1
 }
 
 func TestParseNetstat(t *testing.T) {
-	v, err := parseNetstat(strings.NewReader("TcpExt: SyncookiesSent ListenOverflows ListenDrops TCPMigrateReqSuccess\nTcpExt: 0 12 13 4\nIpExt: InOctets\nIpExt: 5\n"))
+	v, err := proc.ParseTcpExt(strings.NewReader("TcpExt: SyncookiesSent ListenOverflows ListenDrops TCPMigrateReqSuccess\nTcpExt: 0 12 13 4\nIpExt: InOctets\nIpExt: 5\n"))
 	if err != nil || v["ListenOverflows"] != 12 || v["ListenDrops"] != 13 || v["TCPMigrateReqSuccess"] != 4 {
 		t.Fatalf("%v, %v", v, err)
 	}
-	if _, err := parseNetstat(strings.NewReader("TcpExt: A B\nTcpExt: 1\n")); err == nil {
+	if _, err := proc.ParseTcpExt(strings.NewReader("TcpExt: A B\nTcpExt: 1\n")); err == nil {
 		t.Fatal("a short values line was accepted")
 	}
 	f, err := os.Open("/proc/self/net/netstat")
@@ -116,7 +117,7 @@ func TestParseNetstat(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer f.Close()
-	real, err := parseNetstat(f)
+	real, err := proc.ParseTcpExt(f)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -184,15 +184,15 @@ func StartLike(old *Process, like *Like, argv []string) (*exec.Cmd, error) {
 	if os.Geteuid() == 0 || uint32(os.Geteuid()) != like.UID || uint32(os.Getegid()) != like.GID {
 		cmd.SysProcAttr.Credential = &syscall.Credential{Uid: like.UID, Gid: like.GID, Groups: like.Groups}
 	}
-	if err := startInNetNS(nsfd, cmd); err != nil {
+	if err := InNetNS(nsfd, cmd.Start); err != nil {
 		return nil, fmt.Errorf("start %s: %w", path, err)
 	}
 	return cmd, nil
 }
 
-// startInNetNS starts cmd from a thread switched into network namespace nsfd (a child is born in its parent
-// thread's namespace), and switches the thread back.
-func startInNetNS(nsfd int, cmd *exec.Cmd) error {
+// InNetNS runs fn on a thread switched into network namespace nsfd (a socket created there is in nsfd, a child
+// process started there is born in it), then switches the thread back.
+func InNetNS(nsfd int, fn func() error) error {
 	runtime.LockOSThread()
 	orig, err := os.Open("/proc/thread-self/ns/net")
 	if err != nil {
@@ -204,7 +204,7 @@ func startInNetNS(nsfd int, cmd *exec.Cmd) error {
 		runtime.UnlockOSThread()
 		return fmt.Errorf("enter network namespace: %w", err)
 	}
-	err = cmd.Start()
+	err = fn()
 	if unix.Setns(int(orig.Fd()), unix.CLONE_NEWNET) == nil {
 		runtime.UnlockOSThread()
 	} // else the thread stays locked and ends with its goroutine: it is in the wrong namespace

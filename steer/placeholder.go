@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"net/netip"
 	"os"
-	"runtime"
 
 	"golang.org/x/sys/unix"
 
@@ -59,58 +58,58 @@ func attachEarly(objs *loader.Objects, p *proc.Process, ls []*Listener) error {
 	return nil
 }
 
+// netnsCookie returns the cookie of network namespace nsfd (what bpf_get_netns_cookie gives there).
+func netnsCookie(nsfd int) (cookie uint64, err error) {
+	err = proc.InNetNS(nsfd, func() error {
+		fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+		if err != nil {
+			return fmt.Errorf("read network namespace cookie: %w", err)
+		}
+		defer unix.Close(fd)
+		if cookie, err = unix.GetsockoptUint64(fd, unix.SOL_SOCKET, unix.SO_NETNS_COOKIE); err != nil {
+			return fmt.Errorf("read network namespace cookie: %w", err)
+		}
+		return nil
+	})
+	return cookie, err
+}
+
 // placeholder opens a TCP listener of draind's own on l's address, in the network namespace nsfd, with SO_REUSEPORT
 // and owned by l's owner (one reuseport group has one owner): it joins (or forms) l's reuseport group.
-func placeholder(l *Listener, nsfd int) (_ int, err error) {
-	runtime.LockOSThread()
-	orig, err := os.Open("/proc/thread-self/ns/net")
-	if err != nil {
-		runtime.UnlockOSThread()
-		return -1, fmt.Errorf("open network namespace: %w", err)
-	}
-	defer orig.Close()
-	prevUID := -1
-	defer func() {
-		ok := true
-		if prevUID >= 0 {
-			ok = unix.Setfsuid(prevUID) == nil
+func placeholder(l *Listener, nsfd int) (fd int, err error) {
+	fd = -1
+	err = proc.InNetNS(nsfd, func() error {
+		prev, err := unix.SetfsuidRetUid(int(l.UID))
+		if err != nil {
+			return fmt.Errorf("take the listener owner's uid: %w", err)
 		}
-		ok = unix.Setns(int(orig.Fd()), unix.CLONE_NEWNET) == nil && ok
-		if ok {
-			runtime.UnlockOSThread()
-		} // else the thread stays locked and dies with the goroutine: it is in the wrong namespace or identity
-	}()
-	if err := unix.Setns(nsfd, unix.CLONE_NEWNET); err != nil {
-		return -1, fmt.Errorf("enter network namespace: %w", err)
-	}
-	if prevUID, err = unix.SetfsuidRetUid(int(l.UID)); err != nil {
-		prevUID = -1
-		return -1, fmt.Errorf("take the listener owner's uid: %w", err)
-	}
-	fd, err := unix.Socket(l.Family, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, unix.IPPROTO_TCP)
-	if err != nil {
-		return -1, fmt.Errorf("create placeholder listener: %w", err)
-	}
-	var sa unix.Sockaddr
-	if l.Addr.Addr().Is4() {
-		sa = &unix.SockaddrInet4{Port: int(l.Addr.Port()), Addr: l.Addr.Addr().As4()}
-	} else {
-		sa = &unix.SockaddrInet6{Port: int(l.Addr.Port()), Addr: l.Addr.Addr().As16()}
-	}
-	// SO_REUSEADDR too: the old listener's connections in TIME_WAIT were accepted before it had SO_REUSEPORT, and
-	// only SO_REUSEADDR on both sides lets a bind pass them (a server sets it on its listener as a rule).
-	err = unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_REUSEADDR, 1)
-	if err == nil {
-		err = unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_REUSEPORT, 1)
-	}
-	if err == nil {
-		if err = unix.Bind(fd, sa); err == nil {
-			err = unix.Listen(fd, 16)
+		defer unix.Setfsuid(prev)
+		if fd, err = unix.Socket(l.Family, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, unix.IPPROTO_TCP); err != nil {
+			return fmt.Errorf("create placeholder listener: %w", err)
 		}
-	}
-	if err != nil {
-		unix.Close(fd)
-		return -1, fmt.Errorf("placeholder listener on %s: %w", l.Addr, err)
-	}
-	return fd, nil
+		var sa unix.Sockaddr
+		if l.Addr.Addr().Is4() {
+			sa = &unix.SockaddrInet4{Port: int(l.Addr.Port()), Addr: l.Addr.Addr().As4()}
+		} else {
+			sa = &unix.SockaddrInet6{Port: int(l.Addr.Port()), Addr: l.Addr.Addr().As16()}
+		}
+		// SO_REUSEADDR too: the old listener's connections in TIME_WAIT were accepted before it had SO_REUSEPORT,
+		// and only SO_REUSEADDR on both sides lets a bind pass them (a server sets it on its listener as a rule).
+		err = unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_REUSEADDR, 1)
+		if err == nil {
+			err = unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_REUSEPORT, 1)
+		}
+		if err == nil {
+			if err = unix.Bind(fd, sa); err == nil {
+				err = unix.Listen(fd, 16)
+			}
+		}
+		if err != nil {
+			unix.Close(fd)
+			fd = -1
+			return fmt.Errorf("placeholder listener on %s: %w", l.Addr, err)
+		}
+		return nil
+	})
+	return fd, err
 }

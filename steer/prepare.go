@@ -20,6 +20,7 @@ type Prepared struct {
 	Shared    []string // listeners of the old process draind gave SO_REUSEPORT
 	Already   []string // listeners that had it already
 	Listeners []string // every prepared listener
+	Ports     []uint16 `json:",omitempty"` // PrepareCgroup: the ports prepared
 }
 
 // Prepare makes a server that never set SO_REUSEPORT upgradable on the same port: it gives the old process's TCP
@@ -108,6 +109,11 @@ func serviceOf(p *proc.Process) (dir, root string, svc loader.Service, err error
 	if dir, err = proc.CgroupDir(p.PID); err != nil {
 		return "", "", svc, err
 	}
+	return serviceAt(dir)
+}
+
+// serviceAt is serviceOf for a cgroup v2 directory.
+func serviceAt(dir string) (_, root string, svc loader.Service, err error) {
 	if root, err = proc.Cgroup2Root(); err != nil {
 		return "", "", svc, err
 	}
@@ -126,6 +132,35 @@ func serviceOf(p *proc.Process) (dir, root string, svc loader.Service, err error
 	return dir, root, loader.Service{Cgroup: st.Ino, Level: uint32(level)}, nil
 }
 
+// PrepareCgroup prepares a service before it starts (its processes then never listen with MPTCP, and listen with
+// SO_REUSEPORT from the first one on): it attaches the bind programs to cgroup v2 directory dir for ports in the
+// network namespace nsfd. Nothing listens yet, so there is nothing to share and no selector to attach: a later
+// `handoff --exec` (or prepare --from) attaches it before the next version listens. Idempotent.
+func PrepareCgroup(objs *loader.Prepare, dir string, nsfd int, ports []uint16) (*Prepared, error) {
+	if len(ports) == 0 {
+		return nil, fmt.Errorf("%w: preparing a cgroup needs its ports", ErrNoMatch)
+	}
+	dir, root, svc, err := serviceAt(dir)
+	if err != nil {
+		return nil, err
+	}
+	cookie, err := netnsCookie(nsfd)
+	if err != nil {
+		return nil, err
+	}
+	out := &Prepared{Cgroup: dir}
+	if out.Attached, err = objs.Attach(dir, root); err != nil {
+		return nil, err
+	}
+	for _, port := range ports {
+		if err := objs.Put(cookie, port, svc); err != nil {
+			return nil, err
+		}
+		out.Ports = append(out.Ports, port)
+	}
+	return out, nil
+}
+
 // Unprepared says what Unprepare did, and what stays.
 type Unprepared struct {
 	Ports    []uint16 // prepared ports forgotten
@@ -133,12 +168,12 @@ type Unprepared struct {
 	Stays    []string // what is not undone, and why
 }
 
-// Unprepare undoes Prepare for process p's cgroup (the old or the new version of the service): the ports (all the
-// cgroup's if none given) are no longer prepared, and once none is left in the cgroup its programs are detached
-// (and the root's guard once none is left anywhere). SO_REUSEPORT stays on the listeners that have it: clearing it
-// on a listening socket is not safe (the port's bind bucket keeps it).
-func Unprepare(objs *loader.Prepare, p *proc.Process, ports []uint16) (*Unprepared, error) {
-	dir, root, svc, err := serviceOf(p)
+// Unprepare undoes Prepare or PrepareCgroup for cgroup v2 directory dir (the service's: that of its old or its new
+// version): the ports (all the cgroup's if none given) are no longer prepared, and once none is left in the cgroup
+// its programs are detached (and the root's guard once none is left anywhere). SO_REUSEPORT stays on the listeners
+// that have it: clearing it on a listening socket is not safe (the port's bind bucket keeps it).
+func Unprepare(objs *loader.Prepare, dir string, ports []uint16) (*Unprepared, error) {
+	dir, root, svc, err := serviceAt(dir)
 	if err != nil {
 		return nil, err
 	}

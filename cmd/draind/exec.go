@@ -75,8 +75,10 @@ func startNew(ctx context.Context, o execOptions) (*started, error) {
 	if len(prep.Shared) > 0 {
 		o.say("prepared: %s made shareable (SO_REUSEPORT), bind programs on cgroup %s", strings.Join(prep.Shared, ", "), prep.Cgroup)
 	}
-	if _, err := steer.Hold(steering, o.from, prep.Already); err != nil {
+	if held, err := steer.Hold(steering, o.from, prep.Already); err != nil {
 		return nil, fmt.Errorf("attach selector (target: old) to %s: %w", strings.Join(prep.Already, ", "), err)
+	} else if len(held) > 0 {
+		o.say("selector attached to %s, target: old (the new process gets nothing before the flip)", strings.Join(held, ", "))
 	}
 	var want []uint16
 	for _, a := range prep.Listeners {

@@ -9,6 +9,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -84,8 +85,9 @@ func waitListening(t *testing.T, p *proc.Process, port uint16, log string) {
 
 // execCase is one kind of unmodified server for `draind handoff --exec`.
 type execCase struct {
-	argv func(id string) []string // the command of the instance that answers with id
-	path string                   // what the load client asks for
+	argv  func(id string) []string // the command of the instance that answers with id
+	path  string                   // what the load client asks for
+	check func(old *proc.Process)  // optional: checks the old instance once it listens
 }
 
 // execUnderLoad starts the old instance of c as uid 65534 in a child cgroup, in a working directory of its own and
@@ -114,6 +116,9 @@ func execUnderLoad(t *testing.T, c execCase, prepare func(ns *testenv.NetNS, cg,
 	const nobody = 65534
 	env := []string{systemPATH, "HOME=" + work, "DRAIND_TEST_MARK=" + t.Name()}
 	old := startForeign(t, ns, cg, nobody, work, env, 8080, c.argv("old")...)
+	if c.check != nil {
+		c.check(old.p)
+	}
 
 	const hold = 3 * time.Second
 	load := testenv.StartLoadForTest(t, ns, testenv.LoadOptions{
@@ -293,4 +298,115 @@ func pgrep(t *testing.T, cmdline string) []int {
 		}
 	}
 	return out
+}
+
+var (
+	goServerOnce sync.Once
+	goServerPath string
+	goServerErr  error
+)
+
+// goServer builds testenv/goserver (http.ListenAndServe with Go's defaults) next to the test's draind binary.
+func goServer(t *testing.T) string {
+	t.Helper()
+	goServerOnce.Do(func() {
+		goServerPath = filepath.Join(filepath.Dir(draindBin(t)), "goserver")
+		out, err := exec.Command("go", "build", "-o", goServerPath, "../../testenv/goserver").CombinedOutput()
+		if err != nil {
+			goServerErr = fmt.Errorf("go build goserver: %v\n%s", err, out)
+		}
+	})
+	if goServerErr != nil {
+		t.Fatal(goServerErr)
+	}
+	return goServerPath
+}
+
+// prepareCgroup runs `draind prepare --cgroup cg --port 8080 --netns ns`: the service's cgroup is prepared before
+// its first version starts.
+func prepareCgroup(t *testing.T, ns *testenv.NetNS, cg, pins string) {
+	t.Helper()
+	code, stdout, stderr := runAs(t, 0, "prepare", "--cgroup", cg, "--port", "8080", "--netns", ns.Path, "--pin-dir", pins)
+	if code != exitOK || !strings.Contains(stdout, "prepared cgroup "+cg) {
+		t.Fatalf("prepare --cgroup: exit %d, %s %s", code, stdout, stderr)
+	}
+}
+
+// TestExecGoDefaults: a Go server with Go's defaults (http.ListenAndServe: MPTCP on, no SO_REUSEPORT) in a cgroup
+// prepared before its first start listens with plain TCP and SO_REUSEPORT, and is upgraded in one step under load.
+// Outside the prepared cgroup the same binary listens with MPTCP: the defaults are on.
+func TestExecGoDefaults(t *testing.T) {
+	bin := goServer(t)
+	var ns *testenv.NetNS
+	execUnderLoad(t, execCase{
+		argv: func(id string) []string { return []string{bin, "-addr", addr, "-id", id} },
+		path: "/",
+		check: func(old *proc.Process) {
+			side, err := steer.Discover(old)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer side.Close()
+			if l := side.Listeners[0]; l.MPTCP || !l.ReusePort {
+				t.Fatalf("the first version in the prepared cgroup listens on %s with MPTCP %v, SO_REUSEPORT %v", l, l.MPTCP, l.ReusePort)
+			}
+			outside := startForeign(t, ns, testenv.CgroupForTest(t), 65534, "/", []string{systemPATH}, 8081, bin, "-addr", "127.0.0.1:8081", "-id", "outside")
+			side, err = steer.Discover(outside.p)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer side.Close()
+			if !side.Listeners[0].MPTCP {
+				t.Fatal("outside the prepared cgroup the Go server does not listen with MPTCP: the test shows nothing about Go's defaults")
+			}
+		},
+	}, func(n *testenv.NetNS, cg, pins string) {
+		ns = n
+		prepareCgroup(t, n, cg, pins)
+	})
+}
+
+// TestExecMigratesQueue: connections waiting in the old server's accept queue when it closes its listener migrate to
+// the new server instead of being reset. The old Go server is stopped (SIGSTOP) so its queue fills; `handoff --exec
+// --timeout 1s --on-timeout kill` flips, and at the deadline kills the old process with its queue full.
+func TestExecMigratesQueue(t *testing.T) {
+	bin := goServer(t)
+	ns, pins := setup(t)
+	cg := testenv.CgroupForTest(t)
+	t.Cleanup(func() { os.RemoveAll(pins + "-prepare") })
+	prepareCgroup(t, ns, cg, pins)
+	old := startForeign(t, ns, cg, 0, "/", []string{systemPATH}, 8080, bin, "-addr", addr, "-id", "old")
+	if err := old.p.Signal(syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	const workers = 8
+	load := testenv.StartLoadForTest(t, ns, testenv.LoadOptions{Addr: addr, Concurrency: workers, Duration: 10 * time.Second, Timeout: 8 * time.Second})
+	time.Sleep(300 * time.Millisecond) // every worker's connection waits in the stopped server's queue
+	before, err := proc.TcpExt(old.p.PID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	h := startHandoff(t, "--from", strconv.Itoa(old.p.PID), "--pin-dir", pins, "--timeout", "1s", "--on-timeout", "kill", "--exec", "--", bin, "-addr", addr, "-id", "new")
+	out, code := h.wait(t, 30*time.Second)
+	if out.NewPID > 0 {
+		t.Cleanup(func() { syscall.Kill(out.NewPID, syscall.SIGKILL) })
+	}
+	after, err := proc.TcpExt(out.NewPID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(300 * time.Millisecond)
+	r, err := load.Stop()
+	if err != nil {
+		t.Fatal(err)
+	}
+	migrated := after["TCPMigrateReqSuccess"] - before["TCPMigrateReqSuccess"]
+	t.Logf("load: requests %d ok %d failures %v by server %v; migrated %v; draind: %s", r.Requests, r.OK, r.Failures, r.ByServer, migrated, h.errText())
+	if code != exitTimedOut || out.Outcome != handoff.OutcomeTimedOut || out.NewPID == 0 || out.Left != workers {
+		t.Fatalf("handoff --exec: exit %d, %+v, want a timeout with the %d queued connections left", code, out, workers)
+	}
+	requireNoFailures(t, r)
+	if migrated != workers || r.ByServer["old"] != 0 {
+		t.Fatalf("%v connections migrated, want %d; answered by %v", migrated, workers, r.ByServer)
+	}
 }

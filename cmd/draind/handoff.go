@@ -11,6 +11,7 @@ import (
 	"os/signal"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
@@ -123,6 +124,26 @@ func cmdHandoff(args []string, stdout, stderr io.Writer) int {
 		id   string
 		neu  *started
 	)
+	// A standalone --exec loads the counting programs while the new process starts, not after.
+	tracker := func() *drain.Tracker { return nil }
+	if *execNew && !useDaemon && *poll == 0 {
+		ch := make(chan *drain.Tracker, 1)
+		go func() {
+			t, err := drain.NewTracker(drain.TrackerOptions{Logger: logger})
+			if err != nil {
+				t = nil // handoff.Run loads its own and reports the error
+			}
+			ch <- t
+		}()
+		var t *drain.Tracker
+		var once sync.Once
+		tracker = func() *drain.Tracker { once.Do(func() { t = <-ch }); return t }
+		defer func() {
+			if t := tracker(); t != nil {
+				t.Close()
+			}
+		}()
+	}
 	if *execNew {
 		old, err := proc.Open(*from)
 		if err != nil {
@@ -162,7 +183,7 @@ func cmdHandoff(args []string, stdout, stderr io.Writer) int {
 		res, err = handoff.Run(ctx, handoff.Options{
 			From: *from, To: *to, Ports: ports, Signal: sig, Timeout: *timeout, OnTimeout: ot,
 			KillAfter: *killAfter, ExitWait: *exitWait, ReadyURL: *readyURL, ReadyTimeout: *readyTimeout,
-			PinDir: *pinDir, Poll: *poll, Logger: logger, Progress: pr.report,
+			PinDir: *pinDir, Poll: *poll, Logger: logger, Progress: pr.report, Tracker: tracker(),
 		})
 		code = exitCode(res, err)
 	}

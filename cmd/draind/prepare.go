@@ -5,6 +5,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"os"
 	"strings"
 
 	"github.com/draind/draind/loader"
@@ -15,7 +16,9 @@ import (
 // prepareCmd is what prepare and unprepare share: their flags, the process named by --from, and the prepared mode's
 // BPF objects.
 type prepareCmd struct {
-	p      *proc.Process
+	p      *proc.Process // --from; nil with --cgroup
+	cgroup string        // --cgroup (resolved), or the cgroup of --from
+	netns  string        // --netns
 	objs   *loader.Prepare
 	ports  portList
 	pinDir string
@@ -28,9 +31,13 @@ func openPrepareCmd(name, fromHelp, portHelp string, args []string, stderr io.Wr
 	c := &prepareCmd{}
 	fs := flag.NewFlagSet(name, flag.ContinueOnError)
 	fs.SetOutput(stderr)
-	from := fs.Int("from", 0, fromHelp+" (required)")
+	from := fs.Int("from", 0, fromHelp+" (or --cgroup)")
+	fs.StringVar(&c.cgroup, "cgroup", "", "a cgroup v2 directory instead of --from's (\"self\": the caller's own, for a service's ExecStartPre=); with --port")
 	fs.StringVar(&c.pinDir, "pin-dir", "", "bpffs directory for draind's pins (default /sys/fs/bpf/draind; prepare pins under DIR-prepare)")
 	fs.BoolVar(&c.json, "json", false, "print the result as JSON")
+	if name == "prepare" {
+		fs.StringVar(&c.netns, "netns", "/proc/self/ns/net", "with --cgroup: the network namespace the service listens in (a path such as /run/netns/NAME or /proc/PID/ns/net)")
+	}
 	fs.Var(&c.ports, "port", portHelp)
 	if err := fs.Parse(args); err != nil {
 		return nil, exitBadInput
@@ -39,23 +46,45 @@ func openPrepareCmd(name, fromHelp, portHelp string, args []string, stderr io.Wr
 	if fs.NArg() > 0 {
 		return nil, fail("unexpected argument %q", fs.Arg(0))
 	}
-	if *from <= 0 {
-		return nil, fail("--from is required")
-	}
 	var err error
-	if c.p, err = proc.Open(*from); err != nil {
-		return nil, fail("process: %v", err)
+	switch {
+	case (*from > 0) == (c.cgroup != ""):
+		return nil, fail("one of --from and --cgroup is required")
+	case c.cgroup != "":
+		if name == "prepare" && len(c.ports) == 0 {
+			return nil, fail("--cgroup needs --port: nothing listens yet to name the ports")
+		}
+		if c.cgroup == "self" {
+			if c.cgroup, err = proc.CgroupDir(os.Getpid()); err != nil {
+				return nil, fail("%v", err)
+			}
+		}
+		if st, err := os.Stat(c.cgroup); err != nil || !st.IsDir() {
+			return nil, fail("--cgroup %s: not a directory", c.cgroup)
+		}
+	default:
+		if c.p, err = proc.Open(*from); err != nil {
+			return nil, fail("process: %v", err)
+		}
+		if c.cgroup, err = proc.CgroupDir(c.p.PID); err != nil {
+			c.p.Close()
+			return nil, fail("%v", err)
+		}
 	}
 	if c.objs, err = loader.OpenPrepare(loader.Options{PinDir: c.pinDir}); err != nil {
-		c.p.Close()
+		c.close()
 		return nil, fail("%v", err)
 	}
 	return c, exitOK
 }
 
 func (c *prepareCmd) close() {
-	c.objs.Close()
-	c.p.Close()
+	if c.objs != nil {
+		c.objs.Close()
+	}
+	if c.p != nil {
+		c.p.Close()
+	}
 }
 
 func cmdPrepare(args []string, stdout, stderr io.Writer) int {
@@ -72,10 +101,19 @@ func cmdPrepare(args []string, stdout, stderr io.Writer) int {
 	}
 	defer steering.Close()
 	defer steering.RemoveUnusedPins() // a refused prepare leaves no steering pins
-	res, err := steer.Prepare(c.objs, steering, c.p, c.ports)
+	var res *steer.Prepared
+	if c.p != nil {
+		res, err = steer.Prepare(c.objs, steering, c.p, c.ports)
+	} else {
+		ns, oerr := os.Open(c.netns)
+		if oerr != nil {
+			return fail("--netns: %v", oerr)
+		}
+		res, err = steer.PrepareCgroup(c.objs, c.cgroup, int(ns.Fd()), c.ports)
+		ns.Close()
+	}
 	if err != nil {
-		if errors.Is(err, steer.ErrNoListeners) || errors.Is(err, steer.ErrNoMatch) || errors.Is(err, steer.ErrIncompatible) ||
-			errors.Is(err, proc.ErrNoCgroup2) || errors.Is(err, proc.ErrNotPermitted) || errors.Is(err, loader.ErrNotPermitted) {
+		if isPrepareInput(err) {
 			return fail("%v", err)
 		}
 		fmt.Fprintf(stderr, "draind: %v\n", err)
@@ -83,6 +121,11 @@ func cmdPrepare(args []string, stdout, stderr io.Writer) int {
 	}
 	if c.json {
 		printJSON(stdout, res)
+		return exitOK
+	}
+	if c.p == nil {
+		fmt.Fprintf(stdout, "prepared cgroup %s for port(s) %v (network namespace %s)\n", res.Cgroup, res.Ports, c.netns)
+		fmt.Fprintf(stdout, "  its processes bind these ports with SO_REUSEPORT, and get plain TCP when they ask for MPTCP\n")
 		return exitOK
 	}
 	if len(res.Shared) == 0 && res.Cgroup == "" {
@@ -109,7 +152,7 @@ func cmdUnprepare(args []string, stdout, stderr io.Writer) int {
 	}
 	defer c.close()
 	fail := badInput(stderr)
-	res, err := steer.Unprepare(c.objs, c.p, c.ports)
+	res, err := steer.Unprepare(c.objs, c.cgroup, c.ports)
 	if err != nil {
 		if errors.Is(err, steer.ErrNoMatch) || errors.Is(err, proc.ErrNoCgroup2) {
 			return fail("%v", err)
@@ -121,7 +164,7 @@ func cmdUnprepare(args []string, stdout, stderr io.Writer) int {
 		printJSON(stdout, res)
 		return exitOK
 	}
-	fmt.Fprintf(stdout, "unprepared port(s) %v of process %d's cgroup\n", res.Ports, c.p.PID)
+	fmt.Fprintf(stdout, "unprepared port(s) %v of cgroup %s\n", res.Ports, c.cgroup)
 	for _, d := range res.Detached {
 		fmt.Fprintf(stdout, "  detached programs from  %s\n", d)
 	}
