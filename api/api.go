@@ -7,6 +7,8 @@
 //	POST   /v1/handoffs        HandoffRequest (+ pidfds) -> a stream of Event, one JSON object per line
 //	GET    /v1/handoffs        -> []Handoff: the handoffs in progress
 //	DELETE /v1/handoffs/{id}   abort one: roll it back (only before its old process was signalled)
+//	POST   /v1/prepare         PrepareRequest (+ pidfd) -> PrepareResult: make a server without SO_REUSEPORT upgradable
+//	POST   /v1/unprepare       PrepareRequest (+ pidfd) -> steer.Unprepared: undo what is safe to undo
 //
 // Errors before a handoff starts are an HTTP status and an Error body.
 package api
@@ -23,6 +25,7 @@ import (
 
 	"github.com/draind/draind/drain"
 	"github.com/draind/draind/handoff"
+	"github.com/draind/draind/steer"
 )
 
 // DefaultSocket is where the daemon listens unless told otherwise.
@@ -88,21 +91,9 @@ var ErrInvalid = errors.New("invalid request")
 // DecodeHandoff reads and checks a handoff request whose sender passed nfds pidfds. It refuses bodies over
 // MaxRequestBytes, unknown fields, trailing data and values out of range; it changes nothing.
 func DecodeHandoff(r io.Reader, nfds int) (*HandoffRequest, error) {
-	body, err := io.ReadAll(io.LimitReader(r, MaxRequestBytes+1))
-	if err != nil {
-		return nil, fmt.Errorf("read request: %w: %w", ErrInvalid, err)
-	}
-	if len(body) > MaxRequestBytes {
-		return nil, fmt.Errorf("read request: %w (over %d bytes)", ErrTooLarge, MaxRequestBytes)
-	}
-	dec := json.NewDecoder(bytes.NewReader(body))
-	dec.DisallowUnknownFields()
 	var req HandoffRequest
-	if err := dec.Decode(&req); err != nil {
-		return nil, fmt.Errorf("decode request: %w: %w", ErrInvalid, err)
-	}
-	if _, err := dec.Token(); err != io.EOF {
-		return nil, fmt.Errorf("decode request: %w: data after the request", ErrInvalid)
+	if err := decodeStrict(r, &req); err != nil {
+		return nil, err
 	}
 	if err := req.Check(nfds); err != nil {
 		return nil, err
@@ -110,31 +101,107 @@ func DecodeHandoff(r io.Reader, nfds int) (*HandoffRequest, error) {
 	return &req, nil
 }
 
+// decodeStrict reads one JSON value of at most MaxRequestBytes into v: no unknown field, nothing after it.
+func decodeStrict(r io.Reader, v any) error {
+	body, err := io.ReadAll(io.LimitReader(r, MaxRequestBytes+1))
+	if err != nil {
+		return fmt.Errorf("read request: %w: %w", ErrInvalid, err)
+	}
+	if len(body) > MaxRequestBytes {
+		return fmt.Errorf("read request: %w (over %d bytes)", ErrTooLarge, MaxRequestBytes)
+	}
+	dec := json.NewDecoder(bytes.NewReader(body))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(v); err != nil {
+		return fmt.Errorf("decode request: %w: %w", ErrInvalid, err)
+	}
+	if _, err := dec.Token(); err != io.EOF {
+		return fmt.Errorf("decode request: %w: data after the request", ErrInvalid)
+	}
+	return nil
+}
+
+// PrepareRequest asks the daemon to prepare a server that never set SO_REUSEPORT for a handoff on the same port
+// (POST /v1/prepare: steer.Prepare), or to undo it for the process's cgroup (POST /v1/unprepare: steer.Unprepare).
+type PrepareRequest struct {
+	From  ProcRef  `json:"from"`
+	Ports []uint16 `json:"ports,omitempty"`
+	// Hold (prepare only): also give the reuseport groups of listeners that have SO_REUSEPORT already draind's
+	// selector with them as target (steer.Hold), so the next process that listens gets nothing before a flip.
+	Hold bool `json:"hold,omitempty"`
+}
+
+// PrepareResult answers a prepare.
+type PrepareResult struct {
+	steer.Prepared
+	Held []string `json:"held,omitempty"` // listeners Hold gave the selector
+}
+
+// DecodePrepare reads and checks a prepare (or, with unprepare, an unprepare) request whose sender passed nfds
+// pidfds, as strictly as DecodeHandoff.
+func DecodePrepare(r io.Reader, nfds int, unprepare bool) (*PrepareRequest, error) {
+	var req PrepareRequest
+	if err := decodeStrict(r, &req); err != nil {
+		return nil, err
+	}
+	if err := checkRef("from", req.From, nfds); err != nil {
+		return nil, err
+	}
+	if err := checkPorts(req.Ports); err != nil {
+		return nil, err
+	}
+	if unprepare && req.Hold {
+		return nil, fmt.Errorf("%w: hold is for prepare", ErrInvalid)
+	}
+	return &req, nil
+}
+
+// checkRef checks a process reference against the number of pidfds passed.
+func checkRef(name string, ref ProcRef, nfds int) error {
+	switch {
+	case ref.PIDFD != nil && ref.PID != 0:
+		return fmt.Errorf("%w: %s: give pidfd or pid, not both", ErrInvalid, name)
+	case ref.PIDFD != nil:
+		if i := *ref.PIDFD; i < 0 || i >= nfds {
+			return fmt.Errorf("%w: %s: pidfd %d not passed (%d passed)", ErrInvalid, name, i, nfds)
+		}
+	case ref.PID <= 0:
+		return fmt.Errorf("%w: %s: a pidfd or a pid > 0 is required", ErrInvalid, name)
+	}
+	return nil
+}
+
+// checkPorts checks a request's port list.
+func checkPorts(ports []uint16) error {
+	if len(ports) > MaxPorts {
+		return fmt.Errorf("%w: %d ports (at most %d)", ErrInvalid, len(ports), MaxPorts)
+	}
+	for i, p := range ports {
+		if p == 0 {
+			return fmt.Errorf("%w: port 0", ErrInvalid)
+		}
+		if slices.Contains(ports[:i], p) {
+			return fmt.Errorf("%w: port %d twice", ErrInvalid, p)
+		}
+	}
+	return nil
+}
+
 // Check validates the request against the number of pidfds passed with it.
 func (r *HandoffRequest) Check(nfds int) error {
 	invalid := func(format string, a ...any) error {
 		return fmt.Errorf("%w: %s", ErrInvalid, fmt.Sprintf(format, a...))
 	}
-	var used []int
 	for _, p := range []struct {
 		name string
 		ref  ProcRef
 	}{{"from", r.From}, {"to", r.To}} {
-		switch {
-		case p.ref.PIDFD != nil && p.ref.PID != 0:
-			return invalid("%s: give pidfd or pid, not both", p.name)
-		case p.ref.PIDFD != nil:
-			i := *p.ref.PIDFD
-			if i < 0 || i >= nfds {
-				return invalid("%s: pidfd %d not passed (%d passed)", p.name, i, nfds)
-			}
-			if slices.Contains(used, i) {
-				return invalid("old and new are the same pidfd")
-			}
-			used = append(used, i)
-		case p.ref.PID <= 0:
-			return invalid("%s: a pidfd or a pid > 0 is required", p.name)
+		if err := checkRef(p.name, p.ref, nfds); err != nil {
+			return err
 		}
+	}
+	if r.From.PIDFD != nil && r.To.PIDFD != nil && *r.From.PIDFD == *r.To.PIDFD {
+		return invalid("old and new are the same pidfd")
 	}
 	if r.From.PID != 0 && r.From.PID == r.To.PID {
 		return invalid("old and new are the same process (%d)", r.From.PID)
@@ -142,16 +209,8 @@ func (r *HandoffRequest) Check(nfds int) error {
 	if !validName(r.Name) {
 		return invalid("name %q: at most 63 letters, digits, '.', '_' or '-'", r.Name)
 	}
-	if len(r.Ports) > MaxPorts {
-		return invalid("%d ports (at most %d)", len(r.Ports), MaxPorts)
-	}
-	for i, p := range r.Ports {
-		if p == 0 {
-			return invalid("port 0")
-		}
-		if slices.Contains(r.Ports[:i], p) {
-			return invalid("port %d twice", p)
-		}
+	if err := checkPorts(r.Ports); err != nil {
+		return err
 	}
 	if r.Signal != "" {
 		if _, err := drain.ParseSignal(r.Signal); err != nil {

@@ -11,6 +11,8 @@ import (
 	"net/http"
 	"os"
 	"strings"
+
+	"github.com/draind/draind/steer"
 )
 
 // Client talks to the daemon over its unix socket. The zero value uses DefaultSocket.
@@ -111,6 +113,37 @@ func (c *Client) Handoff(ctx context.Context, req HandoffRequest, fds []int, on 
 		err = io.ErrUnexpectedEOF
 	}
 	return Event{}, fmt.Errorf("read handoff events: %w: draind ended the stream before the result (if it stopped, the handoff goes on when it restarts)", err)
+}
+
+// Prepare asks the daemon to prepare a server (POST /v1/prepare); fds are the pidfds req.From may point at.
+func (c *Client) Prepare(ctx context.Context, req PrepareRequest, fds []int) (*PrepareResult, error) {
+	var out PrepareResult
+	if err := c.call(ctx, "/v1/prepare", req, fds, &out); err != nil {
+		return nil, err
+	}
+	return &out, nil
+}
+
+// Unprepare asks the daemon to undo Prepare for a process's cgroup (POST /v1/unprepare).
+func (c *Client) Unprepare(ctx context.Context, req PrepareRequest, fds []int) (*steer.Unprepared, error) {
+	var out steer.Unprepared
+	if err := c.call(ctx, "/v1/unprepare", req, fds, &out); err != nil {
+		return nil, err
+	}
+	return &out, nil
+}
+
+// call POSTs body and decodes the JSON answer into out.
+func (c *Client) call(ctx context.Context, path string, body any, fds []int, out any) error {
+	resp, err := c.do(ctx, http.MethodPost, path, body, fds)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	if err := json.NewDecoder(resp.Body).Decode(out); err != nil {
+		return fmt.Errorf("read answer of %s: %w", path, err)
+	}
+	return nil
 }
 
 // List returns the handoffs in progress.

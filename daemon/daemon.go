@@ -53,6 +53,8 @@ type Daemon struct {
 	log     *slog.Logger
 	tracker *drain.Tracker
 	objs    *loader.Objects // the pinned maps, for the selector's counters
+	prep    *loader.Prepare // prepared mode's pinned programs and maps, opened by the first prepare
+	prepMu  sync.Mutex      // one prepare or unprepare at a time; guards prep
 	state   *stateFile
 	metrics *metrics.Metrics
 
@@ -182,8 +184,27 @@ func (d *Daemon) Close() error {
 			d.log.Warn("remove unused pins", "err", rerr)
 		}
 		d.objs.Close()
+		d.prepMu.Lock()
+		if d.prep != nil {
+			d.prep.Close()
+		}
+		d.prepMu.Unlock()
 	})
 	return err
+}
+
+// prepareObjects opens prepared mode's pinned objects (under the daemon's pin dir) the first time they are needed.
+func (d *Daemon) prepareObjects() (*loader.Prepare, error) {
+	d.prepMu.Lock()
+	defer d.prepMu.Unlock()
+	if d.prep == nil {
+		p, err := loader.OpenPrepare(loader.Options{PinDir: d.opts.PinDir})
+		if err != nil {
+			return nil, err
+		}
+		d.prep = p
+	}
+	return d.prep, nil
 }
 
 // listen creates the socket, refusing to replace one a live daemon serves.

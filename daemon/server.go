@@ -23,6 +23,8 @@ func (d *Daemon) routes() http.Handler {
 	mux.HandleFunc("POST /v1/handoffs", d.postHandoff)
 	mux.HandleFunc("GET /v1/handoffs", d.listHandoffs)
 	mux.HandleFunc("DELETE /v1/handoffs/{id}", d.abortHandoff)
+	mux.HandleFunc("POST /v1/prepare", func(w http.ResponseWriter, r *http.Request) { d.prepare(w, r, false) })
+	mux.HandleFunc("POST /v1/unprepare", func(w http.ResponseWriter, r *http.Request) { d.prepare(w, r, true) })
 	return mux
 }
 
@@ -104,24 +106,7 @@ func (d *Daemon) postHandoff(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	uid := pc.Cred.Uid
-	resolve := func(ref api.ProcRef, what string) (*proc.Process, error) {
-		if ref.PIDFD != nil {
-			p, err := proc.FromPidfd(fds[*ref.PIDFD]) // closes the fd on error
-			taken[*ref.PIDFD] = true
-			if err != nil {
-				return nil, fmt.Errorf("%w: %s process: %w", handoff.ErrBadInput, what, err)
-			}
-			return p, nil
-		}
-		if err := samePIDNamespace(int(pc.Cred.Pid)); err != nil {
-			return nil, err
-		}
-		p, err := proc.Open(ref.PID)
-		if err != nil {
-			return nil, fmt.Errorf("%w: %s process: %w", handoff.ErrBadInput, what, err)
-		}
-		return p, nil
-	}
+	resolve := func(ref api.ProcRef, what string) (*proc.Process, error) { return resolveRef(pc, fds, taken, ref, what) }
 	oldP, err := resolve(req.From, "old")
 	if err != nil {
 		writeError(w, classify(err))
@@ -219,6 +204,123 @@ func (d *Daemon) postHandoff(w http.ResponseWriter, r *http.Request) {
 			return // the caller went away, or the daemon stops; the handoff goes on
 		}
 	}
+}
+
+// resolveRef opens the process ref names: a pidfd the caller passed (fds; taken records that it is the Process's
+// now) or, from a caller in the daemon's PID namespace, a PID.
+func resolveRef(pc *api.PeerConn, fds []int, taken map[int]bool, ref api.ProcRef, what string) (*proc.Process, error) {
+	if ref.PIDFD != nil {
+		p, err := proc.FromPidfd(fds[*ref.PIDFD]) // closes the fd on error
+		taken[*ref.PIDFD] = true
+		if err != nil {
+			return nil, fmt.Errorf("%w: %s process: %w", handoff.ErrBadInput, what, err)
+		}
+		return p, nil
+	}
+	if err := samePIDNamespace(int(pc.Cred.Pid)); err != nil {
+		return nil, err
+	}
+	p, err := proc.Open(ref.PID)
+	if err != nil {
+		return nil, fmt.Errorf("%w: %s process: %w", handoff.ErrBadInput, what, err)
+	}
+	return p, nil
+}
+
+// MaxPreparedByUsers is how many prepared ports (all users' together) the daemon lets users other than root add: the
+// bind guard keeps a prepared port from being bound outside its service's cgroup until it is unprepared, and the
+// map is shared by everyone.
+const MaxPreparedByUsers = 256
+
+// prepare serves POST /v1/prepare (steer.Prepare, and steer.Hold if asked) and, with undo, POST /v1/unprepare
+// (steer.Unprepare of the process's cgroup). The caller must own the process (root may name any).
+func (d *Daemon) prepare(w http.ResponseWriter, r *http.Request, undo bool) {
+	pc := api.Peer(r.Context())
+	if pc == nil {
+		writeError(w, &api.Error{Message: "no peer credentials", Kind: api.KindInternal})
+		return
+	}
+	fds, err := pc.TakeFDs()
+	taken := map[int]bool{}
+	defer func() {
+		for i, fd := range fds {
+			if !taken[i] {
+				unix.Close(fd)
+			}
+		}
+	}()
+	if err != nil {
+		writeError(w, classify(err))
+		return
+	}
+	http.NewResponseController(w).SetReadDeadline(time.Now().Add(10 * time.Second))
+	req, err := api.DecodePrepare(r.Body, len(fds), undo)
+	if err != nil {
+		writeError(w, classify(err))
+		return
+	}
+	p, err := resolveRef(pc, fds, taken, req.From, "server")
+	if err != nil {
+		writeError(w, classify(err))
+		return
+	}
+	defer p.Close()
+	uid := pc.Cred.Uid
+	if err := authorize(uid, p, p); err != nil {
+		writeError(w, classify(err))
+		return
+	}
+	objs, err := d.prepareObjects()
+	if err != nil {
+		writeError(w, classify(err))
+		return
+	}
+	d.prepMu.Lock()
+	defer d.prepMu.Unlock()
+	badInput := func(err error) error {
+		if errors.Is(err, steer.ErrNoListeners) || errors.Is(err, steer.ErrNoMatch) || errors.Is(err, steer.ErrIncompatible) || errors.Is(err, proc.ErrNoCgroup2) {
+			return fmt.Errorf("%w: %w", handoff.ErrBadInput, err)
+		}
+		return err
+	}
+	var out any
+	if undo {
+		dir, err := proc.CgroupDir(p.PID)
+		if err != nil {
+			writeError(w, classify(badInput(err)))
+			return
+		}
+		res, err := steer.Unprepare(objs, dir, req.Ports)
+		if err != nil {
+			writeError(w, classify(badInput(err)))
+			return
+		}
+		d.log.Info("unprepared", "uid", uid, "pid", p.PID, "cgroup", dir, "ports", res.Ports, "detached", res.Detached)
+		out = res
+	} else {
+		if uid != 0 {
+			if entries, err := objs.Entries(); err != nil || len(entries)+max(len(req.Ports), 1) > MaxPreparedByUsers {
+				writeError(w, &api.Error{Message: fmt.Sprintf("%d ports are prepared already: users other than root may not add more than %d (err: %v)", len(entries), MaxPreparedByUsers, err), Kind: api.KindForbidden})
+				return
+			}
+		}
+		res, err := steer.Prepare(objs, d.objs, p, req.Ports)
+		if err != nil {
+			writeError(w, classify(badInput(err)))
+			return
+		}
+		pr := &api.PrepareResult{Prepared: *res}
+		if req.Hold {
+			if pr.Held, err = steer.Hold(d.objs, p, res.Already); err != nil {
+				writeError(w, classify(badInput(err)))
+				return
+			}
+		}
+		d.log.Info("prepared", "uid", uid, "pid", p.PID, "cgroup", res.Cgroup, "shared", res.Shared, "held", pr.Held)
+		out = pr
+	}
+	w.Header().Set("Content-Type", "application/json")
+	json.NewEncoder(w).Encode(out)
 }
 
 // MaxHandoffsPerUser is how many handoffs a user other than root may have in progress: each takes steering groups,

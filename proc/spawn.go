@@ -145,16 +145,18 @@ func StartLike(old *Process, like *Like, argv []string) (*exec.Cmd, error) {
 	if err != nil {
 		return nil, err
 	}
-	cg, err := os.Open(like.Cgroup)
-	if err != nil {
-		return nil, fmt.Errorf("open cgroup %s: %w", like.Cgroup, err)
-	}
-	defer cg.Close()
 	nsfd, err := old.NetNS()
 	if err != nil {
 		return nil, err
 	}
 	defer unix.Close(nsfd)
+	var oldNS, ownNS unix.Stat_t
+	if err := unix.Fstat(nsfd, &oldNS); err != nil {
+		return nil, fmt.Errorf("stat network namespace of process %d: %w", old.PID, err)
+	}
+	if err := unix.Stat("/proc/thread-self/ns/net", &ownNS); err != nil {
+		return nil, fmt.Errorf("stat own network namespace: %w", err)
+	}
 	devnull, err := os.Open(os.DevNull)
 	if err != nil {
 		return nil, fmt.Errorf("open %s: %w", os.DevNull, err)
@@ -173,18 +175,28 @@ func StartLike(old *Process, like *Like, argv []string) (*exec.Cmd, error) {
 	cmd := &exec.Cmd{
 		Path: path, Args: argv, Env: like.Env, Dir: like.Dir,
 		Stdin: devnull, Stdout: out[0], Stderr: out[1],
-		SysProcAttr: &syscall.SysProcAttr{
-			Setsid:      true,
-			UseCgroupFD: true,
-			CgroupFD:    int(cg.Fd()),
-		},
+		SysProcAttr: &syscall.SysProcAttr{Setsid: true},
+	}
+	// The cgroup and the namespace are entered only when they are not the caller's already (a service's own
+	// ExecReload= runs in both, as its user, who may not have the right to move a process or to enter a namespace).
+	if own, err := CgroupDir(os.Getpid()); err != nil || own != like.Cgroup {
+		cg, err := os.Open(like.Cgroup)
+		if err != nil {
+			return nil, fmt.Errorf("open cgroup %s: %w", like.Cgroup, err)
+		}
+		defer cg.Close()
+		cmd.SysProcAttr.UseCgroupFD, cmd.SysProcAttr.CgroupFD = true, int(cg.Fd())
 	}
 	// Root takes old's identity, groups included; anyone else can only be themselves (a different identity is
 	// refused by the kernel: EPERM).
 	if os.Geteuid() == 0 || uint32(os.Geteuid()) != like.UID || uint32(os.Getegid()) != like.GID {
 		cmd.SysProcAttr.Credential = &syscall.Credential{Uid: like.UID, Gid: like.GID, Groups: like.Groups}
 	}
-	if err := InNetNS(nsfd, cmd.Start); err != nil {
+	start := cmd.Start
+	if oldNS.Ino != ownNS.Ino || oldNS.Dev != ownNS.Dev {
+		start = func() error { return InNetNS(nsfd, cmd.Start) }
+	}
+	if err := start(); err != nil {
 		return nil, fmt.Errorf("start %s: %w", path, err)
 	}
 	return cmd, nil

@@ -93,14 +93,21 @@ type bgProc struct {
 }
 
 // startBg starts cmd; it is killed at cleanup.
-func startBg(t testing.TB, cmd *exec.Cmd) *bgProc {
+func startBg(t testing.TB, cmd *exec.Cmd) *bgProc { return startBgIn(t, nil, cmd) }
+
+// startBgIn starts cmd in network namespace ns (nil: this process's); it is killed at cleanup.
+func startBgIn(t testing.TB, ns *testenv.NetNS, cmd *exec.Cmd) *bgProc {
 	t.Helper()
 	b := &bgProc{cmd: cmd, done: make(chan struct{})}
 	errPipe, err := cmd.StderrPipe()
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := cmd.Start(); err != nil {
+	start := cmd.Start
+	if ns != nil {
+		start = func() error { return testenv.StartIn(ns, cmd) }
+	}
+	if err := start(); err != nil {
 		t.Fatal(err)
 	}
 	go func() {

@@ -14,6 +14,7 @@ import (
 
 	sddaemon "github.com/coreos/go-systemd/v22/daemon"
 
+	"github.com/draind/draind/api"
 	"github.com/draind/draind/handoff"
 	"github.com/draind/draind/loader"
 	"github.com/draind/draind/proc"
@@ -34,6 +35,7 @@ type execOptions struct {
 	ports         []uint16
 	argv          []string
 	pinDir        string
+	client        *api.Client // the daemon, if one serves: it prepares
 	listenTimeout time.Duration
 	say           func(format string, a ...any)
 }
@@ -54,31 +56,15 @@ func startNew(ctx context.Context, o execOptions) (*started, error) {
 	if _, err := proc.LookPath(o.argv[0], like.Env); err != nil {
 		return nil, fmt.Errorf("%w: %w (searched with the old process's PATH)", errExecInput, err)
 	}
-	pobjs, err := loader.OpenPrepare(loader.Options{PinDir: o.pinDir})
+	prep, err := prepareForExec(ctx, o)
 	if err != nil {
-		return nil, fmt.Errorf("%w: %w", errExecInput, err)
-	}
-	defer pobjs.Close()
-	steering, err := loader.Open(loader.Options{PinDir: o.pinDir})
-	if err != nil {
-		return nil, fmt.Errorf("%w: %w", errExecInput, err)
-	}
-	defer steering.Close()
-	defer steering.RemoveUnusedPins()
-	prep, err := steer.Prepare(pobjs, steering, o.from, o.ports)
-	if err != nil {
-		if isPrepareInput(err) {
-			err = fmt.Errorf("%w: %w", errExecInput, err)
-		}
-		return nil, fmt.Errorf("prepare old process: %w", err)
+		return nil, err
 	}
 	if len(prep.Shared) > 0 {
 		o.say("prepared: %s made shareable (SO_REUSEPORT), bind programs on cgroup %s", strings.Join(prep.Shared, ", "), prep.Cgroup)
 	}
-	if held, err := steer.Hold(steering, o.from, prep.Already); err != nil {
-		return nil, fmt.Errorf("attach selector (target: old) to %s: %w", strings.Join(prep.Already, ", "), err)
-	} else if len(held) > 0 {
-		o.say("selector attached to %s, target: old (the new process gets nothing before the flip)", strings.Join(held, ", "))
+	if len(prep.Held) > 0 {
+		o.say("selector attached to %s, target: old (the new process gets nothing before the flip)", strings.Join(prep.Held, ", "))
 	}
 	var want []uint16
 	for _, a := range prep.Listeners {
@@ -113,6 +99,46 @@ func startNew(ctx context.Context, o execOptions) (*started, error) {
 	return s, nil
 }
 
+// prepareForExec prepares the old process (steer.Prepare) and gives the groups that exist already the selector,
+// target: old (steer.Hold): through the daemon if one serves, else here.
+func prepareForExec(ctx context.Context, o execOptions) (*api.PrepareResult, error) {
+	if o.client != nil {
+		idx := 0
+		res, err := o.client.Prepare(ctx, api.PrepareRequest{From: api.ProcRef{PIDFD: &idx}, Ports: o.ports, Hold: true}, []int{o.from.FD()})
+		var ae *api.Error
+		if errors.As(err, &ae) && exitCodeOfKind(ae.Kind) == exitBadInput {
+			return nil, fmt.Errorf("%w: prepare old process: %w", errExecInput, err)
+		}
+		if err != nil {
+			return nil, fmt.Errorf("prepare old process: %w", err)
+		}
+		return res, nil
+	}
+	pobjs, err := loader.OpenPrepare(loader.Options{PinDir: o.pinDir})
+	if err != nil {
+		return nil, fmt.Errorf("%w: %w", errExecInput, err)
+	}
+	defer pobjs.Close()
+	steering, err := loader.Open(loader.Options{PinDir: o.pinDir})
+	if err != nil {
+		return nil, fmt.Errorf("%w: %w", errExecInput, err)
+	}
+	defer steering.Close()
+	defer steering.RemoveUnusedPins()
+	prep, err := steer.Prepare(pobjs, steering, o.from, o.ports)
+	if err != nil {
+		if isPrepareInput(err) {
+			err = fmt.Errorf("%w: %w", errExecInput, err)
+		}
+		return nil, fmt.Errorf("prepare old process: %w", err)
+	}
+	res := &api.PrepareResult{Prepared: *prep}
+	if res.Held, err = steer.Hold(steering, o.from, prep.Already); err != nil {
+		return nil, fmt.Errorf("attach selector (target: old) to %s: %w", strings.Join(prep.Already, ", "), err)
+	}
+	return res, nil
+}
+
 func isPrepareInput(err error) bool {
 	return errors.Is(err, steer.ErrNoListeners) || errors.Is(err, steer.ErrNoMatch) || errors.Is(err, steer.ErrIncompatible) ||
 		errors.Is(err, proc.ErrNoCgroup2) || errors.Is(err, proc.ErrNotPermitted) || errors.Is(err, loader.ErrNotPermitted)
@@ -127,11 +153,8 @@ func (s *started) waitListening(ctx context.Context, want []uint16, limit time.D
 	var missing []uint16
 	for {
 		missing = slices.Clone(want)
-		if side, err := steer.Discover(s.p); err == nil {
-			for _, l := range side.Listeners {
-				missing = slices.DeleteFunc(missing, func(p uint16) bool { return p == l.Addr.Port() })
-			}
-			side.Close()
+		if ports, err := proc.ListeningPorts(s.p.PID); err == nil {
+			missing = slices.DeleteFunc(missing, func(p uint16) bool { return slices.Contains(ports, p) })
 		}
 		if len(missing) == 0 {
 			return nil

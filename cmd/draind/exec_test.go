@@ -88,6 +88,9 @@ type execCase struct {
 	argv  func(id string) []string // the command of the instance that answers with id
 	path  string                   // what the load client asks for
 	check func(old *proc.Process)  // optional: checks the old instance once it listens
+	// daemon: a daemon runs, and `draind handoff --exec` goes through it, run as the service's user (65534) in the
+	// service's cgroup and network namespace, as a systemd unit's ExecReload= would be.
+	daemon bool
 }
 
 // execUnderLoad starts the old instance of c as uid 65534 in a child cgroup, in a working directory of its own and
@@ -126,7 +129,22 @@ func execUnderLoad(t *testing.T, c execCase, prepare func(ns *testenv.NetNS, cg,
 		KeepAlive: 4, KeepAliveEvery: 20 * time.Millisecond, KeepAliveFor: hold,
 	})
 	time.Sleep(300 * time.Millisecond)
-	h := startHandoff(t, append([]string{"--from", strconv.Itoa(old.p.PID), "--pin-dir", pins, "--exec", "--"}, c.argv("new")...)...)
+	var h *handoffRun
+	if c.daemon {
+		d := startDaemon(t, newDaemonDir(t), pins)
+		h = &handoffRun{}
+		cmd := exec.Command(draindBin(t), append([]string{"handoff", "--json", "--daemon", "--socket", d.socket, "--from", strconv.Itoa(old.p.PID), "--exec", "--"}, c.argv("new")...)...)
+		cmd.Stdout = &h.stdout
+		cgf, err := os.Open(cg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer cgf.Close()
+		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: nobody, Gid: nobody}, UseCgroupFD: true, CgroupFD: int(cgf.Fd())}
+		h.bgProc = startBgIn(t, ns, cmd)
+	} else {
+		h = startHandoff(t, append([]string{"--from", strconv.Itoa(old.p.PID), "--pin-dir", pins, "--exec", "--"}, c.argv("new")...)...)
+	}
 	out, code := h.wait(t, 30*time.Second)
 	if out.NewPID > 0 {
 		t.Cleanup(func() { syscall.Kill(out.NewPID, syscall.SIGKILL) })
@@ -202,6 +220,20 @@ func TestExecPython(t *testing.T) {
 	}, nil)
 }
 
+// TestExecPythonWithDaemon: the same through the daemon, by the service's own user: `draind handoff --exec` runs as
+// uid 65534 in the service's cgroup and network namespace (a unit's ExecReload= without privileges), and the daemon
+// prepares and hands off.
+func TestExecPythonWithDaemon(t *testing.T) {
+	python := lookCommand(t, "python3")
+	execUnderLoad(t, execCase{
+		argv: func(id string) []string {
+			return []string{python, "-m", "http.server", "8080", "--bind", "127.0.0.1", "--directory", id, "--protocol", "HTTP/1.1"}
+		},
+		path:   "/id",
+		daemon: true,
+	}, nil)
+}
+
 // TestExecNode: Node's http server (no SO_REUSEPORT) upgraded in one step under load.
 func TestExecNode(t *testing.T) {
 	node := lookCommand(t, "node")
@@ -234,8 +266,8 @@ func TestExecBadInput(t *testing.T) {
 			t.Errorf("%s: exit %d, %q %q; want exit %d and %q", c.name, code, stdout, stderr, exitBadInput, c.want)
 		}
 	}
-	if entries, _ := os.ReadDir(pins + "-prepare"); slices.ContainsFunc(entries, func(e os.DirEntry) bool { return strings.HasPrefix(e.Name(), "cgroup-") }) {
-		t.Errorf("a refused handoff --exec attached programs: %v", entries)
+	if l := cgroupLinks(pins); len(l) > 0 {
+		t.Errorf("a refused handoff --exec attached programs: %v", l)
 	}
 	// A new process that exits without listening: draind says so, the old server keeps serving.
 	code, _, stderr := runAs(t, 0, "handoff", "--pin-dir", pins, "--listen-timeout", "5s", "--from", from, "--exec", "--", "sh", "-c", "exit 3")

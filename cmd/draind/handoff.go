@@ -103,7 +103,7 @@ func cmdHandoff(args []string, stdout, stderr io.Writer) int {
 	}
 	client := &api.Client{Socket: *socket}
 	useDaemon := *viaDaemon || (!*standalone && client.Available())
-	if useDaemon && (*poll > 0 || *pinDir != "" && !*execNew) {
+	if useDaemon && (*poll > 0 || *pinDir != "") {
 		return fail("--poll and --pin-dir are for --standalone runs (the daemon has its own pin dir)")
 	}
 	if !useDaemon && *name != "" {
@@ -149,7 +149,11 @@ func cmdHandoff(args []string, stdout, stderr io.Writer) int {
 		if err != nil {
 			return fail("old process: %v", err)
 		}
-		neu, err = startNew(ctx, execOptions{from: old, ports: ports, argv: fs.Args(), pinDir: *pinDir, listenTimeout: *listenWait, say: pr.say})
+		eo := execOptions{from: old, ports: ports, argv: fs.Args(), pinDir: *pinDir, listenTimeout: *listenWait, say: pr.say}
+		if useDaemon {
+			eo.client = client
+		}
+		neu, err = startNew(ctx, eo)
 		old.Close()
 		if errors.Is(err, errExecInput) {
 			return fail("%s", strings.TrimPrefix(err.Error(), errExecInput.Error()+": "))

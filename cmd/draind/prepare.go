@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"errors"
 	"flag"
 	"fmt"
@@ -8,17 +9,19 @@ import (
 	"os"
 	"strings"
 
+	"github.com/draind/draind/api"
 	"github.com/draind/draind/loader"
 	"github.com/draind/draind/proc"
 	"github.com/draind/draind/steer"
 )
 
-// prepareCmd is what prepare and unprepare share: their flags, the process named by --from, and the prepared mode's
-// BPF objects.
+// prepareCmd is what prepare and unprepare share: their flags, the process named by --from (or the cgroup named by
+// --cgroup), and either the daemon that serves --socket or the prepared mode's BPF objects.
 type prepareCmd struct {
 	p      *proc.Process // --from; nil with --cgroup
 	cgroup string        // --cgroup (resolved), or the cgroup of --from
 	netns  string        // --netns
+	client *api.Client   // the daemon, when it serves the socket (and --from is given)
 	objs   *loader.Prepare
 	ports  portList
 	pinDir string
@@ -33,8 +36,10 @@ func openPrepareCmd(name, fromHelp, portHelp string, args []string, stderr io.Wr
 	fs.SetOutput(stderr)
 	from := fs.Int("from", 0, fromHelp+" (or --cgroup)")
 	fs.StringVar(&c.cgroup, "cgroup", "", "a cgroup v2 directory instead of --from's (\"self\": the caller's own, for a service's ExecStartPre=); with --port")
-	fs.StringVar(&c.pinDir, "pin-dir", "", "bpffs directory for draind's pins (default /sys/fs/bpf/draind; prepare pins under DIR-prepare)")
+	fs.StringVar(&c.pinDir, "pin-dir", "", "bpffs directory for draind's pins (default /sys/fs/bpf/draind; prepare pins under DIR-prepare); for --standalone runs")
 	fs.BoolVar(&c.json, "json", false, "print the result as JSON")
+	socket := fs.String("socket", api.DefaultSocket, "the daemon's socket: used when it exists (with --from)")
+	standalone := fs.Bool("standalone", false, "work in this process even if a daemon serves --socket")
 	if name == "prepare" {
 		fs.StringVar(&c.netns, "netns", "/proc/self/ns/net", "with --cgroup: the network namespace the service listens in (a path such as /run/netns/NAME or /proc/PID/ns/net)")
 	}
@@ -66,6 +71,14 @@ func openPrepareCmd(name, fromHelp, portHelp string, args []string, stderr io.Wr
 		if c.p, err = proc.Open(*from); err != nil {
 			return nil, fail("process: %v", err)
 		}
+		if client := (&api.Client{Socket: *socket}); !*standalone && client.Available() {
+			if c.pinDir != "" {
+				c.close()
+				return nil, fail("--pin-dir is for --standalone runs (the daemon has its own pin dir)")
+			}
+			c.client = client
+			return c, exitOK
+		}
 		if c.cgroup, err = proc.CgroupDir(c.p.PID); err != nil {
 			c.p.Close()
 			return nil, fail("%v", err)
@@ -87,6 +100,25 @@ func (c *prepareCmd) close() {
 	}
 }
 
+// request is the daemon's request for c's process.
+func (c *prepareCmd) request(hold bool) (api.PrepareRequest, []int) {
+	idx := 0
+	return api.PrepareRequest{From: api.ProcRef{PIDFD: &idx}, Ports: c.ports, Hold: hold}, []int{c.p.FD()}
+}
+
+// prepareErr prints err and returns its exit code: bad input (nothing changed) or an error.
+func prepareErr(stderr io.Writer, err error) int {
+	fmt.Fprintf(stderr, "draind: %v\n", err)
+	var ae *api.Error
+	if errors.As(err, &ae) {
+		return exitCodeOfKind(ae.Kind)
+	}
+	if isPrepareInput(err) {
+		return exitBadInput
+	}
+	return exitError
+}
+
 func cmdPrepare(args []string, stdout, stderr io.Writer) int {
 	c, code := openPrepareCmd("prepare", "PID of the running (old) server",
 		"prepare only this port (repeatable; default: every port the process listens on)", args, stderr)
@@ -94,30 +126,35 @@ func cmdPrepare(args []string, stdout, stderr io.Writer) int {
 		return code
 	}
 	defer c.close()
-	fail := badInput(stderr)
-	steering, err := loader.Open(loader.Options{PinDir: c.pinDir})
-	if err != nil {
-		return fail("%v", err)
-	}
-	defer steering.Close()
-	defer steering.RemoveUnusedPins() // a refused prepare leaves no steering pins
-	var res *steer.Prepared
-	if c.p != nil {
-		res, err = steer.Prepare(c.objs, steering, c.p, c.ports)
+	var res *api.PrepareResult
+	if c.client != nil {
+		req, fds := c.request(false)
+		var err error
+		if res, err = c.client.Prepare(context.Background(), req, fds); err != nil {
+			return prepareErr(stderr, err)
+		}
 	} else {
-		ns, oerr := os.Open(c.netns)
-		if oerr != nil {
-			return fail("--netns: %v", oerr)
+		steering, err := loader.Open(loader.Options{PinDir: c.pinDir})
+		if err != nil {
+			return prepareErr(stderr, err)
 		}
-		res, err = steer.PrepareCgroup(c.objs, c.cgroup, int(ns.Fd()), c.ports)
-		ns.Close()
-	}
-	if err != nil {
-		if isPrepareInput(err) {
-			return fail("%v", err)
+		defer steering.Close()
+		defer steering.RemoveUnusedPins() // a refused prepare leaves no steering pins
+		var pr *steer.Prepared
+		if c.p != nil {
+			pr, err = steer.Prepare(c.objs, steering, c.p, c.ports)
+		} else {
+			ns, oerr := os.Open(c.netns)
+			if oerr != nil {
+				return badInput(stderr)("--netns: %v", oerr)
+			}
+			pr, err = steer.PrepareCgroup(c.objs, c.cgroup, int(ns.Fd()), c.ports)
+			ns.Close()
 		}
-		fmt.Fprintf(stderr, "draind: %v\n", err)
-		return exitError
+		if err != nil {
+			return prepareErr(stderr, err)
+		}
+		res = &api.PrepareResult{Prepared: *pr}
 	}
 	if c.json {
 		printJSON(stdout, res)
@@ -151,20 +188,28 @@ func cmdUnprepare(args []string, stdout, stderr io.Writer) int {
 		return code
 	}
 	defer c.close()
-	fail := badInput(stderr)
-	res, err := steer.Unprepare(c.objs, c.cgroup, c.ports)
+	var (
+		res *steer.Unprepared
+		err error
+	)
+	if c.client != nil {
+		req, fds := c.request(false)
+		res, err = c.client.Unprepare(context.Background(), req, fds)
+	} else {
+		res, err = steer.Unprepare(c.objs, c.cgroup, c.ports)
+	}
 	if err != nil {
-		if errors.Is(err, steer.ErrNoMatch) || errors.Is(err, proc.ErrNoCgroup2) {
-			return fail("%v", err)
-		}
-		fmt.Fprintf(stderr, "draind: %v\n", err)
-		return exitError
+		return prepareErr(stderr, err)
 	}
 	if c.json {
 		printJSON(stdout, res)
 		return exitOK
 	}
-	fmt.Fprintf(stdout, "unprepared port(s) %v of cgroup %s\n", res.Ports, c.cgroup)
+	what := "cgroup " + c.cgroup
+	if c.p != nil {
+		what = fmt.Sprintf("process %d's cgroup", c.p.PID)
+	}
+	fmt.Fprintf(stdout, "unprepared port(s) %v of %s\n", res.Ports, what)
 	for _, d := range res.Detached {
 		fmt.Fprintf(stdout, "  detached programs from  %s\n", d)
 	}

@@ -107,11 +107,8 @@ func TestPreparedPlainServer(t *testing.T) {
 	if code != exitOK || json.Unmarshal([]byte(stdout), &un) != nil || len(un.Ports) != 1 || un.Ports[0] != 8080 || len(un.Detached) != 2 || len(un.Stays) == 0 {
 		t.Fatalf("unprepare: exit %d, %s %s", code, stdout, stderr)
 	}
-	entries, _ := os.ReadDir(pins + "-prepare")
-	for _, e := range entries {
-		if strings.HasPrefix(e.Name(), "cgroup-") {
-			t.Errorf("unprepare left the link %s", e.Name())
-		}
+	if l := cgroupLinks(pins); len(l) > 0 {
+		t.Errorf("unprepare left the links %v", l)
 	}
 	if code, _, stderr = runAs(t, 0, "unprepare", "--from", strconv.Itoa(newS.PID), "--pin-dir", pins); code != exitBadInput || !strings.Contains(stderr, "nothing is prepared") {
 		t.Fatalf("second unprepare: exit %d, %q", code, stderr)
@@ -143,12 +140,21 @@ func TestPrepareBadInput(t *testing.T) {
 		}
 		requireGone(t, pins)
 	}
-	entries, _ := os.ReadDir(pins + "-prepare") // the maps' pins may be there, no program attached to a cgroup
+	if l := cgroupLinks(pins); len(l) > 0 { // the maps' pins may be there, no program attached to a cgroup
+		t.Errorf("a refused prepare attached programs: %v", l)
+	}
+}
+
+// cgroupLinks lists prepared mode's pinned cgroup links under pins (a link is attached while pinned).
+func cgroupLinks(pins string) []string {
+	entries, _ := os.ReadDir(pins + "-prepare")
+	var out []string
 	for _, e := range entries {
 		if strings.HasPrefix(e.Name(), "cgroup-") {
-			t.Errorf("a refused prepare attached programs: %s", e.Name())
+			out = append(out, e.Name())
 		}
 	}
+	return out
 }
 
 // TestPreparedRefusesMPTCP: in a prepared cgroup and network namespace, a new server that asks for MPTCP (Go's
@@ -177,16 +183,29 @@ func TestPreparedRefusesMPTCP(t *testing.T) {
 	}
 }
 
-// TestPreparedWithDaemon: with a daemon running, `draind prepare` from the command line shares the daemon's pinned
-// steering maps, and the daemon then hands the prepared server off.
+// TestPreparedWithDaemon: with a daemon running, `draind prepare --standalone` from the command line shares the
+// daemon's pinned steering maps, `draind prepare` goes through the daemon's API (which refuses a user another
+// user's server), and the daemon then hands the prepared server off; `draind unprepare` goes through the API too.
 func TestPreparedWithDaemon(t *testing.T) {
 	ns, pins := setup(t)
 	cg := testenv.CgroupForTest(t)
 	t.Cleanup(func() { os.RemoveAll(pins + "-prepare") })
 	d := startDaemon(t, newDaemonDir(t), pins)
 	old := testenv.StartServerForTest(t, ns, testenv.ServerOptions{Addr: addr, ID: "old", Cgroup: cg})
-	if code, stdout, stderr := runAs(t, 0, "prepare", "--from", strconv.Itoa(old.PID), "--pin-dir", pins); code != exitOK {
-		t.Fatalf("prepare: exit %d, %s %s", code, stdout, stderr)
+	from := strconv.Itoa(old.PID)
+	if code, _, stderr := runAs(t, 65534, "prepare", "--socket", d.socket, "--from", from); code != exitBadInput || !strings.Contains(stderr, "may only hand off its own processes") {
+		t.Fatalf("prepare of root's server by uid 65534: exit %d, %q", code, stderr)
+	}
+	if l := cgroupLinks(pins); len(l) > 0 {
+		t.Fatalf("a refused prepare attached programs: %v", l)
+	}
+	if code, stdout, stderr := runAs(t, 0, "prepare", "--standalone", "--from", from, "--pin-dir", pins); code != exitOK {
+		t.Fatalf("prepare --standalone: exit %d, %s %s", code, stdout, stderr)
+	}
+	code, stdout, stderr := runAs(t, 0, "prepare", "--json", "--socket", d.socket, "--from", from)
+	var res steer.Prepared
+	if code != exitOK || json.Unmarshal([]byte(stdout), &res) != nil || res.Attached || len(res.Already) != 1 {
+		t.Fatalf("prepare through the daemon, after the standalone one: exit %d, %s %s", code, stdout, stderr)
 	}
 	newS := testenv.StartServerForTest(t, ns, testenv.ServerOptions{Addr: addr, ID: "new", Cgroup: cg})
 	h := startHandoff(t, daemonArgs(d, old, newS)...)
@@ -194,4 +213,11 @@ func TestPreparedWithDaemon(t *testing.T) {
 		t.Fatalf("handoff through the daemon after prepare: exit %d, %+v: %s", code, out.Result, h.errText())
 	}
 	requireUnused(t, pins)
+	code, stdout, stderr = runAs(t, 0, "unprepare", "--socket", d.socket, "--from", strconv.Itoa(newS.PID))
+	if code != exitOK || !strings.Contains(stdout, "unprepared port(s) [8080]") {
+		t.Fatalf("unprepare through the daemon: exit %d, %s %s", code, stdout, stderr)
+	}
+	if l := cgroupLinks(pins); len(l) > 0 {
+		t.Fatalf("unprepare left programs attached: %v", l)
+	}
 }
