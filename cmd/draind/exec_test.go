@@ -2,7 +2,9 @@ package main
 
 import (
 	"bytes"
+	"encoding/json"
 	"fmt"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -143,7 +145,27 @@ func execUnderLoad(t *testing.T, c execCase, prepare func(ns *testenv.NetNS, cg,
 		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: nobody, Gid: nobody}, UseCgroupFD: true, CgroupFD: int(cgf.Fd())}
 		h.bgProc = startBgIn(t, ns, cmd)
 	} else {
-		h = startHandoff(t, append([]string{"--from", strconv.Itoa(old.p.PID), "--pin-dir", pins, "--exec", "--"}, c.argv("new")...)...)
+		// A supervisor's view: systemd's notification socket, and a pid file.
+		notify, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: filepath.Join(t.TempDir(), "notify"), Net: "unixgram"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer notify.Close()
+		pidFile := filepath.Join(t.TempDir(), "main.pid")
+		h = &handoffRun{}
+		cmd := exec.Command(draindBin(t), append([]string{"handoff", "--json", "--from", strconv.Itoa(old.p.PID), "--pin-dir", pins, "--pid-file", pidFile, "--exec", "--"}, c.argv("new")...)...)
+		cmd.Env = append(os.Environ(), "NOTIFY_SOCKET="+notify.LocalAddr().String())
+		cmd.Stdout = &h.stdout
+		h.bgProc = startBg(t, cmd)
+		defer func() {
+			notify.SetReadDeadline(time.Now().Add(time.Second))
+			buf := make([]byte, 256)
+			n, _ := notify.Read(buf)
+			b, _ := os.ReadFile(pidFile)
+			if want := strconv.Itoa(pidOf(h)); string(buf[:n]) != "MAINPID="+want || string(b) != want+"\n" {
+				t.Errorf("supervisor told %q, pid file %q; want MAINPID=%s", buf[:n], b, want)
+			}
+		}()
 	}
 	out, code := h.wait(t, 30*time.Second)
 	if out.NewPID > 0 {
@@ -171,6 +193,13 @@ func execUnderLoad(t *testing.T, c execCase, prepare func(ns *testenv.NetNS, cg,
 		t.Fatalf("old server: exited %v, signalled %v with %d connections left", old.p.Exited(), out.Signalled, out.Left)
 	}
 	requireLike(t, old.p.PID, out.NewPID, work, cg)
+	return out.NewPID
+}
+
+// pidOf is the new process's PID in the result of a finished `handoff --json --exec`.
+func pidOf(h *handoffRun) int {
+	var out handoffOut
+	json.Unmarshal(h.stdout.Bytes(), &out)
 	return out.NewPID
 }
 
@@ -440,5 +469,31 @@ func TestExecMigratesQueue(t *testing.T) {
 	requireNoFailures(t, r)
 	if migrated != workers || r.ByServer["old"] != 0 {
 		t.Fatalf("%v connections migrated, want %d; answered by %v", migrated, workers, r.ByServer)
+	}
+}
+
+// TestSystemdUnits: the units in deploy/systemd pass `systemd-analyze verify`, with the binaries they name replaced by
+// the test's draind and Go server.
+func TestSystemdUnits(t *testing.T) {
+	testenv.RequireCommand(t, "systemd-analyze")
+	units, err := filepath.Glob("../../deploy/systemd/*.service")
+	if err != nil || len(units) < 2 {
+		t.Fatalf("units: %v %v", units, err)
+	}
+	dir := t.TempDir()
+	for _, u := range units {
+		b, err := os.ReadFile(u)
+		if err != nil {
+			t.Fatal(err)
+		}
+		s := strings.NewReplacer("/usr/local/bin/draind", draindBin(t), "/usr/local/bin/example-server", goServer(t)).Replace(string(b))
+		p := filepath.Join(dir, filepath.Base(u))
+		if err := os.WriteFile(p, []byte(s), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		out, err := exec.Command("systemd-analyze", "verify", p).CombinedOutput()
+		if err != nil || len(bytes.TrimSpace(out)) > 0 {
+			t.Errorf("systemd-analyze verify %s: %v\n%s", filepath.Base(u), err, out)
+		}
 	}
 }
