@@ -50,7 +50,7 @@ func Prepare(objs *loader.Prepare, steering *loader.Objects, p *proc.Process, po
 	}
 	for _, l := range ls {
 		if l.MPTCP {
-			return nil, fmt.Errorf("%w: %s is an MPTCP listener (Go >= 1.24 listens with MPTCP by default): it cannot be steered", ErrIncompatible, l)
+			return nil, fmt.Errorf("%w: %s is an MPTCP listener (Go >= 1.24 listens with MPTCP by default): it cannot be steered; prepare the service's cgroup before it starts (draind prepare --cgroup DIR --port %d), and it listens with plain TCP", ErrIncompatible, l, l.Addr.Port())
 		}
 	}
 	out := &Prepared{}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"os"
+	"os/exec"
 	"strconv"
 	"strings"
 	"syscall"
@@ -133,6 +134,8 @@ func TestPrepareBadInput(t *testing.T) {
 		{"port not listened", []string{"--from", pid(plainTCP), "--port", "9999"}, exitBadInput, "does not listen on port 9999"},
 		{"MPTCP listener", []string{"--from", pid(mptcp)}, exitBadInput, "MPTCP listener"},
 		{"already SO_REUSEPORT", []string{"--from", pid(reuse)}, exitOK, "nothing to prepare: 127.0.0.1:8081 already set SO_REUSEPORT"},
+		{"--cgroup without --port", []string{"--cgroup", "self"}, exitBadInput, "--cgroup needs --port"},
+		{"--cgroup not a directory", []string{"--cgroup", "/nonexistent", "--port", "8080"}, exitBadInput, "not a directory"},
 	} {
 		code, stdout, stderr := runAs(t, 0, append([]string{"prepare", "--pin-dir", pins}, c.args...)...)
 		if code != c.code || !strings.Contains(stdout+stderr, c.want) {
@@ -140,6 +143,13 @@ func TestPrepareBadInput(t *testing.T) {
 		}
 		requireGone(t, pins)
 	}
+	// No cgroup v2 mounted (a mount namespace where it is unmounted).
+	out, err := exec.Command("unshare", "--mount", "--propagation", "private", "sh", "-c",
+		"umount -a -t cgroup2 && exec "+draindBin(t)+" prepare --pin-dir "+pins+" --from "+pid(plainTCP)).CombinedOutput()
+	if ee, ok := err.(*exec.ExitError); !ok || ee.ExitCode() != exitBadInput || !strings.Contains(string(out), "no cgroup v2") {
+		t.Errorf("no cgroup v2 mounted: %v, %q; want exit %d and \"no cgroup v2\"", err, out, exitBadInput)
+	}
+	requireGone(t, pins)
 	if l := cgroupLinks(pins); len(l) > 0 { // the maps' pins may be there, no program attached to a cgroup
 		t.Errorf("a refused prepare attached programs: %v", l)
 	}
