@@ -21,6 +21,9 @@
 // - draind_held (iter/tcp, in one network namespace) lists the tagged connections that a socket file still holds.
 //   With the tag cloned from a tagged listener to the connections born on it, this finds the connections a tree
 //   holds where no fd table shows them (in flight over SCM_RIGHTS, io_uring fixed files) before draind signals it.
+//   It walks the whole established hash table, so draind runs it only while `mark_live` says that some connection
+//   with the tree's tag may still be held: the snapshot and the tracepoint keep that count per mark as they tag
+//   connections, as connections are born tagged, and as their files are released.
 // - draind_tasks (iter/task), the fast snapshot, visits every task once; for a task with a marked ancestor it walks
 //   its fd table itself (bpf_loop) and writes per-port sums of its sockets instead of one record per socket. It
 //   does not tag, so userspace uses it between full snapshots, when no new socket can have come to the tree. It
@@ -99,6 +102,7 @@ struct {
 // tree's connections are tagged even when no fd table ever holds them (accepted through io_uring as a fixed file).
 struct sock_mark {
 	__u32 mark;
+	__u32 live; // 1: counted in mark_live[mark] (see there); mark and live change together (one 64-bit word)
 };
 
 struct {
@@ -123,6 +127,22 @@ struct {
 	__type(key, __u32);
 	__type(value, struct mark_count);
 } mark_events SEC(".maps");
+
+// mark_live: per mark id, how many connections tagged with it may still be held by a socket file: each counted
+// connection has `live` set in its tag. A connection is counted from its tagging by a snapshot (any state but LISTEN
+// and CLOSE) or from its birth on a tagged listener (queued: it may be accepted where no fd table shows it) until
+// its file is released (close(2), the last reference dropped: it is no longer held) or it reaches CLOSE, or until a
+// snapshot retags it. A count is raised before its connection is flagged and lowered after it is unflagged, and the
+// flag changes with compare-and-swap, so a count is never below the number of connections that draind_held would
+// report for its mark: zero means there is nothing to look for. (It can stay above: a reset that races with a
+// snapshot's tagging leaves a connection counted; draind then walks, as it would without the count.) Never reset:
+// connections keep their tag when their mark id is freed, and are counted under it until they go.
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, MAX_MARKS);
+	__type(key, __u32);
+	__type(value, __s64);
+} mark_live SEC(".maps");
 
 // events: wakeups for userspace, one record per counted event.
 struct event {
@@ -273,6 +293,47 @@ static __always_inline void notify(__u32 mark, __u8 kind, __u16 port, __u8 oldst
 	bpf_ringbuf_submit(ev, 0);
 }
 
+static __always_inline void add_live(__u32 mark, __s64 delta)
+{
+	__s64 *n = bpf_map_lookup_elem(&mark_live, &mark);
+	if (n)
+		__sync_fetch_and_add(n, delta);
+}
+
+// retag sets a socket's tag to mark, counted in mark_live or not (live), and moves the counts to match (see
+// mark_live). Compare-and-swap, since the tracepoint may change the same tag on another CPU (once per state change);
+// after a few lost races in a row it gives up, leaving the tag as it is and the counts too high, never too low.
+static __always_inline void retag(struct sock_mark *t, __u32 mark, __u32 live)
+{
+	__u64 *w = (__u64 *)t;
+	__u64 want = (__u64)live << 32 | mark;
+	for (int i = 0; i < 4; i++) {
+		__u64 old = *(volatile __u64 *)w;
+		if (old == want)
+			return;
+		if (live)
+			add_live(mark, 1);
+		if (__sync_val_compare_and_swap(w, old, want) == old) {
+			if (old >> 32)
+				add_live((__u32)old, -1);
+			return;
+		}
+		if (live && i < 3)
+			add_live(mark, -1); // try again (the last time, keep the count: too high is safe)
+	}
+}
+
+// released reports whether sk's socket file is being released (its last reference is gone: close(2) of its last
+// fd, or the exit of its last holder): from here on no file holds the connection.
+static __always_inline int released(struct sock *sk)
+{
+	struct socket *so = sk->sk_socket;
+	if (!so)
+		return 0; // not accepted yet, or orphaned already
+	struct file *f = so->file;
+	return f && f->f_ref.refcnt.counter < 0; // FILE_REF_DEAD and the other released values are negative
+}
+
 // tcp_port_key fills pk with sk's (netns, local port) and reports whether sk is a TCP socket over IPv4 or IPv6.
 static __always_inline int tcp_port_key(struct sock *sk, struct port_key *pk)
 {
@@ -323,15 +384,16 @@ int draind_sockets(struct bpf_iter__task_file *ctx)
 	bpf_seq_write(seq, &rec, sizeof(rec));
 
 	if (cached_path.tracked && rec.state != TCP_CLOSE) {
+		// The file is held (the iterator holds a reference): a connection is live until released.
 		struct sock_mark *t = bpf_sk_storage_get(&sock_marks, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
 		if (t)
-			t->mark = cached_path.tracked;
+			retag(t, cached_path.tracked, rec.state != TCP_LISTEN);
 	} else if (!cached_path.tracked) {
 		// Held outside every tracked tree (the new side took it, e.g. a queued connection that migrated to its
 		// listener): no longer the tracked tree's, whatever tag it was born with.
 		struct sock_mark *t = bpf_sk_storage_get(&sock_marks, sk, 0, 0);
 		if (t)
-			t->mark = 0;
+			retag(t, 0, 0);
 	}
 	return 0;
 }
@@ -340,10 +402,24 @@ SEC("tp_btf/inet_sock_set_state")
 int BPF_PROG(draind_state, struct sock *sk, int oldstate, int newstate)
 {
 	struct sock_mark *t = bpf_sk_storage_get(&sock_marks, sk, 0, 0);
-	if (!t || !t->mark)
+	if (!t)
 		return 0;
+	__u32 mark = t->mark;
+	if (!mark)
+		return 0;
+	if (oldstate == TCP_LISTEN && newstate != TCP_CLOSE) {
+		// A connection born on a tagged listener (its state copied from the listener's), tag included: count it,
+		// whatever flag it was born with. Nobody else sees it yet.
+		add_live(mark, 1);
+		t->live = 1;
+	} else if (t->live) {
+		if (newstate == TCP_CLOSE || released(sk))
+			retag(t, mark, 0);
+	} else if (newstate != TCP_CLOSE && newstate != TCP_LISTEN && sk->sk_socket && !released(sk)) {
+		retag(t, mark, 1); // a closed socket connecting again
+	}
 	if (oldstate == TCP_LISTEN) {
-		notify(t->mark, EVENT_LISTENER, sk->__sk_common.skc_num, oldstate, newstate);
+		notify(mark, EVENT_LISTENER, sk->__sk_common.skc_num, oldstate, newstate);
 		return 0;
 	}
 	// No socket file: closed already (a later step of its teardown, counted when its fd was closed), or still in an
@@ -355,7 +431,7 @@ int BPF_PROG(draind_state, struct sock *sk, int oldstate, int newstate)
 	// peer's FIN, ACKs of our FIN) cannot lower the count and wake nobody.
 	// close(2) after shutdown(2) calls tcp_set_state with the state it already has (FIN_WAIT1/2, CLOSING, LAST_ACK).
 	if (newstate == TCP_FIN_WAIT1 || newstate == TCP_LAST_ACK || newstate == TCP_CLOSE || oldstate == newstate)
-		notify(t->mark, EVENT_STATE, sk->__sk_common.skc_num, oldstate, newstate);
+		notify(mark, EVENT_STATE, sk->__sk_common.skc_num, oldstate, newstate);
 	return 0;
 }
 
@@ -418,6 +494,13 @@ int draind_accept(struct sys_exit_ctx *ctx)
 {
 	return on_accept(ctx);
 }
+
+// The task's flags (PF_*), read through a CO-RE flavor of task_struct (the ___ suffix is ignored when relocating).
+struct task_struct___flags {
+	unsigned int flags;
+} __attribute__((preserve_access_index));
+
+#define PF_KTHREAD 0x00200000
 
 // walk is the state of one task's fd table walk.
 struct walk {
@@ -498,8 +581,11 @@ int draind_tasks(struct bpf_iter__task *ctx)
 
 	if (!task)
 		return 0;
-	// Threads share their leader's fd table (unless created without CLONE_FILES): walk it once.
+	// Threads share their leader's fd table (unless created without CLONE_FILES): walk it once. Kernel threads
+	// (most tasks of an idle machine) hold no socket files: skip them before walking up their ancestry.
 	if (task != task->group_leader && task->files == task->group_leader->files)
+		return 0;
+	if (((struct task_struct___flags *)task)->flags & PF_KTHREAD)
 		return 0;
 	struct path p;
 	path_of(task, &p);

@@ -17,8 +17,10 @@ import (
 // ends connections at random (normal closes, half-closes, client resets, idle holds) against a holder that keeps
 // each ended connection's fd 20ms (so CLOSE_WAIT and reset-but-open sockets exist). For each sample the client
 // and both servers are frozen with SIGSTOP (the servers first, so that accept queues fill), then the BPF count is
-// compared with the ground truth from /proc fd tables and sock_diag. Every sample must match, and the handoff must
-// lose no connection and signal the old side only once it holds nothing.
+// compared with the ground truth from /proc fd tables and sock_diag. Every sample must match, the kernel's count of
+// the old side's connections that a socket file may hold must not be below what a walk of the namespace finds (Wait
+// skips its walk for connections held outside fd tables when that count is zero), and the handoff must lose no
+// connection and signal the old side only once it holds nothing.
 func TestAccuracyUnderChurn(t *testing.T) {
 	testenv.Require(t)
 	ns := testenv.NetNSForTest(t)
@@ -51,6 +53,8 @@ func TestAccuracyUnderChurn(t *testing.T) {
 	t.Cleanup(func() { newC.Close() })
 
 	var samples, mismatches, nonzero, queued, during int
+	var maxLive int64
+	var maxHeld int
 	sample := func(inHandoff bool) {
 		thawServers := freeze(t, old.PID, next.PID)
 		time.Sleep(time.Millisecond) // the client connects on: accept queues fill
@@ -60,6 +64,9 @@ func TestAccuracyUnderChurn(t *testing.T) {
 			during++
 		}
 		time.Sleep(2 * time.Millisecond) // let loopback packets in flight land
+		// Before this sample's snapshots tag what the old side accepted since the last one: counted from birth.
+		live, held := liveCovers(t, oldC, oldP, samples)
+		maxLive, maxHeld = max(maxLive, live), max(maxHeld, held)
 		for _, side := range []struct {
 			name    string
 			p       *proc.Process
@@ -129,6 +136,7 @@ loop:
 		t.Fatal(err)
 	}
 	t.Logf("samples: %d (%d freezes during the handoff), %d mismatches, %d non-zero, %d with queued connections", samples, during, mismatches, nonzero, queued)
+	t.Logf("old side: up to %d connections held (the walk), up to %d counted as possibly held (the kernel)", maxHeld, maxLive)
 	t.Logf("churn: %+v", cr)
 	if r.err != nil {
 		t.Fatalf("handoff: %v", r.err)
@@ -150,6 +158,33 @@ loop:
 	if len(sigs) != 1 || sigs[0].MonoNS < old.Snapshot().LastCloseMono {
 		t.Fatalf("old side signalled %v, last closed a connection at %d", sigs, old.Snapshot().LastCloseMono)
 	}
+}
+
+// liveCovers checks that the kernel's count of c's connections that a socket file may hold is not below what a walk
+// of the network namespace finds, and returns both (zeros once c's process has exited).
+func liveCovers(t *testing.T, c *drain.Counter, p *proc.Process, sample int) (int64, int) {
+	t.Helper()
+	// Read before and after the walk: a snapshot of the running handoff may tag a connection meanwhile.
+	live1, err := c.Live()
+	if err != nil {
+		t.Fatal(err)
+	}
+	held, err := c.HeldWalk()
+	if err != nil {
+		if p.Exited() {
+			return 0, 0 // signalled at the end of the handoff
+		}
+		t.Fatal(err)
+	}
+	live2, err := c.Live()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if max(live1, live2) < int64(held) {
+		t.Errorf("sample %d: the kernel counts %d (then %d) connections that may be held, the walk finds %d",
+			sample, live1, live2, held)
+	}
+	return live2, held
 }
 
 func openProc(t *testing.T, pid int) *proc.Process {

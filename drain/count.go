@@ -6,6 +6,8 @@ import (
 	"context"
 	"errors"
 	"time"
+
+	"github.com/draind/draind/loader"
 )
 
 // Count is what a process tree holds on the handed-off ports.
@@ -87,11 +89,20 @@ func Wait(ctx context.Context, c *Counter, opts WaitOptions) (Count, error) {
 	defer timer.Stop()
 	full := !opts.Tagged          // the first snapshot tags the tree's sockets
 	fullTook := c.Stats().FullMax // the caller's full snapshot, if Tagged
+	var now loader.MarkCount      // the events read by the wait that ended the last round, if it was woken
+	woken := false
 	for {
-		before, err := c.events()
-		if err != nil {
-			return last, err
+		// Events are read before the snapshot: whatever happens from here on is in it or counted after. When a wakeup
+		// ended the last round, the events it read a moment ago do as well (an event in between is then both in the
+		// snapshot and counted after it, which at worst brings the next snapshot one event early).
+		before := now
+		if !woken {
+			var err error
+			if before, err = c.events(); err != nil {
+				return last, err
+			}
 		}
+		woken = false
 		if before.Resnaps != c.tagEvents().Resnaps {
 			full = true // an accept since the last full snapshot (perhaps the caller's): tag what it brought
 		}
@@ -129,13 +140,15 @@ func Wait(ctx context.Context, c *Counter, opts WaitOptions) (Count, error) {
 				return done(ctx.Err())
 			case <-timer.C:
 				full = true // also tags what the events could not see arrive
+				woken = false
 				break wait
 			case <-c.wake:
 			}
-			now, err := c.events()
-			if err != nil {
+			var err error
+			if now, err = c.events(); err != nil {
 				return last, err
 			}
+			woken = true
 			if now.Resnaps != before.Resnaps {
 				full = true // an accepted socket must be tagged
 				break wait

@@ -523,8 +523,10 @@ func (c *Counter) ByPort() map[uint16]Count {
 
 // settle is called when a count is zero: it looks, in the tree's network namespace, for connections the tree took that
 // a socket file still holds outside every fd table (in flight in an SCM_RIGHTS message, or an io_uring fixed file),
-// and returns the count with them as Detached. Sockets born on the tree's listener but taken by another watched tree
-// (queued connections that migrated to the new side) are told apart by a full snapshot, which retags them.
+// and returns the count with them as Detached. It does not look when the kernel counts none that may be held (the
+// usual case: the tree closed them all), which spares it a walk of the namespace's connections. Sockets born on the
+// tree's listener but taken by another watched tree (queued connections that migrated to the new side) are told apart
+// by a full snapshot, which retags them.
 func (c *Counter) settle() (Count, error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -540,7 +542,8 @@ func (c *Counter) settle() (Count, error) {
 	return n, err
 }
 
-// heldLocked counts the connections tagged with the tree's mark that a socket file holds.
+// heldLocked counts the connections tagged with the tree's mark that a socket file holds. The walk of the network
+// namespace's connections is skipped when the kernel counts none that may be held.
 func (c *Counter) heldLocked() (int, error) {
 	if !c.track || c.p.Exited() {
 		return 0, nil
@@ -552,6 +555,18 @@ func (c *Counter) heldLocked() (int, error) {
 	}
 	id := c.root.id
 	c.t.mu.Unlock()
+	live, err := c.t.k.Live(id)
+	if err != nil {
+		return 0, fmt.Errorf("count connections: %w", err)
+	}
+	if live <= 0 {
+		return 0, nil
+	}
+	return c.walkHeld(id)
+}
+
+// walkHeld walks the tree's network namespace for the connections tagged with mark id that a socket file holds.
+func (c *Counter) walkHeld(id uint32) (int, error) {
 	nsfd, err := c.p.NetNS()
 	if err != nil {
 		return 0, fmt.Errorf("count connections: %w", err)

@@ -290,6 +290,113 @@ func TestDetached(t *testing.T) {
 	}
 }
 
+// TestLive: the kernel's count of the tree's connections that may be held (Wait walks the network namespace's
+// connections for detached ones only while it is above zero) counts a connection from its tagging by a snapshot, or
+// from its birth on a tagged listener, until its file is released (close(2), whoever ended the connection first) or
+// it is reset; one in flight in an SCM_RIGHTS message stays counted.
+func TestLive(t *testing.T) {
+	c, ln := selfCounter(t, true)
+	live := func(want int64) {
+		t.Helper()
+		got, err := c.Live()
+		if err != nil || got != want {
+			t.Fatalf("live = %d, %v; want %d", got, err, want)
+		}
+	}
+	dial := func() (net.Conn, net.Conn) {
+		t.Helper()
+		var d net.Dialer
+		d.SetMultipathTCP(false)
+		cl, err := d.Dial("tcp", ln.Addr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { cl.Close() })
+		s, err := ln.Accept()
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { s.Close() })
+		return cl, s
+	}
+	_, s1 := dial() // before the first snapshot: not born tagged
+	live(0)
+	mustCount(t, c, drain.Count{Conns: 1}) // tags it and the listener
+	live(1)
+	cl2, s2 := dial() // born tagged
+	live(2)
+	s1.Close() // closed by the tree first
+	live(1)
+	cl2.Close() // by the peer first: the tree still holds it
+	time.Sleep(20 * time.Millisecond)
+	live(1)
+	s2.Close()
+	live(0)
+
+	_, s3 := dial()
+	if err := s3.(*net.TCPConn).CloseWrite(); err != nil { // shut down, still held
+		t.Fatal(err)
+	}
+	live(1)
+	s3.Close()
+	live(0)
+
+	cl4, _ := dial()
+	if err := cl4.(*net.TCPConn).SetLinger(0); err != nil {
+		t.Fatal(err)
+	}
+	cl4.Close() // a reset: the tree's socket is CLOSE, no longer a connection anywhere
+	time.Sleep(20 * time.Millisecond)
+	live(0)
+
+	_, s5 := dial()
+	f, err := s5.(*net.TCPConn).File()
+	s5.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	pair, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(pair[0])
+	defer unix.Close(pair[1])
+	if err := unix.Sendmsg(pair[0], []byte{1}, unix.UnixRights(int(f.Fd())), nil, 0); err != nil {
+		t.Fatal(err)
+	}
+	f.Close() // the only reference left is the message's
+	live(1)
+	buf, oob := make([]byte, 1), make([]byte, unix.CmsgSpace(4))
+	_, oobn, _, _, err := unix.Recvmsg(pair[1], buf, oob, unix.MSG_CMSG_CLOEXEC)
+	if err != nil {
+		t.Fatal(err)
+	}
+	msgs, err := unix.ParseSocketControlMessage(oob[:oobn])
+	if err != nil || len(msgs) != 1 {
+		t.Fatalf("parse control message: %v (%d)", err, len(msgs))
+	}
+	fds, err := unix.ParseUnixRights(&msgs[0])
+	if err != nil || len(fds) != 1 {
+		t.Fatalf("parse rights: %v %v", err, fds)
+	}
+	live(1)
+	unix.Close(fds[0])
+	live(0)
+
+	// Queued on the listener when it closes: reset.
+	var d net.Dialer
+	d.SetMultipathTCP(false)
+	cl6, err := d.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cl6.Close()
+	time.Sleep(20 * time.Millisecond)
+	live(1)
+	ln.Close()
+	live(0)
+}
+
 // TestCutSubtreeIsQuiet: a subtree cut out of a tracked tree (the new side of an nginx-style handoff, started by the
 // old process) does not wake the tree's waiter: its accepts and closes are not the tree's events.
 func TestCutSubtreeIsQuiet(t *testing.T) {

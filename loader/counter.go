@@ -282,6 +282,16 @@ func (c *Counter) MarkEvents(id uint32) (MarkCount, error) {
 	return v, nil
 }
 
+// Live reads how many connections tagged with mark id may still be held by a socket file (never fewer than Held
+// would report for it): zero means Held would report none.
+func (c *Counter) Live(id uint32) (int64, error) {
+	var n int64
+	if err := c.objs.MarkLive.Lookup(id, &n); err != nil {
+		return 0, fmt.Errorf("read live connections: %w", err)
+	}
+	return n, nil
+}
+
 // PutMark marks the process with pidfs inode ino.
 func (c *Counter) PutMark(ino uint64, m Mark) error {
 	if err := c.objs.Marks.Put(ino, m); err != nil {

@@ -60,6 +60,7 @@ type counterPortKey struct {
 type counterSockMark struct {
 	_    structs.HostLayout
 	Mark uint32
+	Live uint32
 }
 
 type counterSockRec struct {
@@ -90,6 +91,7 @@ type counterTaskRec struct {
 const (
 	counterMapEvents         = "events"
 	counterMapMarkEvents     = "mark_events"
+	counterMapMarkLive       = "mark_live"
 	counterMapMarks          = "marks"
 	counterMapPorts          = "ports"
 	counterMapSockMarks      = "sock_marks"
@@ -165,6 +167,7 @@ type counterProgramSpecs struct {
 type counterMapSpecs struct {
 	Events     *ebpf.MapSpec `ebpf:"events"`
 	MarkEvents *ebpf.MapSpec `ebpf:"mark_events"`
+	MarkLive   *ebpf.MapSpec `ebpf:"mark_live"`
 	Marks      *ebpf.MapSpec `ebpf:"marks"`
 	Ports      *ebpf.MapSpec `ebpf:"ports"`
 	SockMarks  *ebpf.MapSpec `ebpf:"sock_marks"`
@@ -206,6 +209,7 @@ func (o *counterObjects) Close() error {
 type counterMaps struct {
 	Events     *ebpf.Map `ebpf:"events"`
 	MarkEvents *ebpf.Map `ebpf:"mark_events"`
+	MarkLive   *ebpf.Map `ebpf:"mark_live"`
 	Marks      *ebpf.Map `ebpf:"marks"`
 	Ports      *ebpf.Map `ebpf:"ports"`
 	SockMarks  *ebpf.Map `ebpf:"sock_marks"`
@@ -216,6 +220,7 @@ func (m *counterMaps) Close() error {
 	return _CounterClose(
 		m.Events,
 		m.MarkEvents,
+		m.MarkLive,
 		m.Marks,
 		m.Ports,
 		m.SockMarks,

@@ -615,7 +615,7 @@ func TestBadInput(t *testing.T) {
 		{"zero timeout", append(ok, "--timeout", "0s"), false, "--timeout 0s is not positive"},
 		{"negative timeout", append(ok, "--timeout", "-5s"), false, "--timeout -5s is not positive"},
 		{"bad on-timeout", append(ok, "--on-timeout", "explode"), false, "want signal, kill or abort"},
-		{"missing --to", []string{"--from", pid(old.PID)}, false, "--from and --to are required"},
+		{"missing --to", []string{"--from", pid(old.PID)}, false, "--from and --to (or --exec) are required"},
 	}
 	before := selectorPrograms(t)
 	for _, c := range cases {
