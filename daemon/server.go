@@ -106,7 +106,9 @@ func (d *Daemon) postHandoff(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	uid := pc.Cred.Uid
-	resolve := func(ref api.ProcRef, what string) (*proc.Process, error) { return resolveRef(pc, fds, taken, ref, what) }
+	resolve := func(ref api.ProcRef, what string) (*proc.Process, error) {
+		return resolveRef(pc, fds, taken, ref, what)
+	}
 	oldP, err := resolve(req.From, "old")
 	if err != nil {
 		writeError(w, classify(err))
