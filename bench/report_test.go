@@ -3,12 +3,14 @@ package bench
 import (
 	"encoding/xml"
 	"errors"
-	"github.com/draind/draind/testenv"
 	"io"
 	"math"
+	"slices"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/draind/draind/testenv"
 )
 
 func TestTableMarkdown(t *testing.T) {
@@ -184,7 +186,7 @@ func TestResultsMarkdown(t *testing.T) {
 		"![failures and connect latency over time, scenario 1, first repeat](storm.svg)",
 		"| (1) connect p99                                                | 0.500",
 		"| selector overhead ratio ≥ 0.98 (median)",
-		"| draind: 0 failed connections in every scenario (all repeats)                    | (1) 0 ",
+		"| draind: 0 failed connections in every scenario (all repeats) ",
 	} {
 		if !strings.Contains(md, want) {
 			t.Errorf("Markdown lacks %q:\n%s", want, md)
@@ -200,6 +202,24 @@ func TestResultsMarkdown(t *testing.T) {
 	}
 	if met["switch time ≤ 10 ms (draind, median: command → last connection answered by old)"] != "yes" {
 		t.Errorf("targets: %v", st.Rows)
+	}
+	const consistent = "draind not worse than tableflip in every repeat on any figure (each repeat's runs compared)"
+	if met[consistent] != "yes" {
+		t.Errorf("targets: %v", st.Rows)
+	}
+	// draind slower than tableflip in one repeat only: noise; in both: consistently worse.
+	r.stormOf(Draind)[0].Rate = 4000
+	if figs, n := r.consistentlyWorse(Draind, Tableflip); len(figs) != 0 || n != 2 {
+		t.Errorf("worse in one repeat of 2: consistently worse on %v (%d repeats)", figs, n)
+	}
+	r.stormOf(Draind)[1].Rate = 4000
+	if figs, _ := r.consistentlyWorse(Draind, Tableflip); !slices.Equal(figs, []string{"(1) answered/s"}) {
+		t.Errorf("worse in both repeats: consistently worse on %v, want (1) answered/s", figs)
+	}
+	for _, row := range r.Targets().Rows {
+		if row[0] == consistent && (row[2] != "no" || !strings.Contains(row[1], "worse in all 2 repeats on: (1) answered/s")) {
+			t.Errorf("target row %v", row)
+		}
 	}
 }
 
