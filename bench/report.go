@@ -191,6 +191,34 @@ func (r *Results) longOf(c string) []*LongRun {
 	return filterRuns(r.LongLived, func(s *LongRun) bool { return s.Contender == c && s.Conns > 0 })
 }
 
+func (s *StormRun) repeat() int { return s.Repeat }
+func (s *QueueRun) repeat() int { return s.Repeat }
+func (s *LongRun) repeat() int  { return s.Repeat }
+
+// perRepeat turns a figure f of a scenario's runs (runsOf: a contender's) into the figure of contender c in repeat
+// rep (false: c has no run in rep).
+func perRepeat[R interface{ repeat() int }](runsOf func(string) []R, f func(R) float64) func(c string, rep int) (float64, bool) {
+	return func(c string, rep int) (float64, bool) {
+		for _, s := range runsOf(c) {
+			if s.repeat() == rep {
+				return f(s), true
+			}
+		}
+		return 0, false
+	}
+}
+
+// medianSwitch is a storm run's median switch (command → last connection answered by old).
+func medianSwitch(s *StormRun) float64 {
+	var vs []float64
+	for _, w := range s.Switches {
+		if w.CommandToAllNew >= 0 {
+			vs = append(vs, float64(w.CommandToAllNew))
+		}
+	}
+	return SpreadOf(vs).Med
+}
+
 func failedPct(f loadFigures) (float64, bool) {
 	if f.Requests == 0 {
 		return 0, false
@@ -370,52 +398,25 @@ func (r *Results) CompareTable() Table {
 	}
 	type fig struct {
 		name string
-		val  func(r *Results, c string, rep int) (float64, bool)
+		val  func(c string, rep int) (float64, bool)
 	}
-	storm := func(f func(*StormRun) float64) func(*Results, string, int) (float64, bool) {
-		return func(r *Results, c string, rep int) (float64, bool) {
-			for _, s := range r.stormOf(c) {
-				if s.Repeat == rep {
-					return f(s), true
-				}
-			}
-			return 0, false
-		}
-	}
-	queue := func(f func(*QueueRun) float64) func(*Results, string, int) (float64, bool) {
-		return func(r *Results, c string, rep int) (float64, bool) {
-			for _, s := range r.queueOf(c) {
-				if s.Repeat == rep {
-					return f(s), true
-				}
-			}
-			return 0, false
-		}
-	}
-	medSwitch := func(s *StormRun) float64 {
-		var vs []float64
-		for _, w := range s.Switches {
-			if w.CommandToAllNew >= 0 {
-				vs = append(vs, float64(w.CommandToAllNew))
-			}
-		}
-		return SpreadOf(vs).Med
-	}
+	storm := func(f func(*StormRun) float64) func(string, int) (float64, bool) { return perRepeat(r.stormOf, f) }
+	queue := func(f func(*QueueRun) float64) func(string, int) (float64, bool) { return perRepeat(r.queueOf, f) }
 	figs := []fig{
 		{"(1) connect p99", storm(func(s *StormRun) float64 { return float64(s.Connect.P99) })},
 		{"(1) connect p99.9", storm(func(s *StormRun) float64 { return float64(s.Connect.P999) })},
 		{"(1) request p99", storm(func(s *StormRun) float64 { return float64(s.Request.P99) })},
 		{"(1) answered/s (higher is better)", storm(func(s *StormRun) float64 { return s.Rate })},
 		{"(2) request p99", queue(func(s *QueueRun) float64 { return float64(s.Request.P99) })},
-		{"(4) command → last connection answered by old (median per run)", storm(medSwitch)},
+		{"(4) command → last connection answered by old (median per run)", storm(medianSwitch)},
 	}
 	for _, f := range figs {
 		row := []string{f.name}
 		for _, other := range []string{Tableflip, ReusePort} {
 			var vs []float64
 			for rep := range r.Params.Repeats {
-				a, ok1 := f.val(r, Draind, rep)
-				b, ok2 := f.val(r, other, rep)
+				a, ok1 := f.val(Draind, rep)
+				b, ok2 := f.val(other, rep)
 				if ok1 && ok2 && b > 0 {
 					vs = append(vs, a/b)
 				}
@@ -545,45 +546,9 @@ func (r *Results) consistentlyWorse(a, b string) (figs []string, repeats int) {
 		val          func(c string, rep int) (float64, bool)
 		higherBetter bool
 	}
-	storm := func(f func(*StormRun) float64) func(string, int) (float64, bool) {
-		return func(c string, rep int) (float64, bool) {
-			for _, s := range r.stormOf(c) {
-				if s.Repeat == rep {
-					return f(s), true
-				}
-			}
-			return 0, false
-		}
-	}
-	queue := func(f func(*QueueRun) float64) func(string, int) (float64, bool) {
-		return func(c string, rep int) (float64, bool) {
-			for _, s := range r.queueOf(c) {
-				if s.Repeat == rep {
-					return f(s), true
-				}
-			}
-			return 0, false
-		}
-	}
-	long := func(f func(*LongRun) float64) func(string, int) (float64, bool) {
-		return func(c string, rep int) (float64, bool) {
-			for _, s := range r.longOf(c) {
-				if s.Repeat == rep {
-					return f(s), true
-				}
-			}
-			return 0, false
-		}
-	}
-	medSwitch := func(s *StormRun) float64 {
-		var vs []float64
-		for _, w := range s.Switches {
-			if w.CommandToAllNew >= 0 {
-				vs = append(vs, float64(w.CommandToAllNew))
-			}
-		}
-		return SpreadOf(vs).Med
-	}
+	storm := func(f func(*StormRun) float64) func(string, int) (float64, bool) { return perRepeat(r.stormOf, f) }
+	queue := func(f func(*QueueRun) float64) func(string, int) (float64, bool) { return perRepeat(r.queueOf, f) }
+	long := func(f func(*LongRun) float64) func(string, int) (float64, bool) { return perRepeat(r.longOf, f) }
 	for _, f := range []fig{
 		{"(1) failed", storm(func(s *StormRun) float64 { return float64(s.Failed) }), false},
 		{"(1) connect p99", storm(func(s *StormRun) float64 { return float64(s.Connect.P99) }), false},
@@ -594,7 +559,7 @@ func (r *Results) consistentlyWorse(a, b string) (figs []string, repeats int) {
 		{"(2) request p99", queue(func(s *QueueRun) float64 { return float64(s.Request.P99) }), false},
 		{"(3) cut", long(func(s *LongRun) float64 { return float64(s.Cut) }), false},
 		{"(3) last close → exit", long(func(s *LongRun) float64 { return float64(s.LastCloseToExit) }), false},
-		{"(4) switch", storm(medSwitch), false},
+		{"(4) switch", storm(medianSwitch), false},
 	} {
 		n, worse := 0, 0
 		for rep := range r.Params.Repeats {

@@ -1,6 +1,7 @@
 package bench
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -10,8 +11,6 @@ import (
 	"os"
 	"runtime"
 	"slices"
-	"strconv"
-	"strings"
 	"time"
 
 	"github.com/cilium/ebpf"
@@ -69,23 +68,14 @@ func tcpExt(ns *testenv.NetNS) (map[string]int64, error) {
 	if err != nil {
 		return nil, fmt.Errorf("read TcpExt counters: %w", err)
 	}
-	var names, values []string
-	for _, l := range strings.Split(string(data), "\n") {
-		if rest, ok := strings.CutPrefix(l, "TcpExt:"); ok {
-			if names == nil {
-				names = strings.Fields(rest)
-			} else {
-				values = strings.Fields(rest)
-			}
-		}
+	all, err := proc.ParseTcpExt(bytes.NewReader(data))
+	if err != nil {
+		return nil, err
 	}
 	out := map[string]int64{}
-	for i, n := range names {
-		if i < len(values) && slices.Contains(kernelCounters, n) {
-			v, err := strconv.ParseInt(values[i], 10, 64)
-			if err == nil {
-				out[n] = v
-			}
+	for _, n := range kernelCounters {
+		if v, ok := all[n]; ok {
+			out[n] = int64(v)
 		}
 	}
 	return out, nil

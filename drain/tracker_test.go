@@ -240,21 +240,7 @@ func TestDetached(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	f, err := s.(*net.TCPConn).File()
-	s.Close()
-	if err != nil {
-		t.Fatal(err)
-	}
-	pair, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer unix.Close(pair[0])
-	defer unix.Close(pair[1])
-	if err := unix.Sendmsg(pair[0], []byte{1}, unix.UnixRights(int(f.Fd())), nil, 0); err != nil {
-		t.Fatal(err)
-	}
-	f.Close() // the only reference left is the message's
+	pair := inFlight(t, s)
 	mustCount(t, c, drain.Count{})
 
 	ctx, cancel := context.WithTimeout(context.Background(), 500*time.Millisecond)
@@ -265,23 +251,11 @@ func TestDetached(t *testing.T) {
 	}
 
 	// Receive it (back in an fd table), then close it while Wait waits.
-	buf, oob := make([]byte, 1), make([]byte, unix.CmsgSpace(4))
-	_, oobn, _, _, err := unix.Recvmsg(pair[1], buf, oob, unix.MSG_CMSG_CLOEXEC)
-	if err != nil {
-		t.Fatal(err)
-	}
-	msgs, err := unix.ParseSocketControlMessage(oob[:oobn])
-	if err != nil || len(msgs) != 1 {
-		t.Fatalf("parse control message: %v (%d)", err, len(msgs))
-	}
-	fds, err := unix.ParseUnixRights(&msgs[0])
-	if err != nil || len(fds) != 1 {
-		t.Fatalf("parse rights: %v %v", err, fds)
-	}
+	fd := receive(t, pair)
 	mustCount(t, c, drain.Count{Conns: 1})
 	go func() {
 		time.Sleep(50 * time.Millisecond)
-		unix.Close(fds[0])
+		unix.Close(fd)
 	}()
 	ctx, cancel = context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
@@ -350,37 +324,11 @@ func TestLive(t *testing.T) {
 	live(0)
 
 	_, s5 := dial()
-	f, err := s5.(*net.TCPConn).File()
-	s5.Close()
-	if err != nil {
-		t.Fatal(err)
-	}
-	pair, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer unix.Close(pair[0])
-	defer unix.Close(pair[1])
-	if err := unix.Sendmsg(pair[0], []byte{1}, unix.UnixRights(int(f.Fd())), nil, 0); err != nil {
-		t.Fatal(err)
-	}
-	f.Close() // the only reference left is the message's
+	pair := inFlight(t, s5)
 	live(1)
-	buf, oob := make([]byte, 1), make([]byte, unix.CmsgSpace(4))
-	_, oobn, _, _, err := unix.Recvmsg(pair[1], buf, oob, unix.MSG_CMSG_CLOEXEC)
-	if err != nil {
-		t.Fatal(err)
-	}
-	msgs, err := unix.ParseSocketControlMessage(oob[:oobn])
-	if err != nil || len(msgs) != 1 {
-		t.Fatalf("parse control message: %v (%d)", err, len(msgs))
-	}
-	fds, err := unix.ParseUnixRights(&msgs[0])
-	if err != nil || len(fds) != 1 {
-		t.Fatalf("parse rights: %v %v", err, fds)
-	}
+	fd := receive(t, pair)
 	live(1)
-	unix.Close(fds[0])
+	unix.Close(fd)
 	live(0)
 
 	// Queued on the listener when it closes: reset.
@@ -476,4 +424,44 @@ func TestAcceptBeforeWait(t *testing.T) {
 	if n, err := drain.Wait(ctx, c, drain.WaitOptions{Tagged: true, Reconcile: time.Hour}); err != nil || n.Total() != 0 {
 		t.Fatalf("wait = %+v, %v; want zero, woken by the close", n, err)
 	}
+}
+
+// inFlight moves conn's only reference into an SCM_RIGHTS message sent over a socketpair and not received (closed at
+// cleanup): the connection is held by no fd table. It returns the pair (the message waits on pair[1]).
+func inFlight(t *testing.T, conn net.Conn) [2]int {
+	t.Helper()
+	f, err := conn.(*net.TCPConn).File()
+	conn.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close() // the only reference left is the message's
+	pair, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { unix.Close(pair[0]); unix.Close(pair[1]) })
+	if err := unix.Sendmsg(pair[0], []byte{1}, unix.UnixRights(int(f.Fd())), nil, 0); err != nil {
+		t.Fatal(err)
+	}
+	return pair
+}
+
+// receive takes the fd inFlight sent back into this process's fd table.
+func receive(t *testing.T, pair [2]int) int {
+	t.Helper()
+	buf, oob := make([]byte, 1), make([]byte, unix.CmsgSpace(4))
+	_, oobn, _, _, err := unix.Recvmsg(pair[1], buf, oob, unix.MSG_CMSG_CLOEXEC)
+	if err != nil {
+		t.Fatal(err)
+	}
+	msgs, err := unix.ParseSocketControlMessage(oob[:oobn])
+	if err != nil || len(msgs) != 1 {
+		t.Fatalf("parse control message: %v (%d)", err, len(msgs))
+	}
+	fds, err := unix.ParseUnixRights(&msgs[0])
+	if err != nil || len(fds) != 1 {
+		t.Fatalf("parse rights: %v %v", err, fds)
+	}
+	return fds[0]
 }
