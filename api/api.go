@@ -49,6 +49,7 @@ type HandoffRequest struct {
 	Signal       string   `json:"signal,omitempty"`     // name ("TERM", "SIGQUIT") or number; default TERM
 	Timeout      Duration `json:"timeout,omitempty"`    // drain deadline, from the flip; default 5m
 	OnTimeout    string   `json:"on_timeout,omitempty"` // signal, kill or abort; default signal
+	SignalAt     string   `json:"signal_at,omitempty"`  // drained or flip; default drained
 	KillAfter    Duration `json:"kill_after,omitempty"`
 	ExitWait     Duration `json:"exit_wait,omitempty"`
 	ReadyURL     string   `json:"ready_url,omitempty"`
@@ -217,10 +218,16 @@ func (r *HandoffRequest) Check(nfds int) error {
 			return invalid("%v", err)
 		}
 	}
-	if r.OnTimeout != "" {
-		if _, err := drain.ParseOnTimeout(r.OnTimeout); err != nil {
-			return invalid("%v", err)
-		}
+	ot, err := drain.ParseOnTimeout(r.OnTimeout)
+	if err != nil {
+		return invalid("%v", err)
+	}
+	at, err := drain.ParseSignalAt(r.SignalAt)
+	if err != nil {
+		return invalid("%v", err)
+	}
+	if err := at.Allows(ot); err != nil {
+		return invalid("%v", err)
 	}
 	if r.Timeout < 0 || r.KillAfter < 0 || r.ExitWait < 0 || r.ReadyTimeout < 0 {
 		return invalid("durations must not be negative")
@@ -265,6 +272,7 @@ func (r *HandoffRequest) Options() handoff.Options {
 	if r.OnTimeout != "" {
 		o.OnTimeout, _ = drain.ParseOnTimeout(r.OnTimeout)
 	}
+	o.SignalAt, _ = drain.ParseSignalAt(r.SignalAt) // checked by Check
 	return o
 }
 

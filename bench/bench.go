@@ -1,8 +1,9 @@
 // Package bench compares draind, in one run on one machine, with the usual ways of upgrading a TCP server:
 // (a) stop the old server then start the new one, (b) start the new one with SO_REUSEPORT then SIGTERM the old one,
-// (c) (b) with net.ipv4.tcp_migrate_req=1, (d) a server built with cloudflare/tableflip, and (e) draind on the
-// unmodified server. Every run has a private network namespace, real server processes and load from a separate
-// process; every figure in the results comes from a run.
+// (c) (b) with net.ipv4.tcp_migrate_req=1, (d) a server built with cloudflare/tableflip, (e) draind on the
+// unmodified server, and (f) (e) with the old server signalled right after the flip instead of once drained
+// (handoff.Options.SignalAt flip). Every run has a private network namespace, real server processes and load from a
+// separate process; every figure in the results comes from a run.
 //
 // Scenarios: (1) a new-connection storm with an upgrade every second, (2) an accept-queue torture (a slow-accepting
 // old server that closes its listener on SIGTERM), (3) thousands of long-lived connections, (4) switch time (from
@@ -71,7 +72,7 @@ type Config struct {
 	Params     Params
 	Long       bool     // informative: Params are the long run's
 	Scenarios  []string // default: all
-	Contenders []string // default: all (scenario 5 is draind's alone)
+	Contenders []string // default: all (scenario 5 is draind's alone: it runs whatever the contenders)
 	Command    string   // the command line, for the results
 	Logger     *slog.Logger
 }

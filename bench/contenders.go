@@ -18,12 +18,23 @@ import (
 
 // Contender keys.
 const (
-	StopStart = "stop-start"
-	ReusePort = "reuseport"
-	Migrate   = "reuseport-migrate"
-	Tableflip = "tableflip"
-	Draind    = "draind"
+	StopStart  = "stop-start"
+	ReusePort  = "reuseport"
+	Migrate    = "reuseport-migrate"
+	Tableflip  = "tableflip"
+	Draind     = "draind"
+	DraindFlip = "draind-flip"
 )
+
+// draindSignalAt is when each draind contender's handoffs signal the old process (handoff.Options.SignalAt); a key
+// is in it if and only if the contender upgrades with handoff.Run.
+var draindSignalAt = map[string]drain.SignalAt{Draind: drain.SignalDrained, DraindFlip: drain.SignalFlip}
+
+// isDraind reports whether contender key k upgrades with handoff.Run ((e) or (f)).
+func isDraind(k string) bool {
+	_, ok := draindSignalAt[k]
+	return ok
+}
 
 // Contender is one way of upgrading a server.
 type Contender struct {
@@ -45,6 +56,17 @@ var Contenders = []Contender{
 		"the SIGHUP to the running process"},
 	{Draind, "(e) draind", "start the new, unmodified server with SO_REUSEPORT, then handoff.Run (steer, drain, SIGTERM the old)",
 		"the handoff.Run call (the new process was started just before it)"},
+	{DraindFlip, "(f) draind, signal at flip", "as (e), with handoff.Options.SignalAt flip (`draind handoff --signal-at flip`): the old server is signalled right after the flip, closes its listener, and what it had queued migrates to the new one",
+		"the handoff.Run call (the new process was started just before it)"},
+}
+
+// ContenderKeys returns the keys of Contenders, in order.
+func ContenderKeys() []string {
+	keys := make([]string, len(Contenders))
+	for i, c := range Contenders {
+		keys[i] = c.Key
+	}
+	return keys
 }
 
 // ContenderByKey returns the contender with key k.
@@ -82,15 +104,15 @@ type fleet struct {
 	spec    serverSpec
 	log     *slog.Logger
 	pinDir  string
-	tracker *drain.Tracker  // draind: shared by the handoffs of the run, as the daemon would
-	objs    *loader.Objects // draind: the pinned maps and loaded selectors, shared likewise
+	tracker *drain.Tracker  // (e), (f): shared by the handoffs of the run, as the daemon would
+	objs    *loader.Objects // (e), (f): the pinned maps and loaded selectors, shared likewise
 	tf      *tableflipServer
 	gens    []*gen
 }
 
 func newFleet(c Contender, ns *testenv.NetNS, spec serverSpec, env *runEnv) (*fleet, error) {
 	f := &fleet{c: c, ns: ns, spec: spec, log: env.quiet, pinDir: env.pinDir}
-	if c.Key == Draind {
+	if isDraind(c.Key) {
 		tr, err := drain.NewTracker(drain.TrackerOptions{Logger: env.quiet})
 		if err != nil {
 			return nil, fmt.Errorf("create tracker: %w", err)
@@ -200,16 +222,16 @@ func (f *fleet) start(ctx context.Context) (*gen, error) {
 // upgrade is one upgrade from Old to New. Times are CLOCK_MONOTONIC; 0: did not happen.
 type upgrade struct {
 	Old, New     *gen
-	StartMono    int64 // the upgrade began (for (b), (c), (e): the new process is started)
+	StartMono    int64 // the upgrade began (for (b), (c), (e), (f): the new process is started)
 	CommandMono  int64 // the switch command (see Contender.Command)
 	NewReadyMono int64 // the new process listens
-	SteerMono    int64 // draind: the selector is attached (target: old), reported through handoff's Progress
-	FlipMono     int64 // draind: the selector's target flipped to the new side
+	SteerMono    int64 // (e), (f): the selector is attached (target: old), reported through handoff's Progress
+	FlipMono     int64 // (e), (f): the selector's target flipped to the new side
 	OldExitMono  int64 // the old process's exit was seen
 	Handoff      *handoff.Result
 
-	done chan struct{} // draind: handoff.Run returned
-	err  error         // draind: its error
+	done chan struct{} // (e), (f): handoff.Run returned
+	err  error         // (e), (f): its error
 }
 
 // exitTimeout bounds waiting for an old process to exit.
@@ -260,7 +282,7 @@ func (f *fleet) begin(ctx context.Context, old *gen) (*upgrade, error) {
 			return u, err
 		}
 		u.New, u.NewReadyMono = g, ev.Mono
-	case Draind:
+	case Draind, DraindFlip:
 		g, err := f.start(ctx)
 		if err != nil {
 			return u, err
@@ -273,7 +295,7 @@ func (f *fleet) begin(ctx context.Context, old *gen) (*upgrade, error) {
 			defer close(u.done)
 			u.Handoff, u.err = handoff.Run(ctx, handoff.Options{
 				From: old.PID, To: g.PID, Tracker: f.tracker, Objects: f.objs, PinDir: f.pinDir,
-				Timeout: exitTimeout, ExitWait: 30 * time.Second, Logger: f.log,
+				Timeout: exitTimeout, ExitWait: 30 * time.Second, Logger: f.log, SignalAt: draindSignalAt[f.c.Key],
 				Progress: func(p handoff.Progress) {
 					if p.Stage == handoff.StageSteering {
 						steerMono.CompareAndSwap(0, testenv.MonoNow())
@@ -288,7 +310,7 @@ func (f *fleet) begin(ctx context.Context, old *gen) (*upgrade, error) {
 	return u, nil
 }
 
-// finish waits until the old process has exited (and, for draind, the handoff has returned).
+// finish waits until the old process has exited (and, for (e) and (f), the handoff has returned).
 func (u *upgrade) finish(ctx context.Context) error {
 	var err error
 	if u.done != nil {

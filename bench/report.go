@@ -179,6 +179,15 @@ func filterRuns[T any](runs []T, keep func(T) bool) []T {
 	return out
 }
 
+// has reports whether contender c is among the run's contenders.
+func (r *Results) has(c string) bool {
+	return slices.ContainsFunc(r.Contenders, func(x Contender) bool { return x.Key == c })
+}
+
+// draindVariants are the draind contenders that the targets and the same-run ratios are about, with the name their
+// rows and columns give them ((e)'s keep the plain "draind" they had before (f) existed).
+var draindVariants = []struct{ key, name string }{{Draind, "draind"}, {DraindFlip, "(f) draind-flip"}}
+
 func (r *Results) stormOf(c string) []*StormRun {
 	return filterRuns(r.Storm, func(s *StormRun) bool { return s.Contender == c && s.Requests > 0 })
 }
@@ -236,7 +245,7 @@ func (r *Results) StormTable() Table {
 		Notes: []string{
 			fmt.Sprintf("%d load workers in a separate process, each opening a new connection per request (HTTP/1.1, `Connection: close`) as fast as it can; after a failed attempt a worker waits 1 ms.", p.Concurrency),
 			"connect = connect(2) until established, of the attempts whose connect succeeded; request = connect(2) until the whole answer, of the answered attempts.",
-			"Failure kinds as testenv names them: refused (nothing listened), reset (RST, or a FIN before any byte of an answer), timeout, wrong. A FIN before any answer is what Go's net/http Server.Shutdown does to a connection whose request it reads after Shutdown began (net/http closes it without answering); the servers of (a)–(d) shut down that way on SIGTERM (testenv's server) or once tableflip's successor is ready (the tableflip example's pattern). draind signals the old server only once it holds no connection, accepted or queued.",
+			"Failure kinds as testenv names them: refused (nothing listened), reset (RST, or a FIN before any byte of an answer), timeout, wrong. A FIN before any answer is what Go's net/http Server.Shutdown does to a connection whose request it reads after Shutdown began (net/http closes it without answering); the servers of (a)–(d) shut down that way on SIGTERM (testenv's server) or once tableflip's successor is ready (the tableflip example's pattern). (e) draind signals the old server only once it holds no connection, accepted or queued; (f) signals it right after the flip, so the old server closes its listener then (what was still queued on it migrates to the new server through draind's selector) and shuts down with the connections it had accepted, net/http's way.",
 		},
 	}
 	if !r.Long {
@@ -272,8 +281,8 @@ func (r *Results) SwitchTable() Table {
 			"start → first connection on new", "start → new listening", "start → old exited", "upgrades"},
 		Notes: []string{
 			"command → last connection answered by old: from the switch command to the start (connect) of the last connection the old process answered; 0: none started after the command. Where nothing failed, every later connection went to the new process, so this is the switch as clients saw it; where connections failed (the old process's queue reset), some later ones went to the old process and failed. It is as fine as the load is dense (a connection every few hundred µs here).",
-			"start: the upgrade's first step, starting the new process for (b), (c) and (e); for (a) and (d) the start is the command.",
-			"draind: command → selector attached is when handoff.Run reports its steering stage (listeners discovered and paired, both sides' counts set up, selector attached with the old side as target); command → flip is handoff.Run's own CLOCK_MONOTONIC of the selector's flip. Before the flip, the new server (already listening with SO_REUSEPORT) gets its kernel-hash share of new connections until handoff.Run attaches the selector, which is why \"start → first connection on new\" is short for (e).",
+			"start: the upgrade's first step, starting the new process for (b), (c), (e) and (f); for (a) and (d) the start is the command.",
+			"draind: command → selector attached ((e) and (f)) is when handoff.Run reports its steering stage (listeners discovered and paired, both sides' counts set up, selector attached with the old side as target); command → flip is handoff.Run's own CLOCK_MONOTONIC of the selector's flip. Before the flip, the new server (already listening with SO_REUSEPORT) gets its kernel-hash share of new connections until handoff.Run attaches the selector, which is why \"start → first connection on new\" is short for (e) and (f).",
 		},
 	}
 	for _, c := range r.Contenders {
@@ -344,6 +353,7 @@ func (r *Results) LongTable() Table {
 			"The server is a raw TCP holder (testenv's, or the tableflip server in hold mode) that holds connections until the peer ends them, and closes everything on SIGTERM: a server without a graceful drain, like a streaming or websocket server whose connections never go idle.",
 			fmt.Sprintf("The clients (a separate process) start closing their connections %s after the switch command and close them all evenly over %s. cut: connections the server side ended first (the client saw EOF or a reset).", p.CloseAfter, p.Spread),
 			"client's last close → old exited: from the client's close(2) of its last connection (its clock) to the old process's exit seen through a pidfd; – when the old process had exited before (cutting connections).",
+			"(f) signals the holder right after the flip, so it closes what it holds then: signal-at flip is for servers whose graceful shutdown answers every connection they accepted, which this holder is not.",
 		},
 	}
 	for _, c := range r.Contenders {
@@ -388,13 +398,25 @@ func (r *Results) DatapathTable() Table {
 	return t
 }
 
-// CompareTable sets draind beside tableflip and beside (b), run by run: each ratio is taken within one repeat (the
-// contenders of a repeat run one after another), then summarized over the repeats.
+// CompareTable sets draind ((e), and (f) when it ran) beside tableflip and beside (b), run by run: each ratio is
+// taken within one repeat (the contenders of a repeat run one after another), then summarized over the repeats.
 func (r *Results) CompareTable() Table {
 	t := Table{
 		Title:  "Same-run ratios: draind's figure over another contender's (lower is better for draind)",
-		Header: []string{"figure", "draind / (d) tableflip", "draind / (b) SO_REUSEPORT"},
+		Header: []string{"figure"},
 		Notes:  []string{"Each ratio is taken between runs of the same repeat, then summarized as median (min–max) over the repeats."},
+	}
+	others := []string{Tableflip, ReusePort}
+	type pair struct{ a, b string }
+	var cols []pair
+	for _, d := range draindVariants {
+		if d.key != Draind && !r.has(d.key) { // (e)'s columns are always there, as before (f) existed
+			continue
+		}
+		t.Header = append(t.Header, d.name+" / (d) tableflip", d.name+" / (b) SO_REUSEPORT")
+		for _, o := range others {
+			cols = append(cols, pair{d.key, o})
+		}
 	}
 	type fig struct {
 		name string
@@ -412,11 +434,11 @@ func (r *Results) CompareTable() Table {
 	}
 	for _, f := range figs {
 		row := []string{f.name}
-		for _, other := range []string{Tableflip, ReusePort} {
+		for _, col := range cols {
 			var vs []float64
 			for rep := range r.Params.Repeats {
-				a, ok1 := f.val(Draind, rep)
-				b, ok2 := f.val(other, rep)
+				a, ok1 := f.val(col.a, rep)
+				b, ok2 := f.val(col.b, rep)
 				if ok1 && ok2 && b > 0 {
 					vs = append(vs, a/b)
 				}
@@ -437,9 +459,6 @@ func (r *Results) Targets() Table {
 		}
 		return "no"
 	}
-	has := func(c string) bool {
-		return slices.ContainsFunc(r.Contenders, func(x Contender) bool { return x.Key == c })
-	}
 	// failures sums contender c's failed connections over every run of scenarios (1) and (2), and with cut its cut
 	// long-lived connections in (3), each as a part of the measured column.
 	failures := func(c string, cut bool) (parts []string, total int) {
@@ -458,12 +477,15 @@ func (r *Results) Targets() Table {
 		}
 		return parts, total
 	}
-	if has(Draind) {
-		if parts, total := failures(Draind, true); len(parts) > 0 {
-			t.Rows = append(t.Rows, []string{"draind: 0 failed connections in every scenario (all repeats)", strings.Join(parts, ", "), yes(total == 0)})
+	for _, d := range draindVariants {
+		if !r.has(d.key) {
+			continue
+		}
+		if parts, total := failures(d.key, true); len(parts) > 0 {
+			t.Rows = append(t.Rows, []string{d.name + ": 0 failed connections in every scenario (all repeats)", strings.Join(parts, ", "), yes(total == 0)})
 		}
 	}
-	if has(ReusePort) {
+	if r.has(ReusePort) {
 		if parts, total := failures(ReusePort, false); len(parts) > 0 {
 			t.Rows = append(t.Rows, []string{"(b) shows failures in (1) or (2) (all repeats)", strings.Join(parts, ", "), yes(total > 0)})
 		}
@@ -472,7 +494,7 @@ func (r *Results) Targets() Table {
 		s := spreadOf(runs, func(d *DatapathRun) (float64, bool) { return d.Ratio, d.Ratio > 0 })
 		t.Rows = append(t.Rows, []string{"selector overhead ratio ≥ 0.98 (median)", fmtSpread(s, fmtRatio), yes(s.N > 0 && s.Med >= 0.98)})
 	}
-	if has(Draind) {
+	if r.has(Draind) {
 		var ss []SwitchSample
 		for _, s := range r.stormOf(Draind) {
 			ss = append(ss, s.Switches...)
@@ -484,58 +506,74 @@ func (r *Results) Targets() Table {
 				fmtSpread(all, fmtNS) + "; command → flip " + fmtSpread(flip, fmtNS), yes(all.N > 0 && all.Med <= 10e6)})
 		}
 	}
-	if has(Draind) && has(Tableflip) {
-		var worse []string
-		cmp := func(name string, d, tf Spread, higherBetter bool) {
-			if d.N == 0 || tf.N == 0 {
-				return
-			}
-			if (!higherBetter && d.Med > tf.Med) || (higherBetter && d.Med < tf.Med) {
-				worse = append(worse, name)
-			}
+	for _, d := range draindVariants {
+		if !r.has(d.key) || !r.has(Tableflip) {
+			continue
 		}
-		sf := func(c string, f func(*StormRun) float64) Spread {
-			return spreadOf(r.stormOf(c), func(s *StormRun) (float64, bool) { return f(s), true })
-		}
-		qf := func(c string, f func(*QueueRun) float64) Spread {
-			return spreadOf(r.queueOf(c), func(s *QueueRun) (float64, bool) { return f(s), true })
-		}
-		lf := func(c string, f func(*LongRun) float64) Spread {
-			return spreadOf(r.longOf(c), func(s *LongRun) (float64, bool) { return f(s), true })
-		}
-		sw := func(c string) Spread {
-			var ss []SwitchSample
-			for _, s := range r.stormOf(c) {
-				ss = append(ss, s.Switches...)
-			}
-			return spreadOf(ss, func(s SwitchSample) (float64, bool) { return float64(s.CommandToAllNew), s.CommandToAllNew >= 0 })
-		}
-		cmp("(1) failed", sf(Draind, func(s *StormRun) float64 { return float64(s.Failed) }), sf(Tableflip, func(s *StormRun) float64 { return float64(s.Failed) }), false)
-		cmp("(1) connect p99", sf(Draind, func(s *StormRun) float64 { return float64(s.Connect.P99) }), sf(Tableflip, func(s *StormRun) float64 { return float64(s.Connect.P99) }), false)
-		cmp("(1) connect p99.9", sf(Draind, func(s *StormRun) float64 { return float64(s.Connect.P999) }), sf(Tableflip, func(s *StormRun) float64 { return float64(s.Connect.P999) }), false)
-		cmp("(1) answered/s", sf(Draind, func(s *StormRun) float64 { return s.Rate }), sf(Tableflip, func(s *StormRun) float64 { return s.Rate }), true)
-		cmp("(2) failed", qf(Draind, func(s *QueueRun) float64 { return float64(s.Failed) }), qf(Tableflip, func(s *QueueRun) float64 { return float64(s.Failed) }), false)
-		cmp("(2) connect p99", qf(Draind, func(s *QueueRun) float64 { return float64(s.Connect.P99) }), qf(Tableflip, func(s *QueueRun) float64 { return float64(s.Connect.P99) }), false)
-		cmp("(2) request p99", qf(Draind, func(s *QueueRun) float64 { return float64(s.Request.P99) }), qf(Tableflip, func(s *QueueRun) float64 { return float64(s.Request.P99) }), false)
-		cmp("(3) cut", lf(Draind, func(s *LongRun) float64 { return float64(s.Cut) }), lf(Tableflip, func(s *LongRun) float64 { return float64(s.Cut) }), false)
-		cmp("(3) last close → exit", lf(Draind, func(s *LongRun) float64 { return float64(s.LastCloseToExit) }), lf(Tableflip, func(s *LongRun) float64 { return float64(s.LastCloseToExit) }), false)
-		cmp("(4) switch", sw(Draind), sw(Tableflip), false)
-		measured := "draind's median is no worse on any figure compared"
+		measured := d.name + "'s median is no worse on any figure compared"
+		worse := r.worseMedians(d.key, Tableflip)
 		if len(worse) > 0 {
-			measured = "draind's median is worse on: " + strings.Join(worse, "; ") + " (medians compared as they are, with no allowance for noise: see the same-run ratios)"
+			measured = d.name + "'s median is worse on: " + strings.Join(worse, "; ") + " (medians compared as they are, with no allowance for noise: see the same-run ratios)"
 		}
-		t.Rows = append(t.Rows, []string{"draind no worse than tableflip on any figure (medians of scenarios 1–4)", measured, yes(len(worse) == 0)})
+		t.Rows = append(t.Rows, []string{d.name + " no worse than tableflip on any figure (medians of scenarios 1–4)", measured, yes(len(worse) == 0)})
 
 		// The same figures, repeat by repeat: a difference the machine's noise explains goes one way in some repeats
 		// and the other way in others; one that is draind's goes the same way in every repeat.
-		always, n := r.consistentlyWorse(Draind, Tableflip)
+		always, n := r.consistentlyWorse(d.key, Tableflip)
 		measured = fmt.Sprintf("on no figure (%d repeats compared)", n)
 		if len(always) > 0 {
 			measured = fmt.Sprintf("worse in all %d repeats on: %s", n, strings.Join(always, "; "))
 		}
-		t.Rows = append(t.Rows, []string{"draind not worse than tableflip in every repeat on any figure (each repeat's runs compared)", measured, yes(len(always) == 0 && n > 0)})
+		t.Rows = append(t.Rows, []string{d.name + " not worse than tableflip in every repeat on any figure (each repeat's runs compared)", measured, yes(len(always) == 0 && n > 0)})
 	}
 	return t
+}
+
+// worseMedians lists the figures of scenarios 1–4 on which contender a's median (over all its runs; for (4), over
+// all its upgrades pooled) is worse than contender b's, compared as they are.
+func (r *Results) worseMedians(a, b string) (worse []string) {
+	cmp := func(name string, med func(c string) Spread, higherBetter bool) {
+		ma, mb := med(a), med(b)
+		if ma.N == 0 || mb.N == 0 {
+			return
+		}
+		if (!higherBetter && ma.Med > mb.Med) || (higherBetter && ma.Med < mb.Med) {
+			worse = append(worse, name)
+		}
+	}
+	storm := func(f func(*StormRun) float64) func(string) Spread {
+		return func(c string) Spread {
+			return spreadOf(r.stormOf(c), func(s *StormRun) (float64, bool) { return f(s), true })
+		}
+	}
+	queue := func(f func(*QueueRun) float64) func(string) Spread {
+		return func(c string) Spread {
+			return spreadOf(r.queueOf(c), func(s *QueueRun) (float64, bool) { return f(s), true })
+		}
+	}
+	long := func(f func(*LongRun) float64) func(string) Spread {
+		return func(c string) Spread {
+			return spreadOf(r.longOf(c), func(s *LongRun) (float64, bool) { return f(s), true })
+		}
+	}
+	switches := func(c string) Spread {
+		var ss []SwitchSample
+		for _, s := range r.stormOf(c) {
+			ss = append(ss, s.Switches...)
+		}
+		return spreadOf(ss, func(s SwitchSample) (float64, bool) { return float64(s.CommandToAllNew), s.CommandToAllNew >= 0 })
+	}
+	cmp("(1) failed", storm(func(s *StormRun) float64 { return float64(s.Failed) }), false)
+	cmp("(1) connect p99", storm(func(s *StormRun) float64 { return float64(s.Connect.P99) }), false)
+	cmp("(1) connect p99.9", storm(func(s *StormRun) float64 { return float64(s.Connect.P999) }), false)
+	cmp("(1) answered/s", storm(func(s *StormRun) float64 { return s.Rate }), true)
+	cmp("(2) failed", queue(func(s *QueueRun) float64 { return float64(s.Failed) }), false)
+	cmp("(2) connect p99", queue(func(s *QueueRun) float64 { return float64(s.Connect.P99) }), false)
+	cmp("(2) request p99", queue(func(s *QueueRun) float64 { return float64(s.Request.P99) }), false)
+	cmp("(3) cut", long(func(s *LongRun) float64 { return float64(s.Cut) }), false)
+	cmp("(3) last close → exit", long(func(s *LongRun) float64 { return float64(s.LastCloseToExit) }), false)
+	cmp("(4) switch", switches, false)
+	return worse
 }
 
 // consistentlyWorse lists the figures of scenarios 1–4 on which contender a did worse than contender b in every

@@ -10,6 +10,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/draind/draind/drain"
+	"github.com/draind/draind/handoff"
 	"github.com/draind/draind/testenv"
 )
 
@@ -142,9 +144,10 @@ func TestSwitchSample(t *testing.T) {
 		"g1": {N: 5, FirstMono: 150, LastMono: 400},
 	}}
 	u := &upgrade{Old: &gen{ID: "g0"}, New: &gen{ID: "g1"}, StartMono: 100, CommandMono: 110, NewReadyMono: 140,
-		FlipMono: 125, SteerMono: 120, OldExitMono: 300}
+		FlipMono: 125, SteerMono: 120, OldExitMono: 300, Handoff: &handoff.Result{SignalAt: drain.SignalFlip}}
 	got := switchSample(u, rep)
-	want := SwitchSample{StartToFirstNew: 50, CommandToAllNew: 20, CommandToSteer: 10, CommandToFlip: 15, StartToReady: 40, Total: 200}
+	want := SwitchSample{StartToFirstNew: 50, CommandToAllNew: 20, CommandToSteer: 10, CommandToFlip: 15, StartToReady: 40, Total: 200,
+		SignalAt: drain.SignalFlip}
 	if got != want {
 		t.Errorf("switchSample = %+v, want %+v", got, want)
 	}
@@ -220,6 +223,100 @@ func TestResultsMarkdown(t *testing.T) {
 		if row[0] == consistent && (row[2] != "no" || !strings.Contains(row[1], "worse in all 2 repeats on: (1) answered/s")) {
 			t.Errorf("target row %v", row)
 		}
+		if strings.HasPrefix(row[0], "(f)") {
+			t.Errorf("target row for (f), which did not run: %v", row)
+		}
+	}
+	if h := r.CompareTable().Header; !slices.Equal(h, []string{"figure", "draind / (d) tableflip", "draind / (b) SO_REUSEPORT"}) {
+		t.Errorf("same-run ratios without (f): header %q", h)
+	}
+}
+
+// TestTargetsDraindFlip checks (f)'s target rows and same-run ratios: its own figures, beside (e)'s, which stay as
+// they were.
+func TestTargetsDraindFlip(t *testing.T) {
+	r := fakeResults()
+	flip, ok := ContenderByKey(DraindFlip)
+	if !ok || flip.Label != "(f) draind, signal at flip" {
+		t.Fatalf("contender %q: %+v, %v", DraindFlip, flip, ok)
+	}
+	r.Contenders = append(r.Contenders, flip)
+	for rep := range 2 {
+		s := *r.stormOf(Draind)[rep]
+		s.Contender = DraindFlip
+		s.Connect.P99 = 2e6 // (f) / tableflip: 0.25
+		r.Storm = append(r.Storm, &s)
+	}
+	const (
+		eFailed = "draind: 0 failed connections in every scenario (all repeats)"
+		eMedian = "draind no worse than tableflip on any figure (medians of scenarios 1–4)"
+		eRepeat = "draind not worse than tableflip in every repeat on any figure (each repeat's runs compared)"
+		fFailed = "(f) draind-flip: 0 failed connections in every scenario (all repeats)"
+		fMedian = "(f) draind-flip no worse than tableflip on any figure (medians of scenarios 1–4)"
+		fRepeat = "(f) draind-flip not worse than tableflip in every repeat on any figure (each repeat's runs compared)"
+	)
+	targets := func() map[string][]string {
+		rows := map[string][]string{}
+		var order []string
+		for _, row := range r.Targets().Rows {
+			rows[row[0]] = row
+			order = append(order, row[0])
+		}
+		// (f)'s rows follow (e)'s of the same kind.
+		for _, p := range [][2]string{{eFailed, fFailed}, {eMedian, fMedian}, {eRepeat, fRepeat}} {
+			if i, j := slices.Index(order, p[0]), slices.Index(order, p[1]); i < 0 || j < 0 || j < i {
+				t.Errorf("target rows %q (at %d) and %q (at %d): %q", p[0], i, p[1], j, order)
+			}
+		}
+		return rows
+	}
+	rows := targets()
+	for _, want := range [][3]string{
+		{eFailed, "(1) 0", "yes"},
+		{fFailed, "(1) 0", "yes"},
+		{eMedian, "draind's median is no worse on any figure compared", "yes"},
+		{fMedian, "(f) draind-flip's median is no worse on any figure compared", "yes"},
+		{eRepeat, "on no figure (2 repeats compared)", "yes"},
+		{fRepeat, "on no figure (2 repeats compared)", "yes"},
+	} {
+		if row := rows[want[0]]; !slices.Equal(row, want[:]) {
+			t.Errorf("target row %q = %q, want %q", want[0], row, want)
+		}
+	}
+
+	// (f) fails connections in both repeats; (e) is unchanged.
+	for _, s := range r.stormOf(DraindFlip) {
+		s.Failed = 3
+	}
+	// answered/s: better in one repeat, worse in the other; so worse in the median (4500), not in every repeat.
+	r.stormOf(DraindFlip)[0].Rate = 6000
+	r.stormOf(DraindFlip)[1].Rate = 3000
+	rows = targets()
+	for _, want := range [][3]string{
+		{eFailed, "(1) 0", "yes"},
+		{fFailed, "(1) 6", "no"},
+		{eMedian, "draind's median is no worse on any figure compared", "yes"},
+		{fMedian, "(f) draind-flip's median is worse on: (1) failed; (1) answered/s (medians compared as they are, with no allowance for noise: see the same-run ratios)", "no"},
+		{eRepeat, "on no figure (2 repeats compared)", "yes"},
+		{fRepeat, "worse in all 2 repeats on: (1) failed", "no"},
+	} {
+		if row := rows[want[0]]; !slices.Equal(row, want[:]) {
+			t.Errorf("target row %q = %q, want %q", want[0], row, want)
+		}
+	}
+
+	ct := r.CompareTable()
+	if want := []string{"figure", "draind / (d) tableflip", "draind / (b) SO_REUSEPORT",
+		"(f) draind-flip / (d) tableflip", "(f) draind-flip / (b) SO_REUSEPORT"}; !slices.Equal(ct.Header, want) {
+		t.Errorf("same-run ratios: header %q, want %q", ct.Header, want)
+	}
+	for _, row := range ct.Rows {
+		if row[0] == "(1) connect p99" && !slices.Equal(row, []string{"(1) connect p99", "0.500", "0.500", "0.250", "0.250"}) {
+			t.Errorf("same-run ratios: %q", row)
+		}
+	}
+	if md := r.Markdown(nil); !strings.Contains(md, "| (f) draind, signal at flip | 5        | 3 ") {
+		t.Errorf("Markdown lacks (f)'s storm row:\n%s", md)
 	}
 }
 

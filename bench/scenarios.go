@@ -16,6 +16,7 @@ import (
 	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
 
+	"github.com/draind/draind/drain"
 	"github.com/draind/draind/loader"
 	"github.com/draind/draind/proc"
 	"github.com/draind/draind/steer"
@@ -99,22 +100,24 @@ func sleepUntil(ctx context.Context, mono int64) error {
 
 // SwitchSample times one upgrade, in nanoseconds; -1: did not happen or not known.
 type SwitchSample struct {
-	// StartToFirstNew: from the start of the upgrade (for (b), (c), (e): starting the new process) to the start of
+	// StartToFirstNew: from the start of the upgrade (for (b), (c), (e), (f): starting the new process) to the start of
 	// the first connection the new process answered.
 	StartToFirstNew int64 `json:"start_to_first_new_ns"`
 	// CommandToAllNew: from the switch command (Contender.Command) to the start of the last connection the old
 	// process answered (0: none started after the command). Where nothing failed, every new connection after it
 	// went to the new process.
 	CommandToAllNew int64 `json:"command_to_all_new_ns"`
-	// CommandToSteer: draind only, from the handoff.Run call to the selector attached with the old side as target
+	// CommandToSteer: (e) and (f) only, from the handoff.Run call to the selector attached with the old side as target
 	// (handoff's StageSteering progress report): discovery, loading and the first counts are done.
 	CommandToSteer int64 `json:"command_to_steer_ns"`
-	// CommandToFlip: draind only, from the handoff.Run call to the selector's flip (handoff.Result.FlippedAt).
+	// CommandToFlip: (e) and (f) only, from the handoff.Run call to the selector's flip (handoff.Result.FlippedAt).
 	CommandToFlip int64 `json:"command_to_flip_ns"`
 	// StartToReady: from the start of the upgrade to the new process listening.
 	StartToReady int64 `json:"start_to_new_ready_ns"`
 	// Total: from the start of the upgrade to the old process's exit.
 	Total int64 `json:"total_ns"`
+	// SignalAt: (e) and (f) only, when the handoff signalled the old process, as handoff.Result reports it.
+	SignalAt drain.SignalAt `json:"signal_at,omitempty"`
 }
 
 func switchSample(u *upgrade, rep *LoadReport) SwitchSample {
@@ -138,6 +141,9 @@ func switchSample(u *upgrade, rep *LoadReport) SwitchSample {
 	}
 	if u.OldExitMono != 0 {
 		s.Total = u.OldExitMono - u.StartMono
+	}
+	if u.Handoff != nil {
+		s.SignalAt = u.Handoff.SignalAt
 	}
 	return s
 }

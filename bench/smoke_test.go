@@ -17,8 +17,8 @@ func TestMain(m *testing.M) {
 	os.Exit(m.Run())
 }
 
-// TestSmokeStorm runs scenario 1 once, briefly, for tableflip and draind (the contenders with the most moving parts:
-// a server that re-executes itself across upgrades, and handoffs), and writes the results.
+// TestSmokeStorm runs scenario 1 once, briefly, for tableflip and draind, (e) and (f) (the contenders with the most
+// moving parts: a server that re-executes itself across upgrades, and handoffs), and writes the results.
 func TestSmokeStorm(t *testing.T) {
 	testenv.Require(t)
 	p := DefaultParams(false)
@@ -29,7 +29,7 @@ func TestSmokeStorm(t *testing.T) {
 	res, err := Run(ctx, Config{
 		Params:     p,
 		Scenarios:  []string{ScenarioStorm},
-		Contenders: []string{Tableflip, Draind},
+		Contenders: []string{Tableflip, Draind, DraindFlip},
 		Command:    "go test -run TestSmokeStorm ./bench",
 		Logger:     slog.New(slog.NewTextHandler(testWriter{t}, nil)),
 	})
@@ -39,8 +39,8 @@ func TestSmokeStorm(t *testing.T) {
 	if len(res.Errors) > 0 {
 		t.Errorf("runs reported errors: %v", res.Errors)
 	}
-	if len(res.Storm) != 2 {
-		t.Fatalf("%d storm runs, want 2", len(res.Storm))
+	if len(res.Storm) != 3 {
+		t.Fatalf("%d storm runs, want 3", len(res.Storm))
 	}
 	for _, s := range res.Storm {
 		if s.Upgrades < 2 || len(s.Switches) != s.Upgrades || s.OK == 0 {
@@ -54,12 +54,15 @@ func TestSmokeStorm(t *testing.T) {
 			if w.CommandToAllNew < 0 || w.Total <= 0 {
 				t.Errorf("%s: upgrade %d not timed: %+v", s.Contender, i, w)
 			}
-			if s.Contender == Draind && (w.CommandToFlip <= 0 || w.CommandToSteer <= 0 || w.CommandToSteer > w.CommandToFlip) {
-				t.Errorf("draind: upgrade %d: steering at %d ns, flip at %d ns after the command", i, w.CommandToSteer, w.CommandToFlip)
+			if isDraind(s.Contender) && (w.CommandToFlip <= 0 || w.CommandToSteer <= 0 || w.CommandToSteer > w.CommandToFlip) {
+				t.Errorf("%s: upgrade %d: steering at %d ns, flip at %d ns after the command", s.Contender, i, w.CommandToSteer, w.CommandToFlip)
+			}
+			if want := draindSignalAt[s.Contender]; w.SignalAt != want {
+				t.Errorf("%s: upgrade %d: handoff signalled at %q, want %q", s.Contender, i, w.SignalAt, want)
 			}
 		}
-		if s.Contender == Draind && s.Failed != 0 {
-			t.Errorf("draind: %d failed connections (%v): %v", s.Failed, s.Failures, s.Samples)
+		if isDraind(s.Contender) && s.Failed != 0 {
+			t.Errorf("%s: %d failed connections (%v): %v", s.Contender, s.Failed, s.Failures, s.Samples)
 		}
 	}
 	dir := t.TempDir()
@@ -72,7 +75,7 @@ func TestSmokeStorm(t *testing.T) {
 			t.Errorf("missing %s: %v", f, err)
 		}
 	}
-	if !strings.Contains(md, "| (d) tableflip") || !strings.Contains(md, "| (e) draind") {
+	if !strings.Contains(md, "| (d) tableflip") || !strings.Contains(md, "| (e) draind") || !strings.Contains(md, "| (f) draind, signal at flip") {
 		t.Errorf("results.md lacks a contender row:\n%s", md)
 	}
 }

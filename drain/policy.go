@@ -35,6 +35,40 @@ func ParseOnTimeout(s string) (OnTimeout, error) {
 	return "", fmt.Errorf("parse on-timeout %q: want signal, kill or abort", s)
 }
 
+// SignalAt is when the old process gets its signal.
+type SignalAt string
+
+// The policies for SignalAt.
+const (
+	// SignalDrained signals the old process once it holds no connection, accepted or queued: right for any server,
+	// including one whose graceful shutdown drops requests it reads after the shutdown began (Go's net/http).
+	SignalDrained SignalAt = "drained"
+	// SignalFlip signals it right after the flip. A server that closes its listener on the signal has what it had
+	// queued migrated to the new process by the selector, and drains its accepted connections while draind counts
+	// them. Only for servers whose graceful shutdown answers every connection it accepted.
+	SignalFlip SignalAt = "flip"
+)
+
+// ParseSignalAt accepts "drained" or "flip"; the empty string means "drained".
+func ParseSignalAt(s string) (SignalAt, error) {
+	switch SignalAt(s) {
+	case "":
+		return SignalDrained, nil
+	case SignalDrained, SignalFlip:
+		return SignalAt(s), nil
+	}
+	return "", fmt.Errorf("parse signal-at %q: want drained or flip", s)
+}
+
+// Allows says whether OnTimeout ot goes with SignalAt a: a rollback at the deadline (abort) needs an old process
+// that was not signalled yet.
+func (a SignalAt) Allows(ot OnTimeout) error {
+	if a == SignalFlip && ot == TimeoutAbort {
+		return errors.New("check policy: on-timeout abort rolls back, which signal-at flip rules out (the old process is signalled at the flip)")
+	}
+	return nil
+}
+
 // ParseSignal accepts a signal name with or without "SIG" in any case ("TERM", "sigquit") or a number ("15").
 func ParseSignal(s string) (syscall.Signal, error) {
 	if n, err := strconv.Atoi(s); err == nil {
@@ -80,9 +114,6 @@ type SignalOptions struct {
 
 // Signal sends sig through the pidfd, escalates to SIGKILL after KillAfter if asked, and watches for the exit.
 func Signal(ctx context.Context, p *proc.Process, sig syscall.Signal, opts SignalOptions) (Outcome, error) {
-	if opts.ExitWait <= 0 {
-		opts.ExitWait = 30 * time.Second
-	}
 	out := Outcome{Signal: sig}
 	start := time.Now()
 	if err := p.Signal(sig); err != nil {
@@ -96,7 +127,20 @@ func Signal(ctx context.Context, p *proc.Process, sig syscall.Signal, opts Signa
 	if opts.Sent != nil {
 		opts.Sent()
 	}
-	if opts.KillAfter > 0 && sig != syscall.SIGKILL {
+	return watchExit(ctx, p, out, start, opts)
+}
+
+// WatchExit watches for the exit of a process signalled earlier (sig, at start) as Signal does after sending:
+// SIGKILL once KillAfter has passed (counted from now), then up to ExitWait.
+func WatchExit(ctx context.Context, p *proc.Process, sig syscall.Signal, start time.Time, opts SignalOptions) (Outcome, error) {
+	return watchExit(ctx, p, Outcome{Signal: sig, Sent: true}, start, opts)
+}
+
+func watchExit(ctx context.Context, p *proc.Process, out Outcome, start time.Time, opts SignalOptions) (Outcome, error) {
+	if opts.ExitWait <= 0 {
+		opts.ExitWait = 30 * time.Second
+	}
+	if opts.KillAfter > 0 && out.Signal != syscall.SIGKILL {
 		wctx, cancel := context.WithTimeout(ctx, opts.KillAfter)
 		exited := p.WaitExit(wctx)
 		cancel()

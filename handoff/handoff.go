@@ -42,6 +42,7 @@ type Options struct {
 	Signal       syscall.Signal  // sent to the old process once drained (default SIGTERM)
 	Timeout      time.Duration   // drain deadline (default 5m)
 	OnTimeout    drain.OnTimeout // what to do at the deadline (default signal)
+	SignalAt     drain.SignalAt  // when to signal the old process (default drained; flip excludes OnTimeout abort)
 	KillAfter    time.Duration   // SIGKILL this long after the signal if the old process lives on (default off)
 	ExitWait     time.Duration   // how long to watch for the old process's exit (default 30s)
 	ReadyURL     string          // if set, must answer 2xx (from the new process's netns) before the flip
@@ -77,6 +78,7 @@ type State struct {
 	Signal         int                `json:"signal"`
 	Timeout        time.Duration      `json:"timeout_ns"`
 	OnTimeout      drain.OnTimeout    `json:"on_timeout"`
+	SignalAt       drain.SignalAt     `json:"signal_at,omitempty"` // empty: drained (a record from before the field)
 	KillAfter      time.Duration      `json:"kill_after_ns"`
 	ExitWait       time.Duration      `json:"exit_wait_ns"`
 	FlippedAt      time.Time          `json:"flipped_at,omitzero"` // wall clock: the drain deadline is FlippedAt+Timeout
@@ -137,34 +139,35 @@ var Causes = []Cause{CauseNewExited, CauseNotReady, CauseDeadline, CauseAborted,
 
 // Result reports a handoff.
 type Result struct {
-	Outcome         Outcome       `json:"outcome"`
-	From            int           `json:"from"`
-	To              int           `json:"to"`
-	Listeners       []string      `json:"listeners"`         // addresses handed off
-	InFlightAtFlip  int           `json:"in_flight_at_flip"` // old side's connections when the flip happened
-	Left            int           `json:"left"`              // connections left when the drain ended
-	DrainTime       time.Duration `json:"drain_time_ns"`     // from the flip to zero (or to the deadline)
-	Signal          string        `json:"signal,omitempty"`  // signal sent to the old process
-	Signalled       bool          `json:"signalled"`         // it was delivered
-	Killed          bool          `json:"killed"`            // SIGKILL followed
-	ExitSeen        bool          `json:"exit_seen"`         // the old process's exit was seen
-	ExitWait        time.Duration `json:"exit_wait_ns"`      // from the signal to the exit
-	RollbackReason  string        `json:"rollback_reason,omitempty"`
-	RollbackCause   Cause         `json:"rollback_cause,omitempty"`         // the reason's kind, for metrics
-	FlippedAt       int64         `json:"flipped_at_mono_ns,omitempty"`     // CLOCK_MONOTONIC of the flip
-	RolledBackAt    int64         `json:"rolled_back_at_mono_ns,omitempty"` // CLOCK_MONOTONIC of the rollback
-	DrainedAt       int64         `json:"drained_at_mono_ns,omitempty"`     // CLOCK_MONOTONIC when the drain ended (zero seen, or the deadline)
-	SignalledAt     int64         `json:"signalled_at_mono_ns,omitempty"`   // CLOCK_MONOTONIC just before the signal was sent
-	SteeringLeft    bool          `json:"steering_left"`                    // the selector stays because old listeners are still open
-	Steered         uint64        `json:"steered"`                          // selector decisions for the target side
-	Fallbacks       uint64        `json:"fallbacks"`                        // decisions that fell back to the other side
-	Migrated        uint64        `json:"migrated"`                         // connections migrated off a closing listener
-	Failed          uint64        `json:"selector_failed"`                  // decisions left to the kernel (no draind listener alive)
-	Probed          uint64        `json:"probed"`                           // readiness probes sent to the new side before the flip
-	Snapshots       int           `json:"snapshots"`                        // full snapshots of the old side (they tag its sockets for the events)
-	SnapshotMax     time.Duration `json:"snapshot_max_ns"`                  // the longest of them
-	FastSnapshots   int           `json:"fast_snapshots"`                   // fast snapshots (exact counts between full ones)
-	FastSnapshotMax time.Duration `json:"fast_snapshot_max_ns"`             // the longest of them
+	Outcome         Outcome        `json:"outcome"`
+	From            int            `json:"from"`
+	To              int            `json:"to"`
+	Listeners       []string       `json:"listeners"`         // addresses handed off
+	InFlightAtFlip  int            `json:"in_flight_at_flip"` // old side's connections when the flip happened
+	Left            int            `json:"left"`              // connections left when the drain ended
+	DrainTime       time.Duration  `json:"drain_time_ns"`     // from the flip to zero (or to the deadline)
+	Signal          string         `json:"signal,omitempty"`  // signal sent to the old process
+	SignalAt        drain.SignalAt `json:"signal_at"`         // when: once drained, or at the flip
+	Signalled       bool           `json:"signalled"`         // it was delivered
+	Killed          bool           `json:"killed"`            // SIGKILL followed
+	ExitSeen        bool           `json:"exit_seen"`         // the old process's exit was seen
+	ExitWait        time.Duration  `json:"exit_wait_ns"`      // from the signal to the exit
+	RollbackReason  string         `json:"rollback_reason,omitempty"`
+	RollbackCause   Cause          `json:"rollback_cause,omitempty"`         // the reason's kind, for metrics
+	FlippedAt       int64          `json:"flipped_at_mono_ns,omitempty"`     // CLOCK_MONOTONIC of the flip
+	RolledBackAt    int64          `json:"rolled_back_at_mono_ns,omitempty"` // CLOCK_MONOTONIC of the rollback
+	DrainedAt       int64          `json:"drained_at_mono_ns,omitempty"`     // CLOCK_MONOTONIC when the drain ended (zero seen, or the deadline)
+	SignalledAt     int64          `json:"signalled_at_mono_ns,omitempty"`   // CLOCK_MONOTONIC just before the signal was sent
+	SteeringLeft    bool           `json:"steering_left"`                    // the selector stays because old listeners are still open
+	Steered         uint64         `json:"steered"`                          // selector decisions for the target side
+	Fallbacks       uint64         `json:"fallbacks"`                        // decisions that fell back to the other side
+	Migrated        uint64         `json:"migrated"`                         // connections migrated off a closing listener
+	Failed          uint64         `json:"selector_failed"`                  // decisions left to the kernel (no draind listener alive)
+	Probed          uint64         `json:"probed"`                           // readiness probes sent to the new side before the flip
+	Snapshots       int            `json:"snapshots"`                        // full snapshots of the old side (they tag its sockets for the events)
+	SnapshotMax     time.Duration  `json:"snapshot_max_ns"`                  // the longest of them
+	FastSnapshots   int            `json:"fast_snapshots"`                   // fast snapshots (exact counts between full ones)
+	FastSnapshotMax time.Duration  `json:"fast_snapshot_max_ns"`             // the longest of them
 }
 
 func (o *Options) defaults() error {
@@ -200,6 +203,14 @@ func (o *Options) defaults() error {
 		return fmt.Errorf("%w: durations must be positive", ErrBadInput)
 	}
 	if _, err := drain.ParseOnTimeout(string(o.OnTimeout)); err != nil {
+		return fmt.Errorf("%w: %w", ErrBadInput, err)
+	}
+	at, err := drain.ParseSignalAt(string(o.SignalAt))
+	if err != nil {
+		return fmt.Errorf("%w: %w", ErrBadInput, err)
+	}
+	o.SignalAt = at
+	if err := at.Allows(o.OnTimeout); err != nil {
 		return fmt.Errorf("%w: %w", ErrBadInput, err)
 	}
 	return nil
@@ -281,7 +292,7 @@ func Run(ctx context.Context, opts Options) (*Result, error) {
 	opts.Progress(Progress{Stage: StageSteering, Message: fmt.Sprintf("selector attached to %d group(s), target: old", len(pairs))})
 	h.state = State{
 		Stage: StageSteering, From: opts.From, To: opts.To, Ports: ports, Listeners: res.Listeners,
-		Groups: st.State(), Signal: int(opts.Signal), Timeout: opts.Timeout, OnTimeout: opts.OnTimeout,
+		Groups: st.State(), Signal: int(opts.Signal), Timeout: opts.Timeout, OnTimeout: opts.OnTimeout, SignalAt: opts.SignalAt,
 		KillAfter: opts.KillAfter, ExitWait: opts.ExitWait,
 	}
 	if h.state.FromIno, err = oldP.Ino(); err == nil {
@@ -310,6 +321,7 @@ type run struct {
 	newCounter  *drain.Counter // the new side's
 	state       State
 	persistErrs int
+	signalledAt time.Time // SignalAt flip: when the old process got its signal (the start of its ExitWait)
 }
 
 // openMaps opens the pinned maps.
@@ -471,11 +483,21 @@ func (h *run) run(ctx context.Context) (*Result, error) {
 }
 
 // drain waits for the old side to drain (the flip is done), signals it and finishes the steering. tagged says the
-// old side's sockets were just counted (and tagged) at the flip.
+// old side's sockets were just counted (and tagged) at the flip. With SignalAt flip, the signal comes first.
 func (h *run) drain(ctx context.Context, newDied <-chan struct{}, stopWatch func(), tagged bool) (*Result, error) {
 	h.res.FlippedAt = h.state.FlippedAtMono
 	h.res.InFlightAtFlip = h.state.InFlightAtFlip
 	flipAt := h.state.FlippedAt
+	early := h.state.SignalAt == drain.SignalFlip
+	h.res.SignalAt = drain.SignalDrained
+	if early {
+		h.res.SignalAt = drain.SignalFlip
+	}
+	if early {
+		if res, err := h.signalAtFlip(ctx, newDied, stopWatch); res != nil || err != nil {
+			return res, err
+		}
+	}
 	// Drain, unless the new side dies or we are interrupted.
 	dctx, cancel := context.WithDeadline(ctx, flipAt.Add(h.state.Timeout))
 	defer cancel()
@@ -503,6 +525,9 @@ func (h *run) drain(ctx context.Context, newDied <-chan struct{}, stopWatch func
 	h.res.Snapshots, h.res.SnapshotMax = cs.Full, cs.FullMax
 	h.res.FastSnapshots, h.res.FastSnapshotMax = cs.Fast, cs.FastMax
 	h.res.Left = left.Total()
+	if early {
+		return h.drainedAfterSignal(ctx, err)
+	}
 	timedOut := false
 	switch {
 	case err == nil:
@@ -519,16 +544,8 @@ func (h *run) drain(ctx context.Context, newDied <-chan struct{}, stopWatch func
 		return h.rollback(CauseError, fmt.Sprintf("count connections: %v", err))
 	}
 	// Last chance to keep the old side: the new one must still be alive.
-	select {
-	case <-newDied:
-		if !h.st.Superseded() {
-			return h.rollback(CauseNewExited, fmt.Sprintf("new process %d exited before the old one was signalled", h.opts.To))
-		}
-	default:
-	}
-	stopWatch()
-	if ctx.Err() != nil { // aborted (or draind stopping) as the drain ended: not signalled yet
-		return h.rollback(CauseAborted, interrupted(ctx))
+	if res, err := h.lastChance(ctx, newDied, stopWatch); res != nil || err != nil {
+		return res, err
 	}
 
 	sig := syscall.Signal(h.state.Signal)
@@ -541,26 +558,57 @@ func (h *run) drain(ctx context.Context, newDied <-chan struct{}, stopWatch func
 	}
 	h.res.Signal = drain.SignalName(sig)
 	h.res.SignalledAt = monoNow()
-	// Once signalled, an interruption does not stop the exit watch, except a daemon leaving the handoff (the next
-	// one watches instead).
-	sigCtx, stopSig := context.WithCancel(context.WithoutCancel(ctx))
+	sigCtx, stopSig := h.exitWatchContext(ctx)
 	defer stopSig()
+	out, err := drain.Signal(sigCtx, h.oldP, sig, drain.SignalOptions{KillAfter: h.state.KillAfter, ExitWait: h.state.ExitWait, Sent: h.sent})
+	return h.exitWatched(out, err)
+}
+
+// lastChance rolls back if the new process died or the handoff was interrupted before the old one is signalled;
+// otherwise it stops watching the new process (once the old one is signalled, there is no going back) and returns
+// nil, nil.
+func (h *run) lastChance(ctx context.Context, newDied <-chan struct{}, stopWatch func()) (*Result, error) {
+	select {
+	case <-newDied:
+		if !h.st.Superseded() {
+			return h.rollback(CauseNewExited, fmt.Sprintf("new process %d exited before the old one was signalled", h.opts.To))
+		}
+	default:
+	}
+	stopWatch()
+	if ctx.Err() != nil { // aborted (or draind stopping) as the drain ended: not signalled yet
+		return h.rollback(CauseAborted, interrupted(ctx))
+	}
+	return nil, nil
+}
+
+// sent records that the old process got its signal. Persisted once sent: a draind killed between the two resumes
+// at "flipped", finds the drain over and signals again, which the old process can take (the same signal) rather
+// than never getting one.
+func (h *run) sent() {
+	h.state.Stage = StageSignalled
+	if err := h.persist(); err != nil {
+		h.opts.Logger.Error("persist handoff", "err", err)
+	}
+	h.opts.Progress(Progress{Stage: StageSignalled, Signal: "SIG" + h.res.Signal, Message: "SIG" + h.res.Signal})
+}
+
+// exitWatchContext is the context of the watch for the old process's exit: once signalled, an interruption does
+// not stop it, except a daemon leaving the handoff (the next one watches instead).
+func (h *run) exitWatchContext(ctx context.Context) (context.Context, context.CancelFunc) {
+	sigCtx, stopSig := context.WithCancel(context.WithoutCancel(ctx))
 	context.AfterFunc(ctx, func() {
 		if h.leaving() {
 			stopSig()
 		}
 	})
-	sent := func() {
-		// Persisted once sent: a draind killed between the two resumes at "flipped", finds the drain over and
-		// signals again, which the old process can take (the same signal) rather than never getting one.
-		h.state.Stage = StageSignalled
-		if err := h.persist(); err != nil {
-			h.opts.Logger.Error("persist handoff", "err", err)
-		}
-		h.opts.Progress(Progress{Stage: StageSignalled, Signal: "SIG" + h.res.Signal, Message: "SIG" + h.res.Signal})
-	}
-	out, err := drain.Signal(sigCtx, h.oldP, sig, drain.SignalOptions{KillAfter: h.state.KillAfter, ExitWait: h.state.ExitWait, Sent: sent})
-	h.res.Signalled, h.res.Killed, h.res.ExitSeen, h.res.ExitWait = out.Sent, out.Killed, out.Exited, out.ExitWait
+	return sigCtx, stopSig
+}
+
+// exitWatched records how the signal and the exit watch went and finishes the handoff.
+func (h *run) exitWatched(out drain.Outcome, err error) (*Result, error) {
+	h.res.Signalled = h.res.Signalled || out.Sent
+	h.res.Killed, h.res.ExitSeen, h.res.ExitWait = out.Killed, out.Exited, out.ExitWait
 	if h.leaving() {
 		return h.leave()
 	}
@@ -569,6 +617,69 @@ func (h *run) drain(ctx context.Context, newDied <-chan struct{}, stopWatch func
 		return h.res, fmt.Errorf("signal old process: %w", err)
 	}
 	return h.finish(out.Exited)
+}
+
+// signalAtFlip sends the old process its signal right after the flip (SignalAt flip), unless a resumed handoff did
+// already. A server that closes its listener on it has what it had queued migrated to the new side by the selector.
+// It returns nil, nil unless the handoff ended (rolled back) instead.
+func (h *run) signalAtFlip(ctx context.Context, newDied <-chan struct{}, stopWatch func()) (*Result, error) {
+	sig := syscall.Signal(h.state.Signal)
+	h.res.Signal = drain.SignalName(sig)
+	if h.state.Stage == StageSignalled { // resumed: sent by the draind before this one, at a time not recorded
+		stopWatch()
+		h.res.Signalled, h.signalledAt = true, time.Now()
+		return nil, nil
+	}
+	if res, err := h.lastChance(ctx, newDied, stopWatch); res != nil || err != nil {
+		return res, err
+	}
+	h.res.SignalledAt, h.signalledAt = monoNow(), time.Now()
+	err := h.oldP.Signal(sig)
+	switch {
+	case err == nil:
+		h.res.Signalled = true
+		h.sent()
+	case errors.Is(err, proc.ErrNoProcess): // it exited by itself: the drain finds nothing left
+	default:
+		return h.rollback(CauseError, fmt.Sprintf("signal old process at the flip: %v", err))
+	}
+	return nil, nil
+}
+
+// drainedAfterSignal ends a handoff whose old process was signalled at the flip, once its drain ended (err is
+// drain.Wait's): SIGKILL at the deadline if OnTimeout says so, else watch for the exit (escalating to SIGKILL
+// KillAfter from now).
+func (h *run) drainedAfterSignal(ctx context.Context, err error) (*Result, error) {
+	h.res.Outcome = OutcomeDrained
+	switch {
+	case err == nil:
+	case h.leaving():
+		return h.leave()
+	case ctx.Err() != nil:
+		// Interrupted: the old process has its signal and goes on draining by itself; stop watching it.
+		h.res.Outcome = OutcomeTimedOut
+		res, ferr := h.finish(false)
+		return res, errors.Join(fmt.Errorf("wait for the drain: %s, after the old process was signalled at the flip (%d connection(s) left)", interrupted(ctx), h.res.Left), ferr)
+	case errors.Is(err, drain.ErrDeadline):
+		h.res.Outcome = OutcomeTimedOut
+	default:
+		h.res.Outcome = OutcomeFailed
+		res, ferr := h.finish(false)
+		return res, errors.Join(fmt.Errorf("count connections after the signal at the flip: %w", err), ferr)
+	}
+	sigCtx, stopSig := h.exitWatchContext(ctx)
+	defer stopSig()
+	if h.res.Outcome == OutcomeTimedOut && h.state.OnTimeout == drain.TimeoutKill {
+		out, err := drain.Signal(sigCtx, h.oldP, syscall.SIGKILL, drain.SignalOptions{ExitWait: h.state.ExitWait})
+		out.Killed = out.Sent
+		if out.Exited {
+			out.ExitWait = time.Since(h.signalledAt)
+		}
+		return h.exitWatched(out, err)
+	}
+	out, err := drain.WatchExit(sigCtx, h.oldP, syscall.Signal(h.state.Signal), h.signalledAt,
+		drain.SignalOptions{KillAfter: h.state.KillAfter, ExitWait: h.state.ExitWait})
+	return h.exitWatched(out, err)
 }
 
 // finish ends a handoff whose old process was signalled: it reports the exit and frees the steering.

@@ -23,7 +23,7 @@ import (
 // and hooks; the handoff's own parameters come from State.
 func Resume(ctx context.Context, st State, opts Options) (*Result, error) {
 	opts.From, opts.To = st.From, st.To
-	opts.Signal, opts.Timeout, opts.OnTimeout = 0, st.Timeout, st.OnTimeout
+	opts.Signal, opts.Timeout, opts.OnTimeout, opts.SignalAt = 0, st.Timeout, st.OnTimeout, st.SignalAt
 	if err := opts.defaults(); err != nil {
 		return nil, err
 	}
@@ -103,6 +103,9 @@ func Resume(ctx context.Context, st State, opts Options) (*Result, error) {
 	case StageFlipped:
 		return h.drain(ctx, newDied, stopWatch, false)
 	case StageSignalled:
+		if st.SignalAt == drain.SignalFlip { // signalled at the flip: the drain may not be over
+			return h.drain(ctx, newDied, stopWatch, false)
+		}
 		stopWatch()
 		res.Outcome, res.Signalled, res.Signal = OutcomeDrained, true, signalNameIf(true, st.Signal)
 		wctx, cancel := context.WithTimeout(ctx, st.ExitWait)

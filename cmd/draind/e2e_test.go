@@ -434,6 +434,49 @@ func TestAcceptQueueMigrates(t *testing.T) {
 	requireGone(t, pins)
 }
 
+// TestSignalAtFlip: with --signal-at flip the old server gets its signal right after the flip, while its accept queue
+// is full (it stopped accepting); it closes its listener on SIGTERM and every queued connection migrates to the new
+// server, which answers them, without anyone closing the old listener by hand (compare TestAcceptQueueMigrates).
+func TestSignalAtFlip(t *testing.T) {
+	ns, pins := setup(t)
+	old := server(t, ns, "old", testenv.ServerOptions{})
+	if err := old.PauseAccept(); err != nil {
+		t.Fatal(err)
+	}
+	const queued = 10
+	load := testenv.StartLoadForTest(t, ns, testenv.LoadOptions{Addr: addr, Concurrency: queued, Duration: 20 * time.Second, Timeout: 15 * time.Second})
+	time.Sleep(300 * time.Millisecond)
+	newS := server(t, ns, "new", testenv.ServerOptions{})
+	h := startHandoff(t, append(pidArgs(old, newS, pins), "--signal-at", "flip")...)
+	out, code := h.wait(t, 20*time.Second)
+	time.Sleep(200 * time.Millisecond)
+	r, err := load.Stop()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("handoff: %+v", out.Result)
+	t.Logf("load: requests %d ok %d failures %v by server %v", r.Requests, r.OK, r.Failures, r.ByServer)
+	if code != exitOK || out.Outcome != handoff.OutcomeDrained || out.SignalAt != drain.SignalFlip {
+		t.Fatalf("exit %d, outcome %s, signal at %q: %s", code, out.Outcome, out.SignalAt, h.errText())
+	}
+	requireNoFailures(t, r)
+	if old.Served() != 0 || r.ByServer["old"] != 0 || r.ByServer["new"] == 0 {
+		t.Fatalf("old served %d requests while paused; answered by %v", old.Served(), r.ByServer)
+	}
+	if out.InFlightAtFlip < queued || out.Migrated < queued {
+		t.Fatalf("in flight at flip %d, migrated %d: want >= %d queued connections migrated", out.InFlightAtFlip, out.Migrated, queued)
+	}
+	// Signalled at the flip, before the drain ended (the queue was full then), once, and the old server exited.
+	sigs := old.Signals()
+	if len(sigs) != 1 || sigs[0].Signal != syscall.SIGTERM || !out.Signalled || !out.ExitSeen || !old.Exited() {
+		t.Fatalf("old got %v (signalled %v, exit seen %v, exited %v), want one SIGTERM and its exit", sigs, out.Signalled, out.ExitSeen, old.Exited())
+	}
+	if !(out.FlippedAt <= out.SignalledAt && out.SignalledAt <= sigs[0].MonoNS && sigs[0].MonoNS <= out.DrainedAt) {
+		t.Fatalf("flip %d, signal sent %d, seen by the server %d, drain ended %d: want them in this order", out.FlippedAt, out.SignalledAt, sigs[0].MonoNS, out.DrainedAt)
+	}
+	requireGone(t, pins)
+}
+
 // TestPreForkServer: a master with 2 workers holding the connections is drained as a tree and signalled.
 func TestPreForkServer(t *testing.T) {
 	ns, pins := setup(t)
@@ -615,6 +658,8 @@ func TestBadInput(t *testing.T) {
 		{"zero timeout", append(ok, "--timeout", "0s"), false, "--timeout 0s is not positive"},
 		{"negative timeout", append(ok, "--timeout", "-5s"), false, "--timeout -5s is not positive"},
 		{"bad on-timeout", append(ok, "--on-timeout", "explode"), false, "want signal, kill or abort"},
+		{"bad signal-at", append(ok, "--signal-at", "soon"), false, "want drained or flip"},
+		{"signal-at flip and abort", append(ok, "--signal-at", "flip", "--on-timeout", "abort"), false, "on-timeout abort rolls back, which signal-at flip rules out"},
 		{"missing --to", []string{"--from", pid(old.PID)}, false, "--from and --to (or --exec) are required"},
 	}
 	before := selectorPrograms(t)
@@ -665,6 +710,11 @@ func TestDeadlineAndInterrupt(t *testing.T) {
 		{"kill", []string{"--timeout", "500ms", "--on-timeout", "kill"}, false, exitTimedOut, syscall.SIGKILL},
 		{"kill-after", []string{"--timeout", "500ms", "--signal", "USR1", "--kill-after", "300ms"}, false, exitTimedOut, syscall.SIGKILL},
 		{"interrupt", nil, true, exitRolledBack, 0},
+		// Signalled at the flip (USR1: the server lives on), the deadline passes: no second signal.
+		{"flip signal", []string{"--signal-at", "flip", "--timeout", "500ms", "--signal", "USR1", "--exit-wait", "500ms"}, false, exitTimedOut, syscall.SIGUSR1},
+		{"flip kill", []string{"--signal-at", "flip", "--timeout", "500ms", "--signal", "USR1", "--on-timeout", "kill"}, false, exitTimedOut, syscall.SIGKILL},
+		// Interrupted after the signal at the flip: nothing to roll back, draind stops watching and says so.
+		{"flip interrupt", []string{"--signal-at", "flip", "--signal", "USR1"}, true, exitError, syscall.SIGUSR1},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
@@ -696,6 +746,9 @@ func TestDeadlineAndInterrupt(t *testing.T) {
 				}
 			case c.wantSig != 0 && (len(sigs) != 1 || sigs[0].Signal != c.wantSig):
 				t.Fatalf("old got %v, want %v", sigs, c.wantSig)
+			}
+			if c.interrupt && c.wantSig != 0 && !strings.Contains(out.Error, "after the old process was signalled at the flip") {
+				t.Fatalf("error %q, want it to say the old process was signalled at the flip", out.Error)
 			}
 			if c.wantSig == 0 {
 				// Rolled back: the long-lived connections never noticed.

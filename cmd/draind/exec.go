@@ -87,6 +87,9 @@ func startNew(ctx context.Context, o execOptions) (*started, error) {
 	}()
 	if s.p, err = proc.Open(cmd.Process.Pid); err != nil {
 		<-s.exited
+		if errors.Is(err, proc.ErrNoProcess) { // it exited at once
+			return nil, exitedEarly(cmd.Process.Pid, s.state, want)
+		}
 		return nil, fmt.Errorf("new process %d: %w (%s)", cmd.Process.Pid, err, s.state)
 	}
 	o.say("started %s as process %d (uid %d, gid %d, cgroup %s, in the old process's network namespace and directory %s)",
@@ -161,12 +164,16 @@ func (s *started) waitListening(ctx context.Context, want []uint16, limit time.D
 		}
 		select {
 		case <-s.exited:
-			return fmt.Errorf("wait for new process %d to listen: it exited (%s) before it listened on port(s) %v", s.p.PID, s.state, missing)
+			return exitedEarly(s.p.PID, s.state, missing)
 		case <-ctx.Done():
 			return fmt.Errorf("wait for new process %d to listen: not listening on port(s) %v after %s: %w", s.p.PID, missing, limit, context.Cause(ctx))
 		case <-tick.C:
 		}
 	}
+}
+
+func exitedEarly(pid int, state *os.ProcessState, missing []uint16) error {
+	return fmt.Errorf("wait for new process %d to listen: it exited (%s) before it listened on port(s) %v", pid, state, missing)
 }
 
 // stop ends a new process that is not taking over: SIGTERM, and SIGKILL if it still runs 5s later.

@@ -49,6 +49,7 @@ func cmdHandoff(args []string, stdout, stderr io.Writer) int {
 		sigName      = fs.String("signal", "TERM", "signal for the old process once drained (name or number)")
 		timeout      = fs.Duration("timeout", 5*time.Minute, "drain deadline")
 		onTimeout    = fs.String("on-timeout", "signal", "at the deadline: signal, kill or abort (roll back)")
+		signalAt     = fs.String("signal-at", "drained", "when to signal the old process: drained (once it holds no connection, accepted or queued) or flip (right after the flip: its queue migrates to the new process when it closes its listener; only for servers whose graceful shutdown answers every connection they accepted)")
 		killAfter    = fs.Duration("kill-after", 0, "send SIGKILL if the old process has not exited this long after its signal (0: never)")
 		exitWait     = fs.Duration("exit-wait", 30*time.Second, "how long to watch for the old process's exit")
 		readyURL     = fs.String("ready-url", "", "URL that must answer 2xx (asked from the new process's network namespace) before the flip")
@@ -89,6 +90,13 @@ func cmdHandoff(args []string, stdout, stderr io.Writer) int {
 		return fail("%v", err)
 	}
 	ot, err := drain.ParseOnTimeout(*onTimeout)
+	if err != nil {
+		return fail("%v", err)
+	}
+	at, err := drain.ParseSignalAt(*signalAt)
+	if err == nil {
+		err = at.Allows(ot)
+	}
 	if err != nil {
 		return fail("%v", err)
 	}
@@ -179,13 +187,13 @@ func cmdHandoff(args []string, stdout, stderr io.Writer) int {
 	}
 	if useDaemon {
 		req := api.HandoffRequest{
-			Name: *name, Ports: ports, Signal: *sigName, Timeout: api.Duration(*timeout), OnTimeout: *onTimeout,
+			Name: *name, Ports: ports, Signal: *sigName, Timeout: api.Duration(*timeout), OnTimeout: *onTimeout, SignalAt: string(at),
 			KillAfter: api.Duration(*killAfter), ExitWait: api.Duration(*exitWait), ReadyURL: *readyURL, ReadyTimeout: api.Duration(*readyTimeout),
 		}
 		res, id, code, err = handoffViaDaemon(ctx, client, *from, *to, req, pr)
 	} else {
 		res, err = handoff.Run(ctx, handoff.Options{
-			From: *from, To: *to, Ports: ports, Signal: sig, Timeout: *timeout, OnTimeout: ot,
+			From: *from, To: *to, Ports: ports, Signal: sig, Timeout: *timeout, OnTimeout: ot, SignalAt: at,
 			KillAfter: *killAfter, ExitWait: *exitWait, ReadyURL: *readyURL, ReadyTimeout: *readyTimeout,
 			PinDir: *pinDir, Poll: *poll, Logger: logger, Progress: pr.report, Tracker: tracker(),
 		})
@@ -263,9 +271,15 @@ func printSummary(w io.Writer, r *handoff.Result) {
 		fmt.Fprintf(w, "  old signalled      no\n")
 	} else {
 		fmt.Fprintf(w, "  in flight at flip  %d\n", r.InFlightAtFlip)
-		fmt.Fprintf(w, "  left at signal     %d\n", r.Left)
+		when := ""
+		if r.SignalAt == drain.SignalFlip {
+			when = " at the flip"
+			fmt.Fprintf(w, "  left at drain end  %d\n", r.Left)
+		} else {
+			fmt.Fprintf(w, "  left at signal     %d\n", r.Left)
+		}
 		fmt.Fprintf(w, "  time to drain      %s\n", r.DrainTime.Round(time.Millisecond))
-		fmt.Fprintf(w, "  signal sent        SIG%s (delivered: %s, SIGKILL after: %s)\n", r.Signal, yes(r.Signalled), yes(r.Killed))
+		fmt.Fprintf(w, "  signal sent        SIG%s%s (delivered: %s, SIGKILL after: %s)\n", r.Signal, when, yes(r.Signalled), yes(r.Killed))
 		fmt.Fprintf(w, "  old process exit   %s", yes(r.ExitSeen))
 		if r.ExitSeen {
 			fmt.Fprintf(w, " (%s after the signal)", r.ExitWait.Round(time.Millisecond))

@@ -33,7 +33,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	out := fs.String("out", "bench/results", "directory for results.md, results.json and the SVG plots")
 	repeats := fs.Int("repeats", 0, "repeats per scenario (default 3, or 5 with --long)")
 	scenarios := fs.String("scenarios", "", "comma-separated subset of "+strings.Join(bench.Scenarios, ","))
-	contenders := fs.String("contenders", "", "comma-separated subset of stop-start,reuseport,reuseport-migrate,tableflip,draind")
+	contenders := fs.String("contenders", "", "comma-separated subset of "+strings.Join(bench.ContenderKeys(), ",")+" (scenario 5 is draind's alone and ignores it)")
 	verbose := fs.Bool("v", false, "log draind's own informational messages too")
 	if err := fs.Parse(args); err != nil {
 		return 2
