@@ -28,6 +28,10 @@ var ErrBadInput = errors.New("bad input")
 // everything and was not signalled.
 var ErrRolledBack = errors.New("handoff rolled back")
 
+// ErrUnwatched marks a handoff with SignalAt flip interrupted during the drain: the old process has its signal and
+// drains by itself, no longer watched; nothing is rolled back.
+var ErrUnwatched = errors.New("interrupted after the old process was signalled at the flip")
+
 // ErrLeft is the context cause with which a daemon that stops cancels its handoffs: they return ErrLeft at once
 // and leave the steering and the processes as they are, for the next draind process to Resume. Any other cause
 // (or none) rolls a handoff back if its old process was not signalled yet.
@@ -39,11 +43,11 @@ type Options struct {
 	FromProc     *proc.Process   // if set, the old process itself (From is then only its PID, for reports); the caller closes it after Run
 	ToProc       *proc.Process   // the same for the new process
 	Ports        []uint16        // hand off only these ports (default: every port the old side listens on)
-	Signal       syscall.Signal  // sent to the old process once drained (default SIGTERM)
+	Signal       syscall.Signal  // for the old process once drained, or at the flip (SignalAt) (default SIGTERM)
 	Timeout      time.Duration   // drain deadline (default 5m)
 	OnTimeout    drain.OnTimeout // what to do at the deadline (default signal)
 	SignalAt     drain.SignalAt  // when to signal the old process (default drained; flip excludes OnTimeout abort)
-	KillAfter    time.Duration   // SIGKILL this long after the signal if the old process lives on (default off)
+	KillAfter    time.Duration   // SIGKILL if the old process outlives its signal (flip: drain) by this (default off)
 	ExitWait     time.Duration   // how long to watch for the old process's exit (default 30s)
 	ReadyURL     string          // if set, must answer 2xx (from the new process's netns) before the flip
 	ReadyTimeout time.Duration   // default 10s
@@ -659,7 +663,11 @@ func (h *run) drainedAfterSignal(ctx context.Context, err error) (*Result, error
 		// Interrupted: the old process has its signal and goes on draining by itself; stop watching it.
 		h.res.Outcome = OutcomeTimedOut
 		res, ferr := h.finish(false)
-		return res, errors.Join(fmt.Errorf("wait for the drain: %s, after the old process was signalled at the flip (%d connection(s) left)", interrupted(ctx), h.res.Left), ferr)
+		err := fmt.Errorf("wait for the drain: %w (%d connection(s) left)", ErrUnwatched, h.res.Left)
+		if why := interrupted(ctx); why != "interrupted" {
+			err = fmt.Errorf("%w: %s", err, why)
+		}
+		return res, errors.Join(err, ferr)
 	case errors.Is(err, drain.ErrDeadline):
 		h.res.Outcome = OutcomeTimedOut
 	default:

@@ -920,3 +920,58 @@ func TestDaemonResumeNewDied(t *testing.T) {
 		t.Fatalf("new connections do not reach the old process after the rollback (%d then %d)", before, after)
 	}
 }
+
+// TestDaemonSignalAtFlipResumed: `--signal-at flip` through the daemon, and a daemon restarted after that signal. The
+// old server stopped accepting with connections queued and takes 2s to act on SIGTERM; the daemon signals it at the
+// flip and is killed; the next daemon resumes the handoff at "signalled", counts the drain, sees the exit and ends
+// it. The queued connections migrate to the new server when the old one closes its listener: none fails.
+func TestDaemonSignalAtFlipResumed(t *testing.T) {
+	ns, pins := setup(t)
+	dir := newDaemonDir(t)
+	d := startDaemon(t, dir, pins)
+	old := server(t, ns, "old", testenv.ServerOptions{ExitDelay: 2 * time.Second})
+	if err := old.PauseAccept(); err != nil {
+		t.Fatal(err)
+	}
+	const queued = 8
+	load := testenv.StartLoadForTest(t, ns, testenv.LoadOptions{Addr: addr, Concurrency: queued, Duration: 20 * time.Second, Timeout: 15 * time.Second})
+	time.Sleep(300 * time.Millisecond)
+	migrated := migrations(t, old.PID)
+	newS := server(t, ns, "new", testenv.ServerOptions{})
+	h := startHandoff(t, append(daemonArgs(d, old, newS), "--signal-at", "flip")...)
+	h.waitFor(t, "SIGTERM", 10*time.Second)
+	if code := d.signal(syscall.SIGKILL); code != -int(syscall.SIGKILL) {
+		t.Fatalf("daemon exit %d, want killed", code)
+	}
+	if recs := d.records(); len(recs) != 1 || !strings.Contains(string(recs[0]), `"stage": "signalled"`) || !strings.Contains(string(recs[0]), `"signal_at": "flip"`) {
+		t.Fatalf("state file after the kill: %s", recs)
+	}
+	h.wait(t, 10*time.Second)
+	if old.Exited() {
+		t.Fatal("the old server exited before its 2s exit delay")
+	}
+
+	d2 := startDaemon(t, dir, pins)
+	waitCond(t, 20*time.Second, func() bool { return old.Exited() && len(d2.status()) == 0 })
+	moved := migrated(newS.PID)
+	time.Sleep(300 * time.Millisecond)
+	r, err := load.Stop()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("load: requests %d ok %d failures %v by server %v; migrated %v", r.Requests, r.OK, r.Failures, r.ByServer, moved)
+	requireNoFailures(t, r)
+	if moved < queued || r.ByServer["old"] != 0 {
+		t.Fatalf("%v connections migrated, want >= %d; answered by %v", moved, queued, r.ByServer)
+	}
+	if sigs := old.Signals(); len(sigs) != 1 || sigs[0].Signal != syscall.SIGTERM {
+		t.Fatalf("old got %v, want one SIGTERM", sigs)
+	}
+	if l := d2.log(); !strings.Contains(l, `"msg":"resuming handoff"`) || !strings.Contains(l, `"stage":"signalled"`) || !strings.Contains(l, `"outcome":"drained"`) {
+		t.Fatalf("the second daemon did not resume the handoff:\n%s", d2.log())
+	}
+	if recs := d2.records(); len(recs) != 0 {
+		t.Fatalf("state file still holds %d handoff(s)", len(recs))
+	}
+	requireUnused(t, pins)
+}

@@ -249,6 +249,8 @@ func exitCode(res *handoff.Result, err error) int {
 		return exitBadInput
 	case errors.Is(err, handoff.ErrRolledBack):
 		return exitRolledBack
+	case errors.Is(err, handoff.ErrUnwatched):
+		return exitTimedOut
 	case err != nil:
 		return exitError
 	case res.Outcome == handoff.OutcomeTimedOut:
