@@ -1,6 +1,7 @@
 package bench
 
 import (
+	"bufio"
 	"bytes"
 	"cmp"
 	"context"
@@ -14,7 +15,10 @@ import (
 	"os/signal"
 	"slices"
 	"sort"
+	"strconv"
+	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -90,11 +94,14 @@ type LoadReport struct {
 	FailedAt []FailureAt `json:"failed_at,omitempty"`
 	// Connect is the connect latency (connect(2) to established) of the attempts whose connect succeeded; Request
 	// the latency of the answered ones, from connect(2) to the end of the answer.
-	Connect  Percentiles           `json:"connect"`
-	Request  Percentiles           `json:"request"`
-	BucketNS int64                 `json:"bucket_ns"`
-	Buckets  []Bucket              `json:"buckets"` // by attempt start: bucket i starts at StartMono + i*BucketNS
-	Servers  map[string]ServerSpan `json:"servers"` // answered attempts by server ID
+	Connect Percentiles `json:"connect"`
+	Request Percentiles `json:"request"`
+	// AfterMark describes the attempts answered at or after the mark (loadClient.mark), if one was set: what an
+	// upgrade commanded at the mark could still change, without what was over before it.
+	AfterMark *MarkFigures          `json:"after_mark,omitempty"`
+	BucketNS  int64                 `json:"bucket_ns"`
+	Buckets   []Bucket              `json:"buckets"` // by attempt start: bucket i starts at StartMono + i*BucketNS
+	Servers   map[string]ServerSpan `json:"servers"` // answered attempts by server ID
 }
 
 // Bucket is one step of a load timeline.
@@ -120,6 +127,16 @@ type ServerSpan struct {
 	N         int   `json:"n"`
 	FirstMono int64 `json:"first_mono"`
 	LastMono  int64 `json:"last_mono"`
+}
+
+// MarkFigures describe the answered attempts that ended at or after a mark (CLOCK_MONOTONIC).
+type MarkFigures struct {
+	Mono    int64       `json:"mono"`
+	Request Percentiles `json:"request"` // request latency of the attempts answered at or after the mark
+	// InFlight counts those that started before the mark: in the accept queue, or being served, at the mark.
+	InFlight int `json:"in_flight"`
+	// LastInFlight is from the mark to the end of the last of them; 0 if none.
+	LastInFlight int64 `json:"last_in_flight_ns"`
 }
 
 // Failed returns the number of failed attempts.
@@ -183,7 +200,8 @@ func runLoadChild(optsJSON []byte) error {
 	if err != nil {
 		return fmt.Errorf("parse source address: %w", err)
 	}
-	ctx, stop := clientContext(opts.Duration)
+	var mark atomic.Int64
+	ctx, stop := clientContext(opts.Duration, &mark)
 	defer stop()
 
 	req := []byte("GET / HTTP/1.1\r\nHost: " + opts.Addr + "\r\nUser-Agent: drainbench\r\nConnection: close\r\n\r\n")
@@ -205,7 +223,7 @@ func runLoadChild(optsJSON []byte) error {
 	}
 	emit(event{Ev: "started", Mono: start})
 	wg.Wait()
-	rep := buildReport(opts, start, testenv.MonoNow(), workers)
+	rep := buildReport(opts, start, testenv.MonoNow(), mark.Load(), workers)
 	emit(event{Ev: "result", Report: rep})
 	return nil
 }
@@ -225,7 +243,8 @@ func bindNoPort(_, _ string, c syscall.RawConn) error {
 }
 
 // clientContext ends after d, on SIGINT/SIGTERM, or when stdin reaches EOF (the parent's stop).
-func clientContext(d time.Duration) (context.Context, context.CancelFunc) {
+// clientContext ends after d, on SIGINT/SIGTERM or at the end of stdin; a line "mark N" on stdin sets mark to N.
+func clientContext(d time.Duration, mark *atomic.Int64) (context.Context, context.CancelFunc) {
 	ctx, stop := context.WithTimeout(context.Background(), d)
 	sigc := make(chan os.Signal, 1)
 	signal.Notify(sigc, syscall.SIGINT, syscall.SIGTERM)
@@ -237,7 +256,14 @@ func clientContext(d time.Duration) (context.Context, context.CancelFunc) {
 		}
 	}()
 	go func() {
-		_, _ = io.Copy(io.Discard, os.Stdin)
+		sc := bufio.NewScanner(os.Stdin)
+		for sc.Scan() {
+			if v, ok := strings.CutPrefix(sc.Text(), "mark "); ok {
+				if n, err := strconv.ParseInt(v, 10, 64); err == nil {
+					mark.Store(n)
+				}
+			}
+		}
 		stop()
 	}()
 	return ctx, stop
@@ -360,7 +386,7 @@ func parseResponse(b []byte) (string, error) {
 }
 
 // buildReport merges the workers' records into a report.
-func buildReport(opts LoadOptions, start, end int64, workers []*loadWorker) *LoadReport {
+func buildReport(opts LoadOptions, start, end, mark int64, workers []*loadWorker) *LoadReport {
 	rep := &LoadReport{
 		StartMono: start,
 		EndMono:   end,
@@ -372,7 +398,8 @@ func buildReport(opts LoadOptions, start, end int64, workers []*loadWorker) *Loa
 	rep.Buckets = make([]Bucket, nb)
 	bConn := make([][]int64, nb)
 	bReq := make([][]int64, nb)
-	var conns, reqs []int64
+	var conns, reqs, afterMark []int64
+	var am MarkFigures
 	for _, w := range workers {
 		for _, s := range w.sample {
 			if len(rep.Samples) < 20 {
@@ -401,6 +428,13 @@ func buildReport(opts LoadOptions, start, end int64, workers []*loadWorker) *Loa
 			b.OK++
 			reqs = append(reqs, a.totalNS)
 			bReq[bi] = append(bReq[bi], a.totalNS)
+			if end := a.start + a.totalNS; mark != 0 && end >= mark {
+				afterMark = append(afterMark, a.totalNS)
+				if a.start < mark {
+					am.InFlight++
+					am.LastInFlight = max(am.LastInFlight, end-mark)
+				}
+			}
 			id := w.ids[a.server-1]
 			sp, seen := rep.Servers[id]
 			if !seen || a.start < sp.FirstMono {
@@ -417,6 +451,10 @@ func buildReport(opts LoadOptions, start, end int64, workers []*loadWorker) *Loa
 	rep.FailedAt = rep.FailedAt[:min(len(rep.FailedAt), maxFailedAt)]
 	rep.Connect = Summarize(conns)
 	rep.Request = Summarize(reqs)
+	if mark != 0 {
+		am.Mono, am.Request = mark, Summarize(afterMark)
+		rep.AfterMark = &am
+	}
 	for i := range rep.Buckets {
 		c := Summarize(bConn[i])
 		rep.Buckets[i].ConnP99, rep.Buckets[i].ConnMax = c.P99, c.Max
@@ -478,6 +516,14 @@ func (l *loadClient) startMono() int64 {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	return l.start
+}
+
+// mark sets the client's mark (CLOCK_MONOTONIC): the report's AfterMark describes what was answered from then on.
+func (l *loadClient) mark(mono int64) error {
+	if _, err := fmt.Fprintf(l.c.stdin, "mark %d\n", mono); err != nil {
+		return fmt.Errorf("mark load: %w", err)
+	}
+	return nil
 }
 
 // stop ends the run (attempts in flight finish, bounded by Timeout) and returns the report.

@@ -205,15 +205,82 @@ func (s *QueueRun) repeat() int { return s.Repeat }
 func (s *LongRun) repeat() int  { return s.Repeat }
 
 // perRepeat turns a figure f of a scenario's runs (runsOf: a contender's) into the figure of contender c in repeat
-// rep (false: c has no run in rep).
-func perRepeat[R interface{ repeat() int }](runsOf func(string) []R, f func(R) float64) func(c string, rep int) (float64, bool) {
+// rep (false: c has no run in rep, or f has no value for it).
+func perRepeat[R interface{ repeat() int }](runsOf func(string) []R, f func(R) (float64, bool)) func(c string, rep int) (float64, bool) {
 	return func(c string, rep int) (float64, bool) {
 		for _, s := range runsOf(c) {
 			if s.repeat() == rep {
-				return f(s), true
+				return f(s)
 			}
 		}
 		return 0, false
+	}
+}
+
+// afterCommand is a figure of what a scenario 2 run answered after its switch command (false: none, or a run from
+// before the figure existed).
+func afterCommand(f func(*MarkFigures) float64) func(*QueueRun) (float64, bool) {
+	return func(s *QueueRun) (float64, bool) {
+		if s.AfterCommand == nil || s.AfterCommand.Request.N == 0 {
+			return 0, false
+		}
+		return f(s.AfterCommand), true
+	}
+}
+
+func afterP99(m *MarkFigures) float64          { return float64(m.Request.P99) }
+func afterLastInFlight(m *MarkFigures) float64 { return float64(m.LastInFlight) }
+
+// always is a figure that every run has.
+func always[R any](f func(R) float64) func(R) (float64, bool) {
+	return func(s R) (float64, bool) { return f(s), true }
+}
+
+// figure is one figure of scenarios 1–4 on which the targets compare two contenders.
+type figure struct {
+	name         string
+	higherBetter bool
+	median       func(c string) Spread                   // over contender c's runs (for (4): its upgrades, pooled)
+	inRepeat     func(c string, rep int) (float64, bool) // contender c's in repeat rep
+}
+
+func runFigure[R interface{ repeat() int }](name string, higherBetter bool, runsOf func(string) []R, f func(R) (float64, bool)) figure {
+	return figure{name: name, higherBetter: higherBetter,
+		median:   func(c string) Spread { return spreadOf(runsOf(c), f) },
+		inRepeat: perRepeat(runsOf, f)}
+}
+
+// worse says whether value a is worse than b for this figure.
+func (f figure) worse(a, b float64) bool {
+	if f.higherBetter {
+		return a < b
+	}
+	return a > b
+}
+
+// targetFigures are the figures the targets compare: what each scenario is about. Scenario 2's latencies are of
+// what was answered after the switch command (the second of load before it is the same for every contender).
+func (r *Results) targetFigures() []figure {
+	switches := func(c string) Spread {
+		var ss []SwitchSample
+		for _, s := range r.stormOf(c) {
+			ss = append(ss, s.Switches...)
+		}
+		return spreadOf(ss, func(s SwitchSample) (float64, bool) { return float64(s.CommandToAllNew), s.CommandToAllNew >= 0 })
+	}
+	return []figure{
+		runFigure("(1) failed", false, r.stormOf, always(func(s *StormRun) float64 { return float64(s.Failed) })),
+		runFigure("(1) connect p99", false, r.stormOf, always(func(s *StormRun) float64 { return float64(s.Connect.P99) })),
+		runFigure("(1) connect p99.9", false, r.stormOf, always(func(s *StormRun) float64 { return float64(s.Connect.P999) })),
+		runFigure("(1) answered/s", true, r.stormOf, always(func(s *StormRun) float64 { return s.Rate })),
+		runFigure("(2) failed", false, r.queueOf, always(func(s *QueueRun) float64 { return float64(s.Failed) })),
+		runFigure("(2) connect p99", false, r.queueOf, always(func(s *QueueRun) float64 { return float64(s.Connect.P99) })),
+		runFigure("(2) request p99 after the command", false, r.queueOf, afterCommand(afterP99)),
+		runFigure("(2) request p99.9 after the command", false, r.queueOf, afterCommand(func(m *MarkFigures) float64 { return float64(m.Request.P999) })),
+		runFigure("(2) command → last earlier connection answered", false, r.queueOf, afterCommand(afterLastInFlight)),
+		runFigure("(3) cut", false, r.longOf, always(func(s *LongRun) float64 { return float64(s.Cut) })),
+		runFigure("(3) last close → exit", false, r.longOf, func(s *LongRun) (float64, bool) { return float64(s.LastCloseToExit), s.LastCloseToExit >= 0 }),
+		{name: "(4) switch", median: switches, inRepeat: perRepeat(r.stormOf, always(medianSwitch))},
 	}
 }
 
@@ -313,10 +380,11 @@ func (r *Results) QueueTable() Table {
 	t := Table{
 		Title: "Scenario 2: accept-queue torture (one upgrade of a slow-accepting old server)",
 		Header: []string{"contender", "failed connections", "failures (all repeats)", "connect p99", "connect p99.9",
-			"request p99", "command → old exited", "queued connections migrated (kernel)"},
+			"request p99 (whole run)", "after the command: request p99", "request p99.9", "earlier connections answered after the command: n, last", "command → old exited", "queued connections migrated (kernel)"},
 		Notes: []string{
 			fmt.Sprintf("The old server sleeps %s before each accept (backlog %d), so its accept queue holds most of the %d load workers' connections; on SIGTERM it closes its listener (what is still queued is reset unless migrated). The new server accepts at full speed (for (d), tableflip's successor).", p.AcceptDelay, p.Backlog, p.Concurrency),
 			fmt.Sprintf("%s of load before the upgrade, %s after its start; request latency includes the wait in the accept queue. Failures are counted at the attempt's start, so a queued connection reset at the SIGTERM counts where it was opened.", p.Before, p.After),
+			"after the command: of the attempts answered after the switch command, the second of load before it left out (the same slow server under the same load for every contender; whether its slow requests make up more than 1% of a whole run depends on how many fast ones follow, so the whole-run p99 jumps between the slow and the fast mode). earlier connections answered after the command: those opened before it (queued at the old listener, or being served, at the command), how many, and from the command to the last one's answer. The targets compare these figures.",
 			"queued connections migrated: the namespace's TcpExt TCPMigrateReqSuccess counter (connections moved off a closing listener by the kernel, with tcp_migrate_req or draind's selector). results.json has more TcpExt counters per run.",
 		},
 	}
@@ -333,6 +401,10 @@ func (r *Results) QueueTable() Table {
 			fmtSpread(spreadOf(runs, func(s *QueueRun) (float64, bool) { return float64(s.Connect.P99), s.Connect.N > 0 }), fmtNS),
 			fmtSpread(spreadOf(runs, func(s *QueueRun) (float64, bool) { return float64(s.Connect.P999), s.Connect.N > 0 }), fmtNS),
 			fmtSpread(spreadOf(runs, func(s *QueueRun) (float64, bool) { return float64(s.Request.P99), s.Request.N > 0 }), fmtNS),
+			fmtSpread(spreadOf(runs, afterCommand(afterP99)), fmtNS),
+			fmtSpread(spreadOf(runs, afterCommand(func(m *MarkFigures) float64 { return float64(m.Request.P999) })), fmtNS),
+			fmtSpread(spreadOf(runs, afterCommand(func(m *MarkFigures) float64 { return float64(m.InFlight) })), fmtCount) + ", " +
+				fmtSpread(spreadOf(runs, afterCommand(afterLastInFlight)), fmtNS),
 			fmtSpread(spreadOf(runs, func(s *QueueRun) (float64, bool) { return float64(s.CommandToExit), s.CommandToExit >= 0 }), fmtNS),
 			fmtSpread(spreadOf(runs, func(s *QueueRun) (float64, bool) {
 				v, ok := s.Kernel["TCPMigrateReqSuccess"]
@@ -422,14 +494,20 @@ func (r *Results) CompareTable() Table {
 		name string
 		val  func(c string, rep int) (float64, bool)
 	}
-	storm := func(f func(*StormRun) float64) func(string, int) (float64, bool) { return perRepeat(r.stormOf, f) }
-	queue := func(f func(*QueueRun) float64) func(string, int) (float64, bool) { return perRepeat(r.queueOf, f) }
+	storm := func(f func(*StormRun) float64) func(string, int) (float64, bool) {
+		return perRepeat(r.stormOf, always(f))
+	}
+	queue := func(f func(*QueueRun) float64) func(string, int) (float64, bool) {
+		return perRepeat(r.queueOf, always(f))
+	}
 	figs := []fig{
 		{"(1) connect p99", storm(func(s *StormRun) float64 { return float64(s.Connect.P99) })},
 		{"(1) connect p99.9", storm(func(s *StormRun) float64 { return float64(s.Connect.P999) })},
 		{"(1) request p99", storm(func(s *StormRun) float64 { return float64(s.Request.P99) })},
 		{"(1) answered/s (higher is better)", storm(func(s *StormRun) float64 { return s.Rate })},
-		{"(2) request p99", queue(func(s *QueueRun) float64 { return float64(s.Request.P99) })},
+		{"(2) request p99 (whole run)", queue(func(s *QueueRun) float64 { return float64(s.Request.P99) })},
+		{"(2) request p99 after the command", perRepeat(r.queueOf, afterCommand(afterP99))},
+		{"(2) command → last earlier connection answered", perRepeat(r.queueOf, afterCommand(afterLastInFlight))},
 		{"(4) command → last connection answered by old (median per run)", storm(medianSwitch)},
 	}
 	for _, f := range figs {
@@ -529,85 +607,31 @@ func (r *Results) Targets() Table {
 	return t
 }
 
-// worseMedians lists the figures of scenarios 1–4 on which contender a's median (over all its runs; for (4), over
-// all its upgrades pooled) is worse than contender b's, compared as they are.
+// worseMedians lists the target figures on which contender a's median is worse than contender b's, compared as
+// they are.
 func (r *Results) worseMedians(a, b string) (worse []string) {
-	cmp := func(name string, med func(c string) Spread, higherBetter bool) {
-		ma, mb := med(a), med(b)
-		if ma.N == 0 || mb.N == 0 {
-			return
-		}
-		if (!higherBetter && ma.Med > mb.Med) || (higherBetter && ma.Med < mb.Med) {
-			worse = append(worse, name)
+	for _, f := range r.targetFigures() {
+		ma, mb := f.median(a), f.median(b)
+		if ma.N > 0 && mb.N > 0 && f.worse(ma.Med, mb.Med) {
+			worse = append(worse, f.name)
 		}
 	}
-	storm := func(f func(*StormRun) float64) func(string) Spread {
-		return func(c string) Spread {
-			return spreadOf(r.stormOf(c), func(s *StormRun) (float64, bool) { return f(s), true })
-		}
-	}
-	queue := func(f func(*QueueRun) float64) func(string) Spread {
-		return func(c string) Spread {
-			return spreadOf(r.queueOf(c), func(s *QueueRun) (float64, bool) { return f(s), true })
-		}
-	}
-	long := func(f func(*LongRun) float64) func(string) Spread {
-		return func(c string) Spread {
-			return spreadOf(r.longOf(c), func(s *LongRun) (float64, bool) { return f(s), true })
-		}
-	}
-	switches := func(c string) Spread {
-		var ss []SwitchSample
-		for _, s := range r.stormOf(c) {
-			ss = append(ss, s.Switches...)
-		}
-		return spreadOf(ss, func(s SwitchSample) (float64, bool) { return float64(s.CommandToAllNew), s.CommandToAllNew >= 0 })
-	}
-	cmp("(1) failed", storm(func(s *StormRun) float64 { return float64(s.Failed) }), false)
-	cmp("(1) connect p99", storm(func(s *StormRun) float64 { return float64(s.Connect.P99) }), false)
-	cmp("(1) connect p99.9", storm(func(s *StormRun) float64 { return float64(s.Connect.P999) }), false)
-	cmp("(1) answered/s", storm(func(s *StormRun) float64 { return s.Rate }), true)
-	cmp("(2) failed", queue(func(s *QueueRun) float64 { return float64(s.Failed) }), false)
-	cmp("(2) connect p99", queue(func(s *QueueRun) float64 { return float64(s.Connect.P99) }), false)
-	cmp("(2) request p99", queue(func(s *QueueRun) float64 { return float64(s.Request.P99) }), false)
-	cmp("(3) cut", long(func(s *LongRun) float64 { return float64(s.Cut) }), false)
-	cmp("(3) last close → exit", long(func(s *LongRun) float64 { return float64(s.LastCloseToExit) }), false)
-	cmp("(4) switch", switches, false)
 	return worse
 }
 
-// consistentlyWorse lists the figures of scenarios 1–4 on which contender a did worse than contender b in every
-// repeat where both ran (their runs of one repeat follow each other on the machine), and how many repeats had both.
+// consistentlyWorse lists the target figures on which contender a did worse than contender b in every repeat where
+// both have the figure (their runs of one repeat follow each other on the machine), and how many repeats had both.
 func (r *Results) consistentlyWorse(a, b string) (figs []string, repeats int) {
-	type fig struct {
-		name         string
-		val          func(c string, rep int) (float64, bool)
-		higherBetter bool
-	}
-	storm := func(f func(*StormRun) float64) func(string, int) (float64, bool) { return perRepeat(r.stormOf, f) }
-	queue := func(f func(*QueueRun) float64) func(string, int) (float64, bool) { return perRepeat(r.queueOf, f) }
-	long := func(f func(*LongRun) float64) func(string, int) (float64, bool) { return perRepeat(r.longOf, f) }
-	for _, f := range []fig{
-		{"(1) failed", storm(func(s *StormRun) float64 { return float64(s.Failed) }), false},
-		{"(1) connect p99", storm(func(s *StormRun) float64 { return float64(s.Connect.P99) }), false},
-		{"(1) connect p99.9", storm(func(s *StormRun) float64 { return float64(s.Connect.P999) }), false},
-		{"(1) answered/s", storm(func(s *StormRun) float64 { return s.Rate }), true},
-		{"(2) failed", queue(func(s *QueueRun) float64 { return float64(s.Failed) }), false},
-		{"(2) connect p99", queue(func(s *QueueRun) float64 { return float64(s.Connect.P99) }), false},
-		{"(2) request p99", queue(func(s *QueueRun) float64 { return float64(s.Request.P99) }), false},
-		{"(3) cut", long(func(s *LongRun) float64 { return float64(s.Cut) }), false},
-		{"(3) last close → exit", long(func(s *LongRun) float64 { return float64(s.LastCloseToExit) }), false},
-		{"(4) switch", storm(medianSwitch), false},
-	} {
+	for _, f := range r.targetFigures() {
 		n, worse := 0, 0
 		for rep := range r.Params.Repeats {
-			va, ok1 := f.val(a, rep)
-			vb, ok2 := f.val(b, rep)
+			va, ok1 := f.inRepeat(a, rep)
+			vb, ok2 := f.inRepeat(b, rep)
 			if !ok1 || !ok2 {
 				continue
 			}
 			n++
-			if (!f.higherBetter && va > vb) || (f.higherBetter && va < vb) {
+			if f.worse(va, vb) {
 				worse++
 			}
 		}

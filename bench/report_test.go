@@ -107,7 +107,17 @@ func TestBuildReport(t *testing.T) {
 		{start: 1000 + 25*ms, connNS: 400, totalNS: 800, server: 2},
 		{start: 1000 + 26*ms, connNS: 100, totalNS: 600, server: 2},
 	}
-	rep := buildReport(LoadOptions{Bucket: 10 * time.Millisecond}, 1000, 1000+30*ms, []*loadWorker{w})
+	rep := buildReport(LoadOptions{Bucket: 10 * time.Millisecond}, 1000, 1000+30*ms, 0, []*loadWorker{w})
+	if rep.AfterMark != nil {
+		t.Errorf("no mark, but AfterMark %+v", rep.AfterMark)
+	}
+	// A mark at 2ms+500ns: the attempt started at 2ms (answered 200ns after the mark) was in flight; the failed
+	// ones do not count; the two answered at 25ms and 26ms follow.
+	mark := 1000 + 2*ms + 500
+	if am := buildReport(LoadOptions{Bucket: 10 * time.Millisecond}, 1000, 1000+30*ms, mark, []*loadWorker{w}).AfterMark; am == nil ||
+		am.Mono != mark || am.Request.N != 3 || am.Request.Max != 800 || am.InFlight != 1 || am.LastInFlight != 200 {
+		t.Errorf("AfterMark = %+v, want 3 answered (max 800ns), 1 in flight answered 200ns after the mark", am)
+	}
 	if rep.Requests != 6 || rep.OK != 4 || rep.Failed() != 2 || rep.Failures[failRefused] != 1 || rep.Failures[failReset] != 1 || rep.NoAnswer != 1 {
 		t.Errorf("counts: %+v", rep)
 	}
@@ -352,5 +362,45 @@ func TestSVGWellFormed(t *testing.T) {
 	}
 	if s := string(docs["timeline"]); !strings.Contains(s, "a &lt;title&gt; &amp; more") || !strings.Contains(s, "7 failed in total") || !strings.Contains(s, `fill="#d62728"`) {
 		t.Errorf("timeline SVG lacks the title, the failure count or a failure bar")
+	}
+}
+
+// TestQueueFigures: scenario 2's targets compare what was answered after the switch command; runs without those
+// figures (from before they existed) and scenario 3's "not applicable" (-1) are left out, not compared.
+func TestQueueFigures(t *testing.T) {
+	r := fakeResults()
+	mk := func(c string, rep int, wholeP99, afterP99, last int64) *QueueRun {
+		q := &QueueRun{Contender: c, Repeat: rep, loadFigures: loadFigures{Requests: 100, OK: 100, Request: Percentiles{N: 100, P99: wholeP99}}}
+		if afterP99 > 0 {
+			q.AfterCommand = &MarkFigures{Request: Percentiles{N: 90, P99: afterP99, P999: afterP99}, InFlight: 60, LastInFlight: last}
+		}
+		return q
+	}
+	for rep := range 2 {
+		// draind's whole-run p99 is worse in both repeats, its p99 after the command is not; its queue clears later.
+		r.Queue = append(r.Queue, mk(Tableflip, rep, 50e6, 9e6, 30e6), mk(Draind, rep, 150e6, 8e6, 200e6))
+		// tableflip's old process exited before the last close (-1): nothing to compare draind's 5ms with.
+		r.LongLived = append(r.LongLived, &LongRun{Contender: Tableflip, Repeat: rep, Conns: 10, LastCloseToExit: -1},
+			&LongRun{Contender: Draind, Repeat: rep, Conns: 10, LastCloseToExit: 5e6})
+	}
+	want := []string{"(2) command → last earlier connection answered"}
+	if figs, n := r.consistentlyWorse(Draind, Tableflip); !slices.Equal(figs, want) || n != 2 {
+		t.Errorf("consistently worse on %v (%d repeats), want %v", figs, n, want)
+	}
+	if figs := r.worseMedians(Draind, Tableflip); !slices.Equal(figs, want) {
+		t.Errorf("worse medians on %v, want %v", figs, want)
+	}
+	// The same runs without the after-command figures: nothing of scenario 2's latency is compared.
+	for _, q := range r.Queue {
+		q.AfterCommand = nil
+	}
+	if figs, _ := r.consistentlyWorse(Draind, Tableflip); len(figs) != 0 {
+		t.Errorf("without after-command figures: consistently worse on %v", figs)
+	}
+	md := r.QueueTable().Markdown()
+	for _, want := range []string{"request p99 (whole run)", "| (e) draind                 | 0 ", "150 ms"} {
+		if !strings.Contains(md, want) {
+			t.Errorf("queue table lacks %q:\n%s", want, md)
+		}
 	}
 }

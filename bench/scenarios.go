@@ -283,8 +283,10 @@ type QueueRun struct {
 	Switch     SwitchSample `json:"switch"`
 	CommandsAt []int64      `json:"commands_at_ns"` // the switch command, relative to the load's start
 	// CommandToExit is from the switch command to the old process's exit; -1: not seen.
-	CommandToExit int64  `json:"command_to_exit_ns"`
-	Error         string `json:"error,omitempty"`
+	CommandToExit int64 `json:"command_to_exit_ns"`
+	// AfterCommand describes what was answered after the switch command: what the upgrade could still change.
+	AfterCommand *MarkFigures `json:"after_command,omitempty"`
+	Error        string       `json:"error,omitempty"`
 
 	timeline *LoadReport
 	marks    []int64
@@ -316,6 +318,11 @@ func runQueue(ctx context.Context, env *runEnv, c Contender, p QueueParams, repe
 		return run, err
 	}
 	u, uerr := f.begin(ctx, cur)
+	if u.CommandMono != 0 {
+		if err := load.mark(u.CommandMono); err != nil {
+			return run, err
+		}
+	}
 	if uerr == nil {
 		uerr = u.finish(ctx)
 	}
@@ -327,6 +334,7 @@ func runQueue(ctx context.Context, env *runEnv, c Contender, p QueueParams, repe
 		return run, err
 	}
 	run.loadFigures = figuresOf(rep)
+	run.AfterCommand = rep.AfterMark
 	run.Kernel, err = tcpExt(ns)
 	if err != nil {
 		return run, err
