@@ -496,8 +496,6 @@ func (h *run) drain(ctx context.Context, newDied <-chan struct{}, stopWatch func
 	h.res.SignalAt = drain.SignalDrained
 	if early {
 		h.res.SignalAt = drain.SignalFlip
-	}
-	if early {
 		if res, err := h.signalAtFlip(ctx, newDied, stopWatch); res != nil || err != nil {
 			return res, err
 		}

@@ -46,7 +46,7 @@ func cmdHandoff(args []string, stdout, stderr io.Writer) int {
 		ports        portList
 		from         = fs.Int("from", 0, "PID of the old process (required)")
 		to           = fs.Int("to", 0, "PID of the new process (required)")
-		sigName      = fs.String("signal", "TERM", "signal for the old process once drained (name or number)")
+		sigName      = fs.String("signal", "TERM", "signal for the old process, once drained or at the flip (--signal-at): a name or number")
 		timeout      = fs.Duration("timeout", 5*time.Minute, "drain deadline")
 		onTimeout    = fs.String("on-timeout", "signal", "at the deadline: signal, kill or abort (roll back)")
 		signalAt     = fs.String("signal-at", "drained", "when to signal the old process: drained (once it holds no connection, accepted or queued) or flip (right after the flip: its queue migrates to the new process when it closes its listener; only for servers whose graceful shutdown answers every connection they accepted)")
