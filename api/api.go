@@ -286,6 +286,7 @@ const (
 	KindConflict   Kind = "conflict"    // a listener is in another handoff; nothing changed
 	KindNotFound   Kind = "not_found"   // no such handoff
 	KindRolledBack Kind = "rolled_back" // steering started and was rolled back; the old process was not signalled
+	KindUnwatched  Kind = "unwatched"   // signalled at the flip, then interrupted: the old process drains unwatched
 	KindInternal   Kind = "internal"    // anything else
 )
 

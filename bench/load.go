@@ -242,7 +242,6 @@ func bindNoPort(_, _ string, c syscall.RawConn) error {
 	return errors.Join(err, serr)
 }
 
-// clientContext ends after d, on SIGINT/SIGTERM, or when stdin reaches EOF (the parent's stop).
 // clientContext ends after d, on SIGINT/SIGTERM or at the end of stdin; a line "mark N" on stdin sets mark to N.
 func clientContext(d time.Duration, mark *atomic.Int64) (context.Context, context.CancelFunc) {
 	ctx, stop := context.WithTimeout(context.Background(), d)

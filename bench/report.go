@@ -219,17 +219,22 @@ func perRepeat[R interface{ repeat() int }](runsOf func(string) []R, f func(R) (
 
 // afterCommand is a figure of what a scenario 2 run answered after its switch command (false: none, or a run from
 // before the figure existed).
-func afterCommand(f func(*MarkFigures) float64) func(*QueueRun) (float64, bool) {
+func afterCommand(f func(*MarkFigures) (float64, bool)) func(*QueueRun) (float64, bool) {
 	return func(s *QueueRun) (float64, bool) {
 		if s.AfterCommand == nil || s.AfterCommand.Request.N == 0 {
 			return 0, false
 		}
-		return f(s.AfterCommand), true
+		return f(s.AfterCommand)
 	}
 }
 
-func afterP99(m *MarkFigures) float64          { return float64(m.Request.P99) }
-func afterLastInFlight(m *MarkFigures) float64 { return float64(m.LastInFlight) }
+func afterP99(m *MarkFigures) (float64, bool)  { return float64(m.Request.P99), true }
+func afterP999(m *MarkFigures) (float64, bool) { return float64(m.Request.P999), true }
+
+// afterLastInFlight is from the command to the answer of the last connection opened before it; false: none was.
+func afterLastInFlight(m *MarkFigures) (float64, bool) {
+	return float64(m.LastInFlight), m.InFlight > 0
+}
 
 // always is a figure that every run has.
 func always[R any](f func(R) float64) func(R) (float64, bool) {
@@ -276,23 +281,23 @@ func (r *Results) targetFigures() []figure {
 		runFigure("(2) failed", false, r.queueOf, always(func(s *QueueRun) float64 { return float64(s.Failed) })),
 		runFigure("(2) connect p99", false, r.queueOf, always(func(s *QueueRun) float64 { return float64(s.Connect.P99) })),
 		runFigure("(2) request p99 after the command", false, r.queueOf, afterCommand(afterP99)),
-		runFigure("(2) request p99.9 after the command", false, r.queueOf, afterCommand(func(m *MarkFigures) float64 { return float64(m.Request.P999) })),
+		runFigure("(2) request p99.9 after the command", false, r.queueOf, afterCommand(afterP999)),
 		runFigure("(2) command → last earlier connection answered", false, r.queueOf, afterCommand(afterLastInFlight)),
 		runFigure("(3) cut", false, r.longOf, always(func(s *LongRun) float64 { return float64(s.Cut) })),
 		runFigure("(3) last close → exit", false, r.longOf, func(s *LongRun) (float64, bool) { return float64(s.LastCloseToExit), s.LastCloseToExit >= 0 }),
-		{name: "(4) switch", median: switches, inRepeat: perRepeat(r.stormOf, always(medianSwitch))},
+		{name: "(4) switch", median: switches, inRepeat: perRepeat(r.stormOf, medianSwitch)},
 	}
 }
 
-// medianSwitch is a storm run's median switch (command → last connection answered by old).
-func medianSwitch(s *StormRun) float64 {
+// medianSwitch is a storm run's median switch (command → last connection answered by old); false: none measured.
+func medianSwitch(s *StormRun) (float64, bool) {
 	var vs []float64
 	for _, w := range s.Switches {
 		if w.CommandToAllNew >= 0 {
 			vs = append(vs, float64(w.CommandToAllNew))
 		}
 	}
-	return SpreadOf(vs).Med
+	return SpreadOf(vs).Med, len(vs) > 0
 }
 
 func failedPct(f loadFigures) (float64, bool) {
@@ -402,8 +407,8 @@ func (r *Results) QueueTable() Table {
 			fmtSpread(spreadOf(runs, func(s *QueueRun) (float64, bool) { return float64(s.Connect.P999), s.Connect.N > 0 }), fmtNS),
 			fmtSpread(spreadOf(runs, func(s *QueueRun) (float64, bool) { return float64(s.Request.P99), s.Request.N > 0 }), fmtNS),
 			fmtSpread(spreadOf(runs, afterCommand(afterP99)), fmtNS),
-			fmtSpread(spreadOf(runs, afterCommand(func(m *MarkFigures) float64 { return float64(m.Request.P999) })), fmtNS),
-			fmtSpread(spreadOf(runs, afterCommand(func(m *MarkFigures) float64 { return float64(m.InFlight) })), fmtCount) + ", " +
+			fmtSpread(spreadOf(runs, afterCommand(afterP999)), fmtNS),
+			fmtSpread(spreadOf(runs, afterCommand(func(m *MarkFigures) (float64, bool) { return float64(m.InFlight), true })), fmtCount) + ", " +
 				fmtSpread(spreadOf(runs, afterCommand(afterLastInFlight)), fmtNS),
 			fmtSpread(spreadOf(runs, func(s *QueueRun) (float64, bool) { return float64(s.CommandToExit), s.CommandToExit >= 0 }), fmtNS),
 			fmtSpread(spreadOf(runs, func(s *QueueRun) (float64, bool) {
@@ -508,7 +513,7 @@ func (r *Results) CompareTable() Table {
 		{"(2) request p99 (whole run)", queue(func(s *QueueRun) float64 { return float64(s.Request.P99) })},
 		{"(2) request p99 after the command", perRepeat(r.queueOf, afterCommand(afterP99))},
 		{"(2) command → last earlier connection answered", perRepeat(r.queueOf, afterCommand(afterLastInFlight))},
-		{"(4) command → last connection answered by old (median per run)", storm(medianSwitch)},
+		{"(4) command → last connection answered by old (median per run)", perRepeat(r.stormOf, medianSwitch)},
 	}
 	for _, f := range figs {
 		row := []string{f.name}

@@ -390,6 +390,13 @@ func TestQueueFigures(t *testing.T) {
 	if figs := r.worseMedians(Draind, Tableflip); !slices.Equal(figs, want) {
 		t.Errorf("worse medians on %v, want %v", figs, want)
 	}
+	// No connection opened before tableflip's command was answered after it: nothing to compare draind's with.
+	for _, q := range r.queueOf(Tableflip) {
+		q.AfterCommand.InFlight, q.AfterCommand.LastInFlight = 0, 0
+	}
+	if figs, _ := r.consistentlyWorse(Draind, Tableflip); len(figs) != 0 {
+		t.Errorf("none in flight at tableflip's command: consistently worse on %v", figs)
+	}
 	// The same runs without the after-command figures: nothing of scenario 2's latency is compared.
 	for _, q := range r.Queue {
 		q.AfterCommand = nil

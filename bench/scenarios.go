@@ -318,13 +318,11 @@ func runQueue(ctx context.Context, env *runEnv, c Contender, p QueueParams, repe
 		return run, err
 	}
 	u, uerr := f.begin(ctx, cur)
-	if u.CommandMono != 0 {
-		if err := load.mark(u.CommandMono); err != nil {
-			return run, err
-		}
-	}
 	if uerr == nil {
 		uerr = u.finish(ctx)
+	}
+	if u.CommandMono != 0 {
+		uerr = errors.Join(uerr, load.mark(u.CommandMono)) // a run without the figures still has the others
 	}
 	if err := sleepUntil(ctx, t0+int64(p.Before+p.After)); err != nil {
 		return run, err

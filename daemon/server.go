@@ -53,6 +53,8 @@ func classify(err error) *api.Error {
 		e.Kind = api.KindBadInput
 	case errors.Is(err, handoff.ErrRolledBack):
 		e.Kind = api.KindRolledBack
+	case errors.Is(err, handoff.ErrUnwatched):
+		e.Kind = api.KindUnwatched
 	}
 	return e
 }

@@ -151,10 +151,12 @@ func watchExit(ctx context.Context, p *proc.Process, out Outcome, start time.Tim
 		if ctx.Err() != nil {
 			return out, ctx.Err()
 		}
-		if err := p.Signal(syscall.SIGKILL); err != nil && !errors.Is(err, proc.ErrNoProcess) {
+		switch err := p.Signal(syscall.SIGKILL); {
+		case err == nil:
+			out.Killed = true
+		case !errors.Is(err, proc.ErrNoProcess):
 			return out, err
 		}
-		out.Killed = true
 	}
 	wctx, cancel := context.WithTimeout(ctx, opts.ExitWait)
 	defer cancel()

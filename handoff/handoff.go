@@ -87,6 +87,8 @@ type State struct {
 	ExitWait       time.Duration      `json:"exit_wait_ns"`
 	FlippedAt      time.Time          `json:"flipped_at,omitzero"` // wall clock: the drain deadline is FlippedAt+Timeout
 	FlippedAtMono  int64              `json:"flipped_at_mono_ns,omitempty"`
+	SignalledAt    time.Time          `json:"signalled_at,omitzero"` // wall clock: KillAfter counts from it
+	DrainedAt      time.Time          `json:"drained_at,omitzero"`   // SignalAt flip: the drain's end, where KillAfter counts from
 	InFlightAtFlip int                `json:"in_flight_at_flip"`
 }
 
@@ -507,6 +509,9 @@ func (h *run) drain(ctx context.Context, newDied <-chan struct{}, stopWatch func
 	defer stopDrain(nil)
 	errNewDied := errors.New("new process exited")
 	go func() {
+		if early {
+			return // signalled: the new process's exit changes nothing
+		}
 		select {
 		case <-newDied:
 			if h.st.Superseded() {
@@ -562,7 +567,7 @@ func (h *run) drain(ctx context.Context, newDied <-chan struct{}, stopWatch func
 	h.res.SignalledAt = monoNow()
 	sigCtx, stopSig := h.exitWatchContext(ctx)
 	defer stopSig()
-	out, err := drain.Signal(sigCtx, h.oldP, sig, drain.SignalOptions{KillAfter: h.state.KillAfter, ExitWait: h.state.ExitWait, Sent: h.sent})
+	out, err := drain.Signal(sigCtx, h.oldP, sig, drain.SignalOptions{KillAfter: h.state.KillAfter, ExitWait: h.state.ExitWait, Sent: func() { h.sent(sig) }})
 	return h.exitWatched(out, err)
 }
 
@@ -584,11 +589,11 @@ func (h *run) lastChance(ctx context.Context, newDied <-chan struct{}, stopWatch
 	return nil, nil
 }
 
-// sent records that the old process got its signal. Persisted once sent: a draind killed between the two resumes
-// at "flipped", finds the drain over and signals again, which the old process can take (the same signal) rather
-// than never getting one.
-func (h *run) sent() {
-	h.state.Stage = StageSignalled
+// sent records that the old process got signal sig (the one configured, or SIGKILL by OnTimeout). Persisted once
+// sent: a draind killed between the two resumes at "flipped", finds the drain over and signals again, which the old
+// process can take (the same signal) rather than never getting one.
+func (h *run) sent(sig syscall.Signal) {
+	h.state.Stage, h.state.SignalledAt, h.state.Signal = StageSignalled, time.Now(), int(sig)
 	if err := h.persist(); err != nil {
 		h.opts.Logger.Error("persist handoff", "err", err)
 	}
@@ -599,12 +604,15 @@ func (h *run) sent() {
 // not stop it, except a daemon leaving the handoff (the next one watches instead).
 func (h *run) exitWatchContext(ctx context.Context) (context.Context, context.CancelFunc) {
 	sigCtx, stopSig := context.WithCancel(context.WithoutCancel(ctx))
-	context.AfterFunc(ctx, func() {
+	stop := context.AfterFunc(ctx, func() {
 		if h.leaving() {
 			stopSig()
 		}
 	})
-	return sigCtx, stopSig
+	return sigCtx, func() {
+		stop()
+		stopSig()
+	}
 }
 
 // exitWatched records how the signal and the exit watch went and finishes the handoff.
@@ -626,21 +634,23 @@ func (h *run) exitWatched(out drain.Outcome, err error) (*Result, error) {
 // It returns nil, nil unless the handoff ended (rolled back) instead.
 func (h *run) signalAtFlip(ctx context.Context, newDied <-chan struct{}, stopWatch func()) (*Result, error) {
 	sig := syscall.Signal(h.state.Signal)
-	h.res.Signal = drain.SignalName(sig)
-	if h.state.Stage == StageSignalled { // resumed: sent by the draind before this one, at a time not recorded
+	if h.state.Stage == StageSignalled { // resumed: sent by the draind before this one
 		stopWatch()
-		h.res.Signalled, h.signalledAt = true, time.Now()
+		h.res.Signal, h.res.Signalled, h.signalledAt = drain.SignalName(sig), true, h.state.SignalledAt
+		if h.signalledAt.IsZero() { // a record from before the field
+			h.signalledAt = time.Now()
+		}
 		return nil, nil
 	}
 	if res, err := h.lastChance(ctx, newDied, stopWatch); res != nil || err != nil {
 		return res, err
 	}
-	h.res.SignalledAt, h.signalledAt = monoNow(), time.Now()
+	h.res.Signal, h.res.SignalledAt, h.signalledAt = drain.SignalName(sig), monoNow(), time.Now()
 	err := h.oldP.Signal(sig)
 	switch {
 	case err == nil:
 		h.res.Signalled = true
-		h.sent()
+		h.sent(sig)
 	case errors.Is(err, proc.ErrNoProcess): // it exited by itself: the drain finds nothing left
 	default:
 		return h.rollback(CauseError, fmt.Sprintf("signal old process at the flip: %v", err))
@@ -673,18 +683,30 @@ func (h *run) drainedAfterSignal(ctx context.Context, err error) (*Result, error
 		res, ferr := h.finish(false)
 		return res, errors.Join(fmt.Errorf("count connections after the signal at the flip: %w", err), ferr)
 	}
+	if !h.res.Signalled { // it had exited before its signal
+		h.res.ExitSeen = true
+		return h.finish(true)
+	}
 	sigCtx, stopSig := h.exitWatchContext(ctx)
 	defer stopSig()
 	if h.res.Outcome == OutcomeTimedOut && h.state.OnTimeout == drain.TimeoutKill {
-		out, err := drain.Signal(sigCtx, h.oldP, syscall.SIGKILL, drain.SignalOptions{ExitWait: h.state.ExitWait})
+		out, err := drain.Signal(sigCtx, h.oldP, syscall.SIGKILL, drain.SignalOptions{ExitWait: h.state.ExitWait, Sent: func() { h.sent(syscall.SIGKILL) }})
 		out.Killed = out.Sent
 		if out.Exited {
 			out.ExitWait = time.Since(h.signalledAt)
 		}
 		return h.exitWatched(out, err)
 	}
+	// KillAfter counts from the drain's end, which a resumed handoff may have passed already.
+	if h.state.DrainedAt.IsZero() {
+		h.state.DrainedAt = time.Now()
+		if err := h.persist(); err != nil {
+			h.opts.Logger.Error("persist handoff", "err", err)
+		}
+	}
+	killAfter, _ := remaining(h.state.KillAfter, h.state.DrainedAt)
 	out, err := drain.WatchExit(sigCtx, h.oldP, syscall.Signal(h.state.Signal), h.signalledAt,
-		drain.SignalOptions{KillAfter: h.state.KillAfter, ExitWait: h.state.ExitWait})
+		drain.SignalOptions{KillAfter: killAfter, ExitWait: h.state.ExitWait})
 	return h.exitWatched(out, err)
 }
 

@@ -15,7 +15,9 @@ import (
 // it persisted. It adopts the steering as the kernel kept it, then goes on where the handoff was:
 //   - not flipped yet: rolls back (the caller that asked for the handoff is gone with that process);
 //   - flipped: drains the old side until the deadline the handoff started with, signals it, finishes;
-//   - signalled: does not signal again, watches for the exit, finishes.
+//   - signalled: does not signal again; signalled at the flip (SignalAt flip), drains the old side until the
+//     deadline; watches for the exit (SIGKILL when what is left of KillAfter is up), finishes. A new process that
+//     died meanwhile changes nothing: there is no going back once the old one was signalled.
 //
 // The processes are found by PID and must have the pidfs inode numbers of State: a PID that now names another
 // process counts as gone. With the old process gone the handoff is over (steering is finished); with the new one
@@ -70,7 +72,10 @@ func Resume(ctx context.Context, st State, opts Options) (*Result, error) {
 	case newP == nil && st.Stage != StageSignalled:
 		return h.rollback(CauseNewExited, fmt.Sprintf("new process %d exited while draind was down", st.To))
 	case newP == nil:
-		return h.rollback(CauseNewExited, fmt.Sprintf("new process %d exited after the old one was signalled", st.To))
+		// Too late to roll back to the old process: it was told to go. Its connections are not counted any more
+		// (the counters need both sides); its exit is watched.
+		opts.Logger.Warn("new process exited after the old one was signalled", "new", st.To, "old", st.From)
+		return h.resumeSignalled(ctx)
 	}
 
 	newDied, stopWatch, waitWatch := h.watchNew(ctx)
@@ -107,16 +112,33 @@ func Resume(ctx context.Context, st State, opts Options) (*Result, error) {
 			return h.drain(ctx, newDied, stopWatch, false)
 		}
 		stopWatch()
-		res.Outcome, res.Signalled, res.Signal = OutcomeDrained, true, signalNameIf(true, st.Signal)
-		wctx, cancel := context.WithTimeout(ctx, st.ExitWait)
-		defer cancel()
-		res.ExitSeen = oldP.WaitExit(wctx)
-		if h.leaving() {
-			return h.leave() // the next draind watches for the exit
-		}
-		return h.finish(res.ExitSeen)
+		return h.resumeSignalled(ctx)
 	}
 	return res, fmt.Errorf("resume handoff: unknown stage %q", st.Stage)
+}
+
+// resumeSignalled watches for the exit of an old process that the draind before this one signalled, sending SIGKILL
+// when what is left of KillAfter since the signal is up, and finishes.
+func (h *run) resumeSignalled(ctx context.Context) (*Result, error) {
+	st := h.state
+	h.res.Outcome, h.res.Signalled, h.res.Signal = OutcomeDrained, true, signalNameIf(true, st.Signal)
+	killAfter, at := remaining(st.KillAfter, st.SignalledAt)
+	sigCtx, stopSig := h.exitWatchContext(ctx)
+	defer stopSig()
+	out, err := drain.WatchExit(sigCtx, h.oldP, syscall.Signal(st.Signal), at, drain.SignalOptions{KillAfter: killAfter, ExitWait: st.ExitWait})
+	return h.exitWatched(out, err)
+}
+
+// remaining is what is left of d (a KillAfter, 0: none) since since, at least 1ns so that it still applies; and the
+// time it counts from: since, or now for a record from before the time was persisted.
+func remaining(d time.Duration, since time.Time) (time.Duration, time.Time) {
+	if since.IsZero() {
+		return d, time.Now()
+	}
+	if d > 0 {
+		d = max(d-time.Since(since), time.Nanosecond)
+	}
+	return d, since
 }
 
 // openSame opens the process with this PID if it still is the one with pidfs inode ino, else returns nil.

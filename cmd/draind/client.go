@@ -105,6 +105,8 @@ func exitCodeOfKind(k api.Kind) int {
 		return exitBadInput
 	case api.KindRolledBack:
 		return exitRolledBack
+	case api.KindUnwatched:
+		return exitTimedOut
 	}
 	return exitError
 }

@@ -921,15 +921,16 @@ func TestDaemonResumeNewDied(t *testing.T) {
 	}
 }
 
-// TestDaemonSignalAtFlipResumed: `--signal-at flip` through the daemon, and a daemon restarted after that signal. The
-// old server stopped accepting with connections queued and takes 2s to act on SIGTERM; the daemon signals it at the
-// flip and is killed; the next daemon resumes the handoff at "signalled", counts the drain, sees the exit and ends
-// it. The queued connections migrate to the new server when the old one closes its listener: none fails.
+// TestDaemonSignalAtFlipResumed: `--signal-at flip` through the daemon, and a daemon restarted after that signal.
+// The old server stopped accepting with connections queued, and takes 10s to act on SIGTERM; the daemon signals it at
+// the flip and is killed; the next daemon resumes the handoff at "signalled", counts the drain (the queue), and at
+// the 2s deadline kills the old server (--on-timeout kill), whose queued connections then migrate to the new server:
+// none fails.
 func TestDaemonSignalAtFlipResumed(t *testing.T) {
 	ns, pins := setup(t)
 	dir := newDaemonDir(t)
 	d := startDaemon(t, dir, pins)
-	old := server(t, ns, "old", testenv.ServerOptions{ExitDelay: 2 * time.Second})
+	old := server(t, ns, "old", testenv.ServerOptions{ExitDelay: 10 * time.Second})
 	if err := old.PauseAccept(); err != nil {
 		t.Fatal(err)
 	}
@@ -938,7 +939,8 @@ func TestDaemonSignalAtFlipResumed(t *testing.T) {
 	time.Sleep(300 * time.Millisecond)
 	migrated := migrations(t, old.PID)
 	newS := server(t, ns, "new", testenv.ServerOptions{})
-	h := startHandoff(t, append(daemonArgs(d, old, newS), "--signal-at", "flip")...)
+	const deadline = 2 * time.Second
+	h := startHandoff(t, append(daemonArgs(d, old, newS), "--signal-at", "flip", "--timeout", deadline.String(), "--on-timeout", "kill")...)
 	h.waitFor(t, "SIGTERM", 10*time.Second)
 	if code := d.signal(syscall.SIGKILL); code != -int(syscall.SIGKILL) {
 		t.Fatalf("daemon exit %d, want killed", code)
@@ -947,12 +949,19 @@ func TestDaemonSignalAtFlipResumed(t *testing.T) {
 		t.Fatalf("state file after the kill: %s", recs)
 	}
 	h.wait(t, 10*time.Second)
-	if old.Exited() {
-		t.Fatal("the old server exited before its 2s exit delay")
+	sigs := old.Signals()
+	if len(sigs) != 1 || sigs[0].Signal != syscall.SIGTERM {
+		t.Fatalf("old got %v, want one SIGTERM", sigs)
 	}
 
 	d2 := startDaemon(t, dir, pins)
-	waitCond(t, 20*time.Second, func() bool { return old.Exited() && len(d2.status()) == 0 })
+	waitCond(t, 10*time.Second, old.Exited)
+	took := time.Duration(testenv.MonoNow() - sigs[0].MonoNS)
+	t.Logf("old process exited %v after its SIGTERM at the flip", took)
+	if took < deadline || took > deadline+2*time.Second {
+		t.Fatalf("old process exited %v after the flip, want SIGKILL at the %v deadline", took, deadline)
+	}
+	waitCond(t, 10*time.Second, func() bool { return len(d2.status()) == 0 })
 	moved := migrated(newS.PID)
 	time.Sleep(300 * time.Millisecond)
 	r, err := load.Stop()
@@ -964,14 +973,46 @@ func TestDaemonSignalAtFlipResumed(t *testing.T) {
 	if moved < queued || r.ByServer["old"] != 0 {
 		t.Fatalf("%v connections migrated, want >= %d; answered by %v", moved, queued, r.ByServer)
 	}
-	if sigs := old.Signals(); len(sigs) != 1 || sigs[0].Signal != syscall.SIGTERM {
-		t.Fatalf("old got %v, want one SIGTERM", sigs)
-	}
-	if l := d2.log(); !strings.Contains(l, `"msg":"resuming handoff"`) || !strings.Contains(l, `"stage":"signalled"`) || !strings.Contains(l, `"outcome":"drained"`) {
-		t.Fatalf("the second daemon did not resume the handoff:\n%s", d2.log())
+	if l := d2.log(); !strings.Contains(l, `"msg":"resuming handoff"`) || !strings.Contains(l, `"stage":"signalled"`) || !strings.Contains(l, `"outcome":"timed_out"`) {
+		t.Fatalf("the second daemon did not resume the handoff and end it at the deadline:\n%s", l)
 	}
 	if recs := d2.records(); len(recs) != 0 {
 		t.Fatalf("state file still holds %d handoff(s)", len(recs))
+	}
+	requireUnused(t, pins)
+}
+
+// TestDaemonKillAfterResumed: a daemon killed after the old process got its signal (SIGUSR1, which the old server
+// ignores) leaves the rest of --kill-after to the next daemon: it sends SIGKILL when the 2s since the signal are up,
+// not 2s after it started, and not never.
+func TestDaemonKillAfterResumed(t *testing.T) {
+	ns, pins := setup(t)
+	dir := newDaemonDir(t)
+	d := startDaemon(t, dir, pins)
+	old := server(t, ns, "old", testenv.ServerOptions{})
+	newS := server(t, ns, "new", testenv.ServerOptions{})
+	const killAfter = 2 * time.Second
+	h := startHandoff(t, append(daemonArgs(d, old, newS), "--signal", "USR1", "--kill-after", killAfter.String())...)
+	h.waitFor(t, "SIGUSR1", 10*time.Second)
+	if code := d.signal(syscall.SIGKILL); code != -int(syscall.SIGKILL) {
+		t.Fatalf("daemon exit %d, want killed", code)
+	}
+	h.wait(t, 10*time.Second)
+	sigs := old.Signals()
+	if len(sigs) != 1 || sigs[0].Signal != syscall.SIGUSR1 {
+		t.Fatalf("old got %v, want SIGUSR1", sigs)
+	}
+	time.Sleep(time.Second) // the next daemon starts 1s into the 2s
+	d2 := startDaemon(t, dir, pins)
+	waitCond(t, 10*time.Second, old.Exited)
+	took := time.Duration(testenv.MonoNow() - sigs[0].MonoNS)
+	t.Logf("old process exited %v after its SIGUSR1", took)
+	if took < killAfter || took > killAfter+time.Second {
+		t.Fatalf("old process exited %v after its signal, want SIGKILL at %v", took, killAfter)
+	}
+	waitCond(t, 10*time.Second, func() bool { return len(d2.status()) == 0 })
+	if l := d2.log(); !strings.Contains(l, `"stage":"signalled"`) || !strings.Contains(l, `"outcome":"drained"`) {
+		t.Fatalf("the second daemon did not end the resumed handoff:\n%s", l)
 	}
 	requireUnused(t, pins)
 }

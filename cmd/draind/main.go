@@ -17,7 +17,7 @@ const (
 	exitError      = 1 // internal error
 	exitBadInput   = 2 // bad input or missing privilege; nothing was changed
 	exitRolledBack = 3 // rolled back after steering started; the old process keeps serving and was not signalled
-	exitTimedOut   = 4 // the drain deadline passed; the old process was signalled or killed by --on-timeout
+	exitTimedOut   = 4 // the drain deadline passed (the old process was signalled or killed by --on-timeout), or a --signal-at flip drain was interrupted
 )
 
 const usage = `usage: draind <command> [flags]
