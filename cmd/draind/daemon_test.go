@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"fmt"
 	"io"
 
 	"encoding/json"
@@ -984,35 +985,50 @@ func TestDaemonSignalAtFlipResumed(t *testing.T) {
 
 // TestDaemonKillAfterResumed: a daemon killed after the old process got its signal (SIGUSR1, which the old server
 // ignores) leaves the rest of --kill-after to the next daemon: it sends SIGKILL when the 2s since the signal are up,
-// not 2s after it started, and not never.
+// not 2s after it started, and not never. With the new process gone meanwhile, it is too late to roll back: the next
+// daemon says so and does the same.
 func TestDaemonKillAfterResumed(t *testing.T) {
-	ns, pins := setup(t)
-	dir := newDaemonDir(t)
-	d := startDaemon(t, dir, pins)
-	old := server(t, ns, "old", testenv.ServerOptions{})
-	newS := server(t, ns, "new", testenv.ServerOptions{})
-	const killAfter = 2 * time.Second
-	h := startHandoff(t, append(daemonArgs(d, old, newS), "--signal", "USR1", "--kill-after", killAfter.String())...)
-	h.waitFor(t, "SIGUSR1", 10*time.Second)
-	if code := d.signal(syscall.SIGKILL); code != -int(syscall.SIGKILL) {
-		t.Fatalf("daemon exit %d, want killed", code)
+	for _, newGone := range []bool{false, true} {
+		t.Run(fmt.Sprintf("new_gone=%v", newGone), func(t *testing.T) {
+			ns, pins := setup(t)
+			dir := newDaemonDir(t)
+			d := startDaemon(t, dir, pins)
+			old := server(t, ns, "old", testenv.ServerOptions{})
+			newS := server(t, ns, "new", testenv.ServerOptions{})
+			const killAfter = 2 * time.Second
+			h := startHandoff(t, append(daemonArgs(d, old, newS), "--signal", "USR1", "--kill-after", killAfter.String())...)
+			h.waitFor(t, "SIGUSR1", 10*time.Second)
+			if code := d.signal(syscall.SIGKILL); code != -int(syscall.SIGKILL) {
+				t.Fatalf("daemon exit %d, want killed", code)
+			}
+			h.wait(t, 10*time.Second)
+			sigs := old.Signals()
+			if len(sigs) != 1 || sigs[0].Signal != syscall.SIGUSR1 {
+				t.Fatalf("old got %v, want SIGUSR1", sigs)
+			}
+			if newGone {
+				if err := newS.Kill(); err != nil {
+					t.Fatal(err)
+				}
+				waitCond(t, 5*time.Second, newS.Exited)
+			}
+			time.Sleep(time.Second) // the next daemon starts about 1s into the 2s
+			d2 := startDaemon(t, dir, pins)
+			waitCond(t, 10*time.Second, old.Exited)
+			took := time.Duration(testenv.MonoNow() - sigs[0].MonoNS)
+			t.Logf("old process exited %v after its SIGUSR1", took)
+			if took < killAfter || took > killAfter+time.Second {
+				t.Fatalf("old process exited %v after its signal, want SIGKILL at %v", took, killAfter)
+			}
+			waitCond(t, 10*time.Second, func() bool { return len(d2.status()) == 0 })
+			l := d2.log()
+			if !strings.Contains(l, `"stage":"signalled"`) || !strings.Contains(l, `"outcome":"drained"`) {
+				t.Fatalf("the second daemon did not end the resumed handoff:\n%s", l)
+			}
+			if newGone != strings.Contains(l, "new process exited after the old one was signalled") {
+				t.Fatalf("new process gone: %v; the second daemon's log:\n%s", newGone, l)
+			}
+			requireUnused(t, pins)
+		})
 	}
-	h.wait(t, 10*time.Second)
-	sigs := old.Signals()
-	if len(sigs) != 1 || sigs[0].Signal != syscall.SIGUSR1 {
-		t.Fatalf("old got %v, want SIGUSR1", sigs)
-	}
-	time.Sleep(time.Second) // the next daemon starts 1s into the 2s
-	d2 := startDaemon(t, dir, pins)
-	waitCond(t, 10*time.Second, old.Exited)
-	took := time.Duration(testenv.MonoNow() - sigs[0].MonoNS)
-	t.Logf("old process exited %v after its SIGUSR1", took)
-	if took < killAfter || took > killAfter+time.Second {
-		t.Fatalf("old process exited %v after its signal, want SIGKILL at %v", took, killAfter)
-	}
-	waitCond(t, 10*time.Second, func() bool { return len(d2.status()) == 0 })
-	if l := d2.log(); !strings.Contains(l, `"stage":"signalled"`) || !strings.Contains(l, `"outcome":"drained"`) {
-		t.Fatalf("the second daemon did not end the resumed handoff:\n%s", l)
-	}
-	requireUnused(t, pins)
 }
