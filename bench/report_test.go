@@ -280,19 +280,23 @@ func TestTargetsDraindFlip(t *testing.T) {
 		}
 		return rows
 	}
-	rows := targets()
-	for _, want := range [][3]string{
+	requireRows := func(want [][3]string) {
+		t.Helper()
+		rows := targets()
+		for _, w := range want {
+			if row := rows[w[0]]; !slices.Equal(row, w[:]) {
+				t.Errorf("target row %q = %q, want %q", w[0], row, w)
+			}
+		}
+	}
+	requireRows([][3]string{
 		{eFailed, "(1) 0", "yes"},
 		{fFailed, "(1) 0", "yes"},
 		{eMedian, "draind's median is no worse on any figure compared", "yes"},
 		{fMedian, "(f) draind-flip's median is no worse on any figure compared", "yes"},
 		{eRepeat, "on no figure (2 repeats compared)", "yes"},
 		{fRepeat, "on no figure (2 repeats compared)", "yes"},
-	} {
-		if row := rows[want[0]]; !slices.Equal(row, want[:]) {
-			t.Errorf("target row %q = %q, want %q", want[0], row, want)
-		}
-	}
+	})
 
 	// (f) fails connections in both repeats; (e) is unchanged.
 	for _, s := range r.stormOf(DraindFlip) {
@@ -301,19 +305,14 @@ func TestTargetsDraindFlip(t *testing.T) {
 	// answered/s: better in one repeat, worse in the other; so worse in the median (4500), not in every repeat.
 	r.stormOf(DraindFlip)[0].Rate = 6000
 	r.stormOf(DraindFlip)[1].Rate = 3000
-	rows = targets()
-	for _, want := range [][3]string{
+	requireRows([][3]string{
 		{eFailed, "(1) 0", "yes"},
 		{fFailed, "(1) 6", "no"},
 		{eMedian, "draind's median is no worse on any figure compared", "yes"},
 		{fMedian, "(f) draind-flip's median is worse on: (1) failed; (1) answered/s (medians compared as they are, with no allowance for noise: see the same-run ratios)", "no"},
 		{eRepeat, "on no figure (2 repeats compared)", "yes"},
 		{fRepeat, "worse in all 2 repeats on: (1) failed", "no"},
-	} {
-		if row := rows[want[0]]; !slices.Equal(row, want[:]) {
-			t.Errorf("target row %q = %q, want %q", want[0], row, want)
-		}
-	}
+	})
 
 	ct := r.CompareTable()
 	if want := []string{"figure", "draind / (d) tableflip", "draind / (b) SO_REUSEPORT",

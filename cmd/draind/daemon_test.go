@@ -931,13 +931,8 @@ func TestDaemonSignalAtFlipResumed(t *testing.T) {
 	ns, pins := setup(t)
 	dir := newDaemonDir(t)
 	d := startDaemon(t, dir, pins)
-	old := server(t, ns, "old", testenv.ServerOptions{ExitDelay: 10 * time.Second})
-	if err := old.PauseAccept(); err != nil {
-		t.Fatal(err)
-	}
 	const queued = 8
-	load := testenv.StartLoadForTest(t, ns, testenv.LoadOptions{Addr: addr, Concurrency: queued, Duration: 20 * time.Second, Timeout: 15 * time.Second})
-	time.Sleep(300 * time.Millisecond)
+	old, load := queuedOld(t, ns, queued, testenv.ServerOptions{ExitDelay: 10 * time.Second})
 	migrated := migrations(t, old.PID)
 	newS := server(t, ns, "new", testenv.ServerOptions{})
 	const deadline = 2 * time.Second
@@ -964,12 +959,8 @@ func TestDaemonSignalAtFlipResumed(t *testing.T) {
 	}
 	waitCond(t, 10*time.Second, func() bool { return len(d2.status()) == 0 })
 	moved := migrated(newS.PID)
-	time.Sleep(300 * time.Millisecond)
-	r, err := load.Stop()
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Logf("load: requests %d ok %d failures %v by server %v; migrated %v", r.Requests, r.OK, r.Failures, r.ByServer, moved)
+	r := stopLoad(t, load)
+	t.Logf("migrated %v", moved)
 	requireNoFailures(t, r)
 	if moved < queued || r.ByServer["old"] != 0 {
 		t.Fatalf("%v connections migrated, want >= %d; answered by %v", moved, queued, r.ByServer)

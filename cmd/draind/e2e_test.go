@@ -414,17 +414,50 @@ func TestWithoutDraindLosesConnections(t *testing.T) {
 	}
 }
 
+// queuedOld starts an old server that stopped accepting, and a load client whose n workers' connections wait in its
+// accept queue.
+func queuedOld(t testing.TB, ns *testenv.NetNS, n int, o testenv.ServerOptions) (*testenv.Server, *testenv.Load) {
+	t.Helper()
+	old := server(t, ns, "old", o)
+	if err := old.PauseAccept(); err != nil {
+		t.Fatal(err)
+	}
+	load := testenv.StartLoadForTest(t, ns, testenv.LoadOptions{Addr: addr, Concurrency: n, Duration: 20 * time.Second, Timeout: 15 * time.Second})
+	time.Sleep(300 * time.Millisecond) // every worker's connection waits in the queue
+	return old, load
+}
+
+// stopLoad lets the last answers arrive, stops the load and logs what it saw.
+func stopLoad(t testing.TB, load *testenv.Load) testenv.LoadResult {
+	t.Helper()
+	time.Sleep(200 * time.Millisecond)
+	r, err := load.Stop()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("load: requests %d ok %d failures %v by server %v", r.Requests, r.OK, r.Failures, r.ByServer)
+	return r
+}
+
+// requireQueueServedByNew: nothing failed, the paused old server answered nothing and the new one answered, and the
+// queued connections were in flight at the flip and migrated by the selector.
+func requireQueueServedByNew(t testing.TB, out handoffOut, r testenv.LoadResult, old *testenv.Server, queued int) {
+	t.Helper()
+	requireNoFailures(t, r)
+	if old.Served() != 0 || r.ByServer["old"] != 0 || r.ByServer["new"] == 0 {
+		t.Fatalf("old served %d requests while paused; answered by %v", old.Served(), r.ByServer)
+	}
+	if out.InFlightAtFlip < queued || out.Migrated < uint64(queued) {
+		t.Fatalf("in flight at flip %d, migrated %d: want >= %d queued connections migrated", out.InFlightAtFlip, out.Migrated, queued)
+	}
+}
+
 // TestAcceptQueueMigrates: the old server stops accepting with connections queued, then closes its listener:
 // every queued connection is served by the new one.
 func TestAcceptQueueMigrates(t *testing.T) {
 	ns, pins := setup(t)
-	old := server(t, ns, "old", testenv.ServerOptions{})
-	if err := old.PauseAccept(); err != nil {
-		t.Fatal(err)
-	}
 	const queued = 10
-	load := testenv.StartLoadForTest(t, ns, testenv.LoadOptions{Addr: addr, Concurrency: queued, Duration: 20 * time.Second, Timeout: 15 * time.Second})
-	time.Sleep(300 * time.Millisecond)
+	old, load := queuedOld(t, ns, queued, testenv.ServerOptions{})
 	newS := server(t, ns, "new", testenv.ServerOptions{})
 	h := startHandoff(t, pidArgs(old, newS, pins)...)
 	h.waitFor(t, "] flipped", 10*time.Second)
@@ -433,23 +466,12 @@ func TestAcceptQueueMigrates(t *testing.T) {
 		t.Fatal(err)
 	}
 	out, code := h.wait(t, 20*time.Second)
-	time.Sleep(200 * time.Millisecond)
-	r, err := load.Stop()
-	if err != nil {
-		t.Fatal(err)
-	}
+	r := stopLoad(t, load)
 	t.Logf("handoff: %+v", out.Result)
-	t.Logf("load: requests %d ok %d failures %v by server %v", r.Requests, r.OK, r.Failures, r.ByServer)
 	if code != exitOK {
 		t.Fatalf("exit %d: %s", code, h.errText())
 	}
-	requireNoFailures(t, r)
-	if old.Served() != 0 || r.ByServer["old"] != 0 {
-		t.Fatalf("old served %d requests while paused", old.Served())
-	}
-	if out.InFlightAtFlip < queued || out.Migrated < queued {
-		t.Fatalf("in flight at flip %d, migrated %d: want >= %d queued connections migrated", out.InFlightAtFlip, out.Migrated, queued)
-	}
+	requireQueueServedByNew(t, out, r, old, queued)
 	requireGone(t, pins)
 }
 
@@ -458,33 +480,17 @@ func TestAcceptQueueMigrates(t *testing.T) {
 // server, which answers them, without anyone closing the old listener by hand (compare TestAcceptQueueMigrates).
 func TestSignalAtFlip(t *testing.T) {
 	ns, pins := setup(t)
-	old := server(t, ns, "old", testenv.ServerOptions{})
-	if err := old.PauseAccept(); err != nil {
-		t.Fatal(err)
-	}
 	const queued = 10
-	load := testenv.StartLoadForTest(t, ns, testenv.LoadOptions{Addr: addr, Concurrency: queued, Duration: 20 * time.Second, Timeout: 15 * time.Second})
-	time.Sleep(300 * time.Millisecond)
+	old, load := queuedOld(t, ns, queued, testenv.ServerOptions{})
 	newS := server(t, ns, "new", testenv.ServerOptions{})
 	h := startHandoff(t, append(pidArgs(old, newS, pins), "--signal-at", "flip")...)
 	out, code := h.wait(t, 20*time.Second)
-	time.Sleep(200 * time.Millisecond)
-	r, err := load.Stop()
-	if err != nil {
-		t.Fatal(err)
-	}
+	r := stopLoad(t, load)
 	t.Logf("handoff: %+v", out.Result)
-	t.Logf("load: requests %d ok %d failures %v by server %v", r.Requests, r.OK, r.Failures, r.ByServer)
 	if code != exitOK || out.Outcome != handoff.OutcomeDrained || out.SignalAt != drain.SignalFlip {
 		t.Fatalf("exit %d, outcome %s, signal at %q: %s", code, out.Outcome, out.SignalAt, h.errText())
 	}
-	requireNoFailures(t, r)
-	if old.Served() != 0 || r.ByServer["old"] != 0 || r.ByServer["new"] == 0 {
-		t.Fatalf("old served %d requests while paused; answered by %v", old.Served(), r.ByServer)
-	}
-	if out.InFlightAtFlip < queued || out.Migrated < queued {
-		t.Fatalf("in flight at flip %d, migrated %d: want >= %d queued connections migrated", out.InFlightAtFlip, out.Migrated, queued)
-	}
+	requireQueueServedByNew(t, out, r, old, queued)
 	// Signalled at the flip, before the drain ended (the queue was full then), once, and the old server exited.
 	sigs := old.Signals()
 	if len(sigs) != 1 || sigs[0].Signal != syscall.SIGTERM || !out.Signalled || !out.ExitSeen || !old.Exited() {
