@@ -50,6 +50,7 @@ type HandoffRequest struct {
 	Timeout      Duration `json:"timeout,omitempty"`    // drain deadline, from the flip; default 5m
 	OnTimeout    string   `json:"on_timeout,omitempty"` // signal, kill or abort; default signal
 	SignalAt     string   `json:"signal_at,omitempty"`  // drained or flip; default drained
+	Queue        string   `json:"queue,omitempty"`      // move or keep; default move
 	KillAfter    Duration `json:"kill_after,omitempty"`
 	ExitWait     Duration `json:"exit_wait,omitempty"`
 	ReadyURL     string   `json:"ready_url,omitempty"`
@@ -229,6 +230,9 @@ func (r *HandoffRequest) Check(nfds int) error {
 	if err := at.Allows(ot); err != nil {
 		return invalid("%v", err)
 	}
+	if _, err := drain.ParseQueue(r.Queue); err != nil {
+		return invalid("%v", err)
+	}
 	if r.Timeout < 0 || r.KillAfter < 0 || r.ExitWait < 0 || r.ReadyTimeout < 0 {
 		return invalid("durations must not be negative")
 	}
@@ -273,6 +277,7 @@ func (r *HandoffRequest) Options() handoff.Options {
 		o.OnTimeout, _ = drain.ParseOnTimeout(r.OnTimeout)
 	}
 	o.SignalAt, _ = drain.ParseSignalAt(r.SignalAt) // checked by Check
+	o.Queue, _ = drain.ParseQueue(r.Queue)
 	return o
 }
 

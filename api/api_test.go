@@ -10,13 +10,13 @@ import (
 )
 
 func TestDecodeHandoff(t *testing.T) {
-	good := `{"from":{"pidfd":0},"to":{"pidfd":1},"ports":[8080],"signal":"QUIT","timeout":"90s","on_timeout":"kill","signal_at":"flip","ready_url":"http://127.0.0.1:8080/ready"}`
+	good := `{"from":{"pidfd":0},"to":{"pidfd":1},"ports":[8080],"signal":"QUIT","timeout":"90s","on_timeout":"kill","signal_at":"flip","queue":"keep","ready_url":"http://127.0.0.1:8080/ready"}`
 	req, err := DecodeHandoff(strings.NewReader(good), 2)
 	if err != nil {
 		t.Fatal(err)
 	}
 	o := req.Options()
-	if *req.From.PIDFD != 0 || *req.To.PIDFD != 1 || o.Timeout != 90*time.Second || o.Signal != 3 || o.OnTimeout != "kill" || o.SignalAt != drain.SignalFlip || o.Ports[0] != 8080 {
+	if *req.From.PIDFD != 0 || *req.To.PIDFD != 1 || o.Timeout != 90*time.Second || o.Signal != 3 || o.OnTimeout != "kill" || o.SignalAt != drain.SignalFlip || o.Queue != drain.QueueKeep || o.Ports[0] != 8080 {
 		t.Fatalf("decoded %+v, options %+v", req, o)
 	}
 	if _, err := DecodeHandoff(strings.NewReader(`{"from":{"pid":10},"to":{"pid":11}}`), 0); err != nil {
@@ -37,6 +37,7 @@ func TestDecodeHandoff(t *testing.T) {
 		{`{"from":{"pid":5},"to":{"pid":6},"on_timeout":"explode"}`, "want signal, kill or abort"},
 		{`{"from":{"pid":5},"to":{"pid":6},"signal_at":"soon"}`, "want drained or flip"},
 		{`{"from":{"pid":5},"to":{"pid":6},"signal_at":"flip","on_timeout":"abort"}`, "signal-at flip rules out"},
+		{`{"from":{"pid":5},"to":{"pid":6},"queue":"drop"}`, "want move or keep"},
 		{`{"from":{"pid":5},"to":{"pid":6},"timeout":"-1s"}`, "negative"},
 		{`{"from":{"pid":5},"to":{"pid":6},"timeout":90}`, "duration must be a string"},
 		{`{"from":{"pid":5},"to":{"pid":6},"timeout":"200h"}`, "is over 168h0m0s"},

@@ -423,6 +423,9 @@ func (d *Daemon) record(e *entry, res *handoff.Result, err error) {
 		result = metrics.ResultFailed // signalled but the finish failed, or the signal could not be sent
 	}
 	d.metrics.Finished(result, time.Since(e.started), drained, rollback)
+	if res != nil && res.QueuePaused > 0 {
+		d.metrics.QueueMoved(res.QueueMoved, res.QueuePaused)
+	}
 }
 
 // counting is a handoff's Counting hook: the metrics read the sides' counters while they exist.

@@ -69,6 +69,29 @@ func (a SignalAt) Allows(ot OnTimeout) error {
 	return nil
 }
 
+// Queue is what becomes of the connections waiting in the old listeners' accept queues at the flip.
+type Queue string
+
+// The policies for Queue.
+const (
+	// QueueMove moves them to the new process right after the flip (the old server's listeners stay open; its
+	// processes are paused for the fraction of a millisecond this takes): nothing waits for a slow old server.
+	QueueMove Queue = "move"
+	// QueueKeep leaves them to the old process to accept, as its own queue.
+	QueueKeep Queue = "keep"
+)
+
+// ParseQueue accepts "move" or "keep"; the empty string means "move".
+func ParseQueue(s string) (Queue, error) {
+	switch Queue(s) {
+	case "":
+		return QueueMove, nil
+	case QueueMove, QueueKeep:
+		return Queue(s), nil
+	}
+	return "", fmt.Errorf("parse queue %q: want move or keep", s)
+}
+
 // ParseSignal accepts a signal name with or without "SIG" in any case ("TERM", "sigquit") or a number ("15").
 func ParseSignal(s string) (syscall.Signal, error) {
 	if n, err := strconv.Atoi(s); err == nil {

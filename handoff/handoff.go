@@ -47,6 +47,7 @@ type Options struct {
 	Timeout      time.Duration   // drain deadline (default 5m)
 	OnTimeout    drain.OnTimeout // what to do at the deadline (default signal)
 	SignalAt     drain.SignalAt  // when to signal the old process (default drained; flip excludes OnTimeout abort)
+	Queue        drain.Queue     // the old listeners' accept queues at the flip: moved to the new side (default) or kept
 	KillAfter    time.Duration   // SIGKILL if the old process outlives its signal (flip: drain) by this (default off)
 	ExitWait     time.Duration   // how long to watch for the old process's exit (default 30s)
 	ReadyURL     string          // if set, must answer 2xx (from the new process's netns) before the flip
@@ -90,6 +91,9 @@ type State struct {
 	SignalledAt    time.Time          `json:"signalled_at,omitzero"` // wall clock: KillAfter counts from it
 	DrainedAt      time.Time          `json:"drained_at,omitzero"`   // SignalAt flip: the drain's end, where KillAfter counts from
 	InFlightAtFlip int                `json:"in_flight_at_flip"`
+	// Stopped lists the old side's processes stopped (SIGSTOP) while their accept queues move; a draind that finds
+	// them here died meanwhile, and continues them.
+	Stopped []int `json:"stopped,omitempty"`
 }
 
 // Stage names a step of the handoff, reported through Progress.
@@ -100,6 +104,7 @@ const (
 	StageSteering   Stage = "steering"   // listeners found and paired, selector attached (target: old)
 	StageReady      Stage = "ready"      // the new side is ready
 	StageFlipped    Stage = "flipped"    // new connections go to the new side
+	StageMoved      Stage = "moved"      // what waited in the old listeners' accept queues went to the new side
 	StageDraining   Stage = "draining"   // count of the old side's in-flight connections changed
 	StageSignalled  Stage = "signalled"  // the old process got its signal
 	StageExited     Stage = "exited"     // the old process exited
@@ -154,6 +159,9 @@ type Result struct {
 	DrainTime       time.Duration  `json:"drain_time_ns"`     // from the flip to zero (or to the deadline)
 	Signal          string         `json:"signal,omitempty"`  // signal sent to the old process
 	SignalAt        drain.SignalAt `json:"signal_at"`         // when: once drained, or at the flip
+	Queue           drain.Queue    `json:"queue"`             // the old listeners' accept queues: moved or kept
+	QueueMoved      int            `json:"queue_moved"`       // connections waiting in them when they were moved to the new side
+	QueuePaused     time.Duration  `json:"queue_paused_ns"`   // how long the old side's processes were stopped for it
 	Signalled       bool           `json:"signalled"`         // it was delivered
 	Killed          bool           `json:"killed"`            // SIGKILL followed
 	ExitSeen        bool           `json:"exit_seen"`         // the old process's exit was seen
@@ -217,6 +225,9 @@ func (o *Options) defaults() error {
 	}
 	o.SignalAt = at
 	if err := at.Allows(o.OnTimeout); err != nil {
+		return fmt.Errorf("%w: %w", ErrBadInput, err)
+	}
+	if o.Queue, err = drain.ParseQueue(string(o.Queue)); err != nil {
 		return fmt.Errorf("%w: %w", ErrBadInput, err)
 	}
 	return nil
@@ -485,7 +496,33 @@ func (h *run) run(ctx context.Context) (*Result, error) {
 		return h.rollback(CauseError, fmt.Sprintf("persist handoff: %v", err))
 	}
 	h.opts.Progress(Progress{Stage: StageFlipped, Count: first, New: h.newCount(), Message: fmt.Sprintf("new connections go to %d", h.opts.To)})
+	h.moveQueues(ctx)
 	return h.drain(ctx, newDied, stopWatch, true)
+}
+
+// moveQueues moves what waits in the old listeners' accept queues to the new side (Queue move; with SignalAt flip
+// the old server's own close moves it). A failure leaves the queues to the old process, which still accepts them:
+// it is logged, and the handoff goes on.
+func (h *run) moveQueues(ctx context.Context) {
+	h.res.Queue = h.opts.Queue
+	if h.opts.Queue != drain.QueueMove || h.state.SignalAt == drain.SignalFlip {
+		return
+	}
+	mr, err := h.st.MoveQueues(ctx, h.oldP, []int{h.newP.PID}, steer.MoveOptions{Stopping: h.persistStopped})
+	h.res.QueueMoved, h.res.QueuePaused = mr.Queued, mr.Paused
+	if err != nil {
+		h.opts.Logger.Warn("move accept queues: left to the old process", "err", err)
+	}
+	if mr.Listeners > 0 {
+		h.opts.Progress(Progress{Stage: StageMoved, Message: fmt.Sprintf("%d queued connection(s) of %d listener(s) to %d (old side paused %s)",
+			mr.Queued, mr.Listeners, h.opts.To, mr.Paused.Round(time.Microsecond))})
+	}
+}
+
+// persistStopped records the processes MoveQueues is about to stop (nil: continued again).
+func (h *run) persistStopped(pids []int) error {
+	h.state.Stopped = pids
+	return h.persist()
 }
 
 // drain waits for the old side to drain (the flip is done), signals it and finishes the steering. tagged says the

@@ -38,6 +38,7 @@ func Resume(ctx context.Context, st State, opts Options) (*Result, error) {
 	}
 	h := &run{ctx: ctx, opts: opts, res: res, oldP: oldP, newP: newP, ports: st.Ports, state: st}
 	defer h.close()
+	h.contStopped()
 	var err error
 	if oldP != nil && newP != nil {
 		err = h.open()
@@ -115,6 +116,26 @@ func Resume(ctx context.Context, st State, opts Options) (*Result, error) {
 		return h.resumeSignalled(ctx)
 	}
 	return res, fmt.Errorf("resume handoff: unknown stage %q", st.Stage)
+}
+
+// contStopped continues the processes that a draind left stopped when it died while moving the old listeners'
+// accept queues (State.Stopped).
+func (h *run) contStopped() {
+	if len(h.state.Stopped) == 0 {
+		return
+	}
+	for _, pid := range h.state.Stopped {
+		switch cont, err := proc.ContinueStopped(pid); {
+		case err != nil:
+			h.opts.Logger.Error("continue a process stopped by the previous draind", "pid", pid, "err", err)
+		case cont:
+			h.opts.Logger.Warn("continued a process the previous draind left stopped", "pid", pid)
+		}
+	}
+	h.state.Stopped = nil
+	if err := h.persist(); err != nil {
+		h.opts.Logger.Error("persist handoff", "err", err)
+	}
 }
 
 // resumeSignalled watches for the exit of an old process that the draind before this one signalled, sending SIGKILL

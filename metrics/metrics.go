@@ -85,6 +85,8 @@ type Metrics struct {
 	finished     *prometheus.CounterVec
 	duration     prometheus.Histogram
 	drain        prometheus.Histogram
+	queueMoved   prometheus.Counter
+	queuePause   prometheus.Histogram
 	signals      *prometheus.CounterVec
 	rollbacks    *prometheus.CounterVec
 	collectErrs  prometheus.Counter
@@ -123,6 +125,11 @@ func New(opts Options) *Metrics {
 	m.drain = prometheus.NewHistogram(prometheus.HistogramOpts{Name: f("drain_duration_seconds"),
 		Help:    "Time from the flip to the old side's last connection closing (or to the deadline).",
 		Buckets: prometheus.ExponentialBuckets(0.01, 2, 17)})
+	m.queueMoved = prometheus.NewCounter(prometheus.CounterOpts{Name: f("queue_moved_connections_total"),
+		Help: "Connections that waited in an old listener's accept queue after the flip and that draind moved to the new side."})
+	m.queuePause = prometheus.NewHistogram(prometheus.HistogramOpts{Name: f("queue_move_pause_seconds"),
+		Help:    "How long the old side's processes were stopped (SIGSTOP) while draind moved their accept queues.",
+		Buckets: prometheus.ExponentialBuckets(0.0001, 2, 12)})
 	m.signals = prometheus.NewCounterVec(prometheus.CounterOpts{Name: f("signals_sent_total"),
 		Help: "Signals draind delivered to old processes, by signal name."}, []string{"signal"})
 	m.rollbacks = prometheus.NewCounterVec(prometheus.CounterOpts{Name: f("rollbacks_total"),
@@ -155,7 +162,7 @@ func New(opts Options) *Metrics {
 		"The kernel's count of SYNs dropped by listeners (TcpExt ListenDrops), in a network namespace draind works in.",
 		[]string{"netns"}, nil)
 
-	m.Registry.MustRegister(m.started, m.finished, m.duration, m.drain, m.signals, m.rollbacks, m.collectErrs, build, m)
+	m.Registry.MustRegister(m.started, m.finished, m.duration, m.drain, m.queueMoved, m.queuePause, m.signals, m.rollbacks, m.collectErrs, build, m)
 	if !opts.NoRuntime {
 		m.Registry.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	}
@@ -185,6 +192,13 @@ func (m *Metrics) Finished(result string, took, drain time.Duration, rollback st
 	if rollback != "" {
 		m.rollbacks.WithLabelValues(rollback).Inc()
 	}
+}
+
+// QueueMoved records a move of the old side's accept queues: the connections moved and how long the old side's
+// processes were stopped for it.
+func (m *Metrics) QueueMoved(n int, paused time.Duration) {
+	m.queueMoved.Add(float64(n))
+	m.queuePause.Observe(paused.Seconds())
 }
 
 // Describe implements prometheus.Collector for the scrape-time families.

@@ -9,6 +9,8 @@ import (
 	"testing"
 	"time"
 
+	dto "github.com/prometheus/client_model/go"
+
 	"github.com/draind/draind/proc"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 )
@@ -48,6 +50,7 @@ func TestMetrics(t *testing.T) {
 	m.SignalSent("SIGTERM")
 	m.Finished(ResultDrained, 3*time.Second, 2500*time.Millisecond, "")
 	m.Finished(ResultRolledBack, time.Second, 0, "new_exited")
+	m.QueueMoved(12, 1500*time.Microsecond)
 
 	problems, err := testutil.GatherAndLint(m.Registry)
 	if err != nil {
@@ -76,13 +79,23 @@ draind_rollbacks_total{reason="error"} 0
 draind_rollbacks_total{reason="new_exited"} 1
 draind_rollbacks_total{reason="not_ready"} 0
 draind_rollbacks_total{reason="restarted"} 0
+# HELP draind_queue_moved_connections_total Connections that waited in an old listener's accept queue after the flip and that draind moved to the new side.
+# TYPE draind_queue_moved_connections_total counter
+draind_queue_moved_connections_total 12
 # HELP draind_signals_sent_total Signals draind delivered to old processes, by signal name.
 # TYPE draind_signals_sent_total counter
 draind_signals_sent_total{signal="SIGTERM"} 1
 `
 	if err := testutil.GatherAndCompare(m.Registry, strings.NewReader(want), "draind_inflight_connections",
-		"draind_handoffs_finished_total", "draind_rollbacks_total", "draind_signals_sent_total"); err != nil {
+		"draind_handoffs_finished_total", "draind_rollbacks_total", "draind_signals_sent_total", "draind_queue_moved_connections_total"); err != nil {
 		t.Fatal(err)
+	}
+	var pause dto.Metric
+	if err := m.queuePause.Write(&pause); err != nil {
+		t.Fatal(err)
+	}
+	if h := pause.GetHistogram(); h.GetSampleCount() != 1 || h.GetSampleSum() != 0.0015 {
+		t.Fatalf("queue pause histogram: %d samples, sum %v; want 1, 0.0015", h.GetSampleCount(), h.GetSampleSum())
 	}
 	if n := testutil.CollectAndCount(m, "draind_selector_decisions_total"); n != 5 {
 		t.Fatalf("%d decision series, want 5", n)

@@ -5,3 +5,6 @@ var (
 	TreeFromChildren = treeFromChildren
 	TreeFromScan     = treeFromScan
 )
+
+// ThreadsStopped is Stop's check that every thread of a process is stopped.
+var ThreadsStopped = threadsStopped

@@ -93,6 +93,7 @@ func runChild(role string, opts []byte) int {
 //	result     Result                        final load result
 //	exiting    Served, Holder, Conns         about to exit 0
 //	error      Err                           about to exit 1
+//	accept-error Err, Mono                   a listener's accept failed: its accept loop ended
 //	holder     Holder, Seq (stats command)   holder counts (on change, rate-limited, and before a stats ack)
 //	conns      Conns, Seq (stats command)    conns client counts (likewise)
 //	opened     Conns                         the conns client finished opening (all established, or gave up)

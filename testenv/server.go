@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"os/signal"
+	"slices"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -101,10 +102,11 @@ type Server struct {
 	p     *proc
 	ready chan struct{} // closed on the "listening" event
 
-	mu      sync.Mutex
-	served  int
-	signals []SignalEvent
-	errMsg  string
+	mu         sync.Mutex
+	served     int
+	signals    []SignalEvent
+	errMsg     string
+	acceptErrs []string
 }
 
 // StartServer starts a server process in ns (nil: the current namespace) and returns once it, and all its workers,
@@ -189,6 +191,8 @@ func (s *Server) handleEvent(ev event) {
 		s.signals = append(s.signals, SignalEvent{Signal: syscall.Signal(ev.Signal), MonoNS: ev.Mono})
 	case "error":
 		s.errMsg = ev.Err
+	case "accept-error":
+		s.acceptErrs = append(s.acceptErrs, ev.Err)
 	}
 }
 
@@ -231,6 +235,14 @@ func (s *Server) Signals() []SignalEvent {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return append([]SignalEvent(nil), s.signals...)
+}
+
+// AcceptErrors returns the errors that ended one of the server's accept loops (a server that stops accepting on
+// such an error, as net/http's does): none unless something broke its listener.
+func (s *Server) AcceptErrors() []string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return slices.Clone(s.acceptErrs)
 }
 
 // Served returns the number of HTTP requests the server (all its workers) answered so far. It is updated at least
@@ -513,7 +525,12 @@ func serve(opts ServerOptions, lns []*net.TCPListener, listenMono int64, sigc ch
 	}
 	srv := &http.Server{Handler: c}
 	for _, l := range c.lns {
-		go func() { _ = srv.Serve(l) }()
+		go func() {
+			// Serve returns when Accept fails for good (not after the listener was closed on purpose).
+			if err := srv.Serve(l); err != nil && !errors.Is(err, http.ErrServerClosed) && !errors.Is(err, net.ErrClosed) {
+				emit(event{Ev: "accept-error", Err: err.Error(), Mono: MonoNow()})
+			}
+		}()
 	}
 	addr := ""
 	if len(lns) > 0 {

@@ -20,6 +20,7 @@ import (
 	"github.com/draind/draind/api"
 	"github.com/draind/draind/handoff"
 	"github.com/draind/draind/testenv"
+	"golang.org/x/sys/unix"
 )
 
 // daemonProc is a `draind serve` running for one test, with its own socket, state directory and pin directory.
@@ -1022,4 +1023,85 @@ func TestDaemonKillAfterResumed(t *testing.T) {
 			requireUnused(t, pins)
 		})
 	}
+}
+
+// procState is the state letter of pid in /proc (0 if it is gone).
+func procState(pid int) byte {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+	if err != nil {
+		return 0
+	}
+	s := string(b)
+	i := strings.LastIndexByte(s, ')')
+	if i < 0 || i+2 >= len(s) {
+		return 0
+	}
+	return s[i+2]
+}
+
+// TestDaemonMoveInterrupted: a daemon killed while the old server is stopped for the move of its accept queue
+// (--queue move, the default) must not leave it stopped: the state file names the stopped processes and the next
+// daemon continues them, then finishes the handoff. The stop lasts a millisecond or two: the test kills the daemon
+// when waitid(2) reports the old server (its child) stopped, and tries again, up to 5 times, if that came too late.
+func TestDaemonMoveInterrupted(t *testing.T) {
+	for attempt := 1; attempt <= 5; attempt++ {
+		if moveInterrupted(t) {
+			return
+		}
+		t.Logf("attempt %d: the daemon was killed after the move had ended", attempt)
+	}
+	t.Fatal("the daemon was never killed while the old server was stopped")
+}
+
+// moveInterrupted runs TestDaemonMoveInterrupted once; false: the kill came after the old server was continued.
+func moveInterrupted(t *testing.T) bool {
+	ns, pins := setup(t)
+	dir := newDaemonDir(t)
+	d := startDaemon(t, dir, pins)
+	old, load := queuedOld(t, ns, 8, testenv.ServerOptions{})
+	newS := server(t, ns, "new", testenv.ServerOptions{})
+	stopped := make(chan error, 1)
+	go func() {
+		var info unix.Siginfo
+		err := unix.Waitid(unix.P_PID, old.PID, &info, unix.WSTOPPED|unix.WNOWAIT, nil)
+		if err == nil {
+			err = d.cmd.Process.Kill()
+		}
+		stopped <- err
+	}()
+	h := startHandoff(t, append(daemonArgs(d, old, newS), "--timeout", "3s")...)
+	select {
+	case err := <-stopped:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatalf("the old server was never stopped: %s", h.errText())
+	}
+	if code := d.signal(syscall.SIGKILL); code != -int(syscall.SIGKILL) {
+		t.Fatalf("daemon exit %d, want killed", code)
+	}
+	h.wait(t, 10*time.Second)
+	caught := procState(old.PID) == 'T'
+	if caught {
+		if recs := d.records(); len(recs) != 1 || !strings.Contains(string(recs[0]), `"stopped": [`) {
+			t.Fatalf("state file after the kill: %s", recs)
+		}
+	}
+
+	// Either way the next daemon finishes the handoff (and continues the old server if it was left stopped).
+	d2 := startDaemon(t, dir, pins)
+	waitCond(t, 10*time.Second, func() bool { return procState(old.PID) != 'T' })
+	waitCond(t, 10*time.Second, old.Exited)
+	waitCond(t, 10*time.Second, func() bool { return len(d2.status()) == 0 })
+	r := stopLoad(t, load)
+	requireNoFailures(t, r)
+	if l := d2.log(); caught != strings.Contains(l, "continued a process the previous draind left stopped") {
+		t.Fatalf("old server stopped when the daemon died: %v; the second daemon's log:\n%s", caught, l)
+	}
+	if recs := d2.records(); len(recs) != 0 {
+		t.Fatalf("state file still holds %d handoff(s)", len(recs))
+	}
+	requireUnused(t, pins)
+	return caught
 }

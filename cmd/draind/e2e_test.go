@@ -459,7 +459,8 @@ func TestAcceptQueueMigrates(t *testing.T) {
 	const queued = 10
 	old, load := queuedOld(t, ns, queued, testenv.ServerOptions{})
 	newS := server(t, ns, "new", testenv.ServerOptions{})
-	h := startHandoff(t, pidArgs(old, newS, pins)...)
+	// --queue keep: the queue stays on the old listener until it closes (the default would move it at the flip).
+	h := startHandoff(t, append(pidArgs(old, newS, pins), "--queue", "keep")...)
 	h.waitFor(t, "] flipped", 10*time.Second)
 	time.Sleep(200 * time.Millisecond)
 	if err := old.CloseListener(); err != nil {
@@ -473,6 +474,48 @@ func TestAcceptQueueMigrates(t *testing.T) {
 	}
 	requireQueueServedByNew(t, out, r, old, queued)
 	requireGone(t, pins)
+}
+
+// TestQueueMoved: an old server that accepts slowly has a full accept queue under load. With the default --queue
+// move, draind moves that queue to the new server right after the flip, without closing the old listener and
+// without breaking the old server's accept loop; with --queue keep the old server accepts it itself and nothing
+// migrates.
+func TestQueueMoved(t *testing.T) {
+	for _, queue := range []drain.Queue{drain.QueueMove, drain.QueueKeep} {
+		t.Run(string(queue), func(t *testing.T) {
+			ns, pins := setup(t)
+			old := server(t, ns, "old", testenv.ServerOptions{AcceptDelay: 20 * time.Millisecond})
+			load := testenv.StartLoadForTest(t, ns, testenv.LoadOptions{Addr: addr, Concurrency: 32, Duration: 20 * time.Second, Timeout: 15 * time.Second})
+			time.Sleep(500 * time.Millisecond) // the queue fills: 32 workers, 50 accepts a second
+			newS := server(t, ns, "new", testenv.ServerOptions{})
+			h := startHandoff(t, append(pidArgs(old, newS, pins), "--queue", string(queue))...)
+			out, code := h.wait(t, 20*time.Second)
+			r := stopLoad(t, load)
+			t.Logf("handoff: %+v", out.Result)
+			if code != exitOK || out.Outcome != handoff.OutcomeDrained || out.Queue != queue {
+				t.Fatalf("exit %d, outcome %s, queue %q: %s", code, out.Outcome, out.Queue, h.errText())
+			}
+			requireNoFailures(t, r)
+			if errs := old.AcceptErrors(); len(errs) > 0 {
+				t.Fatalf("the old server's accept loop failed: %v", errs)
+			}
+			if !out.Signalled || !out.ExitSeen {
+				t.Fatalf("old signalled %v, exit seen %v", out.Signalled, out.ExitSeen)
+			}
+			switch queue {
+			case drain.QueueMove:
+				// Whatever waited at the move went through the selector to the new server.
+				if out.QueueMoved < 10 || out.Migrated < uint64(out.QueueMoved) || out.QueuePaused <= 0 {
+					t.Fatalf("queue moved %d (paused %s), migrated %d: want >= 10 moved, all of them migrated", out.QueueMoved, out.QueuePaused, out.Migrated)
+				}
+			case drain.QueueKeep:
+				if out.QueueMoved != 0 || out.Migrated != 0 || out.InFlightAtFlip < 10 {
+					t.Fatalf("queue moved %d, migrated %d, in flight at flip %d: want the old server to accept its queue itself", out.QueueMoved, out.Migrated, out.InFlightAtFlip)
+				}
+			}
+			requireGone(t, pins)
+		})
+	}
 }
 
 // TestSignalAtFlip: with --signal-at flip the old server gets its signal right after the flip, while its accept queue
@@ -684,6 +727,7 @@ func TestBadInput(t *testing.T) {
 		{"negative timeout", append(ok, "--timeout", "-5s"), false, "--timeout -5s is not positive"},
 		{"bad on-timeout", append(ok, "--on-timeout", "explode"), false, "want signal, kill or abort"},
 		{"bad signal-at", append(ok, "--signal-at", "soon"), false, "want drained or flip"},
+		{"bad queue", append(ok, "--queue", "drop"), false, "want move or keep"},
 		{"signal-at flip and abort", append(ok, "--signal-at", "flip", "--on-timeout", "abort"), false, "on-timeout abort rolls back, which signal-at flip rules out"},
 		{"missing --to", []string{"--from", pid(old.PID)}, false, "--from and --to (or --exec) are required"},
 	}

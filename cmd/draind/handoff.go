@@ -50,6 +50,7 @@ func cmdHandoff(args []string, stdout, stderr io.Writer) int {
 		timeout      = fs.Duration("timeout", 5*time.Minute, "drain deadline")
 		onTimeout    = fs.String("on-timeout", "signal", "at the deadline: signal, kill or abort (roll back)")
 		signalAt     = fs.String("signal-at", "drained", "when to signal the old process: drained (once it holds no connection, accepted or queued) or flip (right after the flip: its queue migrates to the new process when it closes its listener; only for servers whose graceful shutdown answers every connection they accepted)")
+		queue        = fs.String("queue", "move", "the old listeners' accept queues at the flip: move (to the new process, at once: the old server's processes are paused for the fraction of a millisecond it takes, its listeners stay open) or keep (the old server accepts them)")
 		killAfter    = fs.Duration("kill-after", 0, "send SIGKILL if the old process has not exited this long after its signal (with --signal-at flip: after the drain ended; 0: never)")
 		exitWait     = fs.Duration("exit-wait", 30*time.Second, "how long to watch for the old process's exit")
 		readyURL     = fs.String("ready-url", "", "URL that must answer 2xx (asked from the new process's network namespace) before the flip")
@@ -97,6 +98,10 @@ func cmdHandoff(args []string, stdout, stderr io.Writer) int {
 	if err == nil {
 		err = at.Allows(ot)
 	}
+	if err != nil {
+		return fail("%v", err)
+	}
+	q, err := drain.ParseQueue(*queue)
 	if err != nil {
 		return fail("%v", err)
 	}
@@ -187,13 +192,13 @@ func cmdHandoff(args []string, stdout, stderr io.Writer) int {
 	}
 	if useDaemon {
 		req := api.HandoffRequest{
-			Name: *name, Ports: ports, Signal: *sigName, Timeout: api.Duration(*timeout), OnTimeout: *onTimeout, SignalAt: string(at),
+			Name: *name, Ports: ports, Signal: *sigName, Timeout: api.Duration(*timeout), OnTimeout: *onTimeout, SignalAt: string(at), Queue: string(q),
 			KillAfter: api.Duration(*killAfter), ExitWait: api.Duration(*exitWait), ReadyURL: *readyURL, ReadyTimeout: api.Duration(*readyTimeout),
 		}
 		res, id, code, err = handoffViaDaemon(ctx, client, *from, *to, req, pr)
 	} else {
 		res, err = handoff.Run(ctx, handoff.Options{
-			From: *from, To: *to, Ports: ports, Signal: sig, Timeout: *timeout, OnTimeout: ot, SignalAt: at,
+			From: *from, To: *to, Ports: ports, Signal: sig, Timeout: *timeout, OnTimeout: ot, SignalAt: at, Queue: q,
 			KillAfter: *killAfter, ExitWait: *exitWait, ReadyURL: *readyURL, ReadyTimeout: *readyTimeout,
 			PinDir: *pinDir, Poll: *poll, Logger: logger, Progress: pr.report, Tracker: tracker(),
 		})
@@ -273,6 +278,9 @@ func printSummary(w io.Writer, r *handoff.Result) {
 		fmt.Fprintf(w, "  old signalled      no\n")
 	} else {
 		fmt.Fprintf(w, "  in flight at flip  %d\n", r.InFlightAtFlip)
+		if r.QueueMoved > 0 {
+			fmt.Fprintf(w, "  queue moved        %d connection(s) to the new process (old side paused %s)\n", r.QueueMoved, r.QueuePaused.Round(time.Microsecond))
+		}
 		when := ""
 		if r.SignalAt == drain.SignalFlip {
 			when = " at the flip"
