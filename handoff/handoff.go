@@ -501,7 +501,7 @@ func (h *run) run(ctx context.Context) (*Result, error) {
 }
 
 // moveQueues moves what waits in the old listeners' accept queues to the new side (Queue move; with SignalAt flip
-// the old server's own close moves it). A failure leaves the queues to the old process, which still accepts them:
+// the old server's own close moves it). What a failure leaves is accepted by the old process as before:
 // it is logged, and the handoff goes on.
 func (h *run) moveQueues(ctx context.Context) {
 	h.res.Queue = h.opts.Queue
@@ -511,7 +511,7 @@ func (h *run) moveQueues(ctx context.Context) {
 	mr, err := h.st.MoveQueues(ctx, h.oldP, []int{h.newP.PID}, steer.MoveOptions{Stopping: h.persistStopped})
 	h.res.QueueMoved, h.res.QueuePaused = mr.Queued, mr.Paused
 	if err != nil {
-		h.opts.Logger.Warn("move accept queues: left to the old process", "err", err)
+		h.opts.Logger.Warn("move accept queues", "err", err)
 	}
 	if mr.Listeners > 0 {
 		h.opts.Progress(Progress{Stage: StageMoved, Message: fmt.Sprintf("%d queued connection(s) of %d listener(s) to %d (old side paused %s)",
