@@ -55,6 +55,7 @@ type Objects struct {
 	log    *slog.Logger
 	lockMu sync.Mutex
 	lockFD int
+	pins   [len(mapNames)]pinFile // each map's pin as last checked by repin, in mapNames order; under lockMu
 	once   sync.Once
 
 	progMu sync.Mutex
@@ -62,7 +63,7 @@ type Objects struct {
 }
 
 // mapNames lists the shared maps in the order they are pinned.
-var mapNames = []string{selectorMapSockets, selectorMapGroups, selectorMapGroupKeys, selectorMapStats}
+var mapNames = [...]string{selectorMapSockets, selectorMapGroups, selectorMapGroupKeys, selectorMapStats}
 
 // Open mounts bpffs if needed, then opens the pinned maps under the pin directory, creating and pinning them the
 // first time.
@@ -170,22 +171,45 @@ func (o *Objects) Lock() (func(), error) {
 	}
 }
 
+// pinFile identifies a pin file. bpffs gives every new pin a new inode, numbered from a counter that wraps only after
+// 2^32 inodes (system-wide) and stamped with its creation time, so a pin removed and recreated differs in one of the
+// fields, while one that stays has the same map behind it.
+type pinFile struct {
+	dev, ino uint64
+	ctime    unix.Timespec
+}
+
+func statPin(path string) (pinFile, error) {
+	var st unix.Stat_t
+	if err := unix.Stat(path, &st); err != nil {
+		return pinFile{}, err
+	}
+	return pinFile{dev: st.Dev, ino: st.Ino, ctime: st.Ctim}, nil
+}
+
 // repin restores the pins of the open maps when another draind removed them as unused after this one opened
 // them, so that every draind keeps sharing one set of maps. Pins of other maps mean the state is no longer shared:
-// an error.
+// an error. Lock runs it several times per handoff: a pin whose file is still the one checked last time (one stat)
+// is not opened and compared again.
 func (o *Objects) repin() error {
 	if o.Sockets == nil {
 		return nil // Open is still creating them
 	}
-	for name, m := range map[string]*ebpf.Map{selectorMapSockets: o.Sockets, selectorMapGroups: o.Groups, selectorMapGroupKeys: o.GroupKeys, selectorMapStats: o.Stats} {
-		path := filepath.Join(o.pinDir, name)
+	for i, m := range [...]*ebpf.Map{o.Sockets, o.Groups, o.GroupKeys, o.Stats} {
+		path := filepath.Join(o.pinDir, mapNames[i])
+		// The stat comes before the check, so a pin replaced after it differs at the next Lock.
+		f, statErr := statPin(path)
+		if statErr == nil && f == o.pins[i] {
+			continue
+		}
+		o.pins[i] = pinFile{}
 		pinned, err := ebpf.LoadPinnedMap(path, nil)
 		if errors.Is(err, os.ErrNotExist) {
 			m.Unpin()
 			if err := m.Pin(path); err != nil {
 				return fmt.Errorf("restore pin %s: %w", path, err)
 			}
-			continue
+			continue // checked, and remembered, at the next Lock
 		}
 		if err != nil {
 			return fmt.Errorf("check pin %s: %w", path, err)
@@ -200,6 +224,9 @@ func (o *Objects) repin() error {
 		idB, _ := b.ID()
 		if idA != idB {
 			return fmt.Errorf("check pin %s: it is another map than the one this draind opened (pins were recreated)", path)
+		}
+		if statErr == nil {
+			o.pins[i] = f
 		}
 	}
 	return nil
@@ -261,14 +288,16 @@ func (o *Objects) loadSelector(groupID uint32) (*ebpf.Program, error) {
 	return objs.Prog, nil
 }
 
-// Unused reports whether no group is allocated and no socket slot is filled.
+// Unused reports whether no group is allocated and no socket slot is filled. The group keys are read in one batch;
+// the socket array is looked up slot by slot (the kernel has no batch operations for REUSEPORT_SOCKARRAY), and only
+// when no group is allocated.
 func (o *Objects) Unused() (bool, error) {
-	var key GroupKey
-	for id := uint32(0); id < MaxGroups; id++ {
-		if err := o.GroupKeys.Lookup(id, &key); err != nil {
-			return false, fmt.Errorf("read group %d: %w", id, err)
-		}
-		if key.NetnsCookie != 0 {
+	keys, err := o.AllGroupKeys()
+	if err != nil {
+		return false, fmt.Errorf("read group keys: %w", err)
+	}
+	for i := range keys {
+		if keys[i].NetnsCookie != 0 {
 			return false, nil
 		}
 	}
@@ -281,8 +310,14 @@ func (o *Objects) Unused() (bool, error) {
 	return true, nil
 }
 
-// RemoveUnusedPins removes the pins and the pin directory when no group is in use. It takes Lock.
+// RemoveUnusedPins removes the pins and the pin directory when no group is in use. It takes Lock, except when the
+// pin directory is gone already: groups and slots are only allocated under Lock, which restores the directory and
+// the pins, so the maps were not put in use since they were found unused and removed, and Lock would only restore
+// the pins for them to be checked and removed again (a handoff's steering and the handoff itself both call this).
 func (o *Objects) RemoveUnusedPins() (removed bool, err error) {
+	if _, err := os.Lstat(o.pinDir); errors.Is(err, os.ErrNotExist) {
+		return false, nil
+	}
 	unlock, err := o.Lock()
 	if err != nil {
 		return false, err

@@ -2,10 +2,12 @@ package loader
 
 import (
 	"errors"
-	"github.com/cilium/ebpf"
 	"os"
 	"path/filepath"
 	"testing"
+
+	"github.com/cilium/ebpf"
+	"golang.org/x/sys/unix"
 
 	"github.com/draind/draind/testenv"
 )
@@ -77,6 +79,12 @@ func TestOpenPinsAndRemoves(t *testing.T) {
 	if _, err := os.Stat(dir); !os.IsNotExist(err) {
 		t.Fatalf("pin dir left: %v", err)
 	}
+	if removed, err := a.RemoveUnusedPins(); err != nil || removed {
+		t.Fatalf("second removal: %v %v", removed, err)
+	}
+	if _, err := os.Stat(dir); !os.IsNotExist(err) {
+		t.Fatalf("second removal left the pin dir: %v", err)
+	}
 	if err := a.Close(); err != nil {
 		t.Fatal(err)
 	}
@@ -145,6 +153,181 @@ func BenchmarkLoadSelector(b *testing.B) {
 				b.Fatal(err)
 			}
 			p.Close()
+		}
+	})
+}
+
+// TestUnusedSeesSockets: a filled socket slot that no group points at (a draind that died between its two writes)
+// keeps the maps in use, and frees them when its listener closes.
+func TestUnusedSeesSockets(t *testing.T) {
+	testenv.Require(t)
+	dir := filepath.Join("/sys/fs/bpf", "draind-loader-test-unused")
+	os.RemoveAll(dir)
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	o, err := Open(Options{PinDir: dir})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer o.Close()
+	if unused, err := o.Unused(); err != nil || !unused {
+		t.Fatalf("fresh maps: unused %v, %v", unused, err)
+	}
+	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(fd)
+	if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_REUSEPORT, 1); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Bind(fd, &unix.SockaddrInet4{Addr: [4]byte{127, 0, 0, 1}}); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Listen(fd, 8); err != nil {
+		t.Fatal(err)
+	}
+	if err := o.Sockets.Update(uint32(MaxSockets-1), uint64(fd), ebpf.UpdateNoExist); err != nil {
+		t.Fatal(err)
+	}
+	if unused, err := o.Unused(); err != nil || unused {
+		t.Fatalf("socket in the last slot: unused %v, %v", unused, err)
+	}
+	if err := o.GroupKeys.Put(uint32(MaxGroups-1), GroupKey{NetnsCookie: 42}); err != nil {
+		t.Fatal(err)
+	}
+	if unused, err := o.Unused(); err != nil || unused {
+		t.Fatalf("last group allocated: unused %v, %v", unused, err)
+	}
+	o.GroupKeys.Put(uint32(MaxGroups-1), GroupKey{})
+	unix.Close(fd)
+	if unused, err := o.Unused(); err != nil || !unused {
+		t.Fatalf("listener closed: unused %v, %v", unused, err)
+	}
+}
+
+// TestLockChecksPins: Lock restores pins another draind removed, accepts its own pins again without reopening
+// them, and refuses pins recreated for other maps, also after it remembered the old ones.
+func TestLockChecksPins(t *testing.T) {
+	testenv.Require(t)
+	dir := filepath.Join("/sys/fs/bpf", "draind-loader-test-pins")
+	os.RemoveAll(dir)
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	a, err := Open(Options{PinDir: dir})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer a.Close()
+	lock := func() error {
+		unlock, err := a.Lock()
+		if err == nil {
+			unlock()
+		}
+		return err
+	}
+	mapID := func(m *ebpf.Map) ebpf.MapID {
+		t.Helper()
+		info, err := m.Info()
+		if err != nil {
+			t.Fatal(err)
+		}
+		id, _ := info.ID()
+		return id
+	}
+	pinnedID := func(name string) ebpf.MapID {
+		t.Helper()
+		m, err := ebpf.LoadPinnedMap(filepath.Join(dir, name), nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer m.Close()
+		return mapID(m)
+	}
+	for range 3 { // check, remember, then accept by the pin files alone
+		if err := lock(); err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	// Another draind removes the pins as unused: the next Lock pins a's maps again, and the one after accepts them.
+	b, err := Open(Options{PinDir: dir})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if removed, err := b.RemoveUnusedPins(); err != nil || !removed {
+		t.Fatalf("remove pins: %v %v", removed, err)
+	}
+	b.Close()
+	for range 2 {
+		if err := lock(); err != nil {
+			t.Fatalf("restore pins: %v", err)
+		}
+	}
+	if got, want := pinnedID(selectorMapGroups), mapID(a.Groups); got != want {
+		t.Fatalf("restored pin holds map %d, want %d", got, want)
+	}
+
+	// The pins are removed and recreated for other maps: Lock refuses them.
+	c, err := Open(Options{PinDir: dir})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if removed, err := c.RemoveUnusedPins(); err != nil || !removed {
+		t.Fatalf("remove pins: %v %v", removed, err)
+	}
+	c.Close()
+	d, err := Open(Options{PinDir: dir})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	if err := lock(); err == nil {
+		t.Fatal("Lock accepted pins of other maps")
+	}
+}
+
+// BenchmarkCleanup: the loader's share of the clean-up at the end of a handoff, with nothing in use: Unused, Lock
+// (pins unchanged), and the end of a handoff run by the command: the steering's Lock (which restores the pins the
+// previous round removed), then RemoveUnusedPins from the steering's release and again from the handoff's close.
+// go test -run '^$' -bench Cleanup -benchtime 200x ./loader
+func BenchmarkCleanup(b *testing.B) {
+	testenv.Require(b)
+	dir := filepath.Join("/sys/fs/bpf", "draind-loader-bench-cleanup")
+	os.RemoveAll(dir)
+	b.Cleanup(func() { os.RemoveAll(dir) })
+	o, err := Open(Options{PinDir: dir})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer o.Close()
+	lock := func() {
+		unlock, err := o.Lock()
+		if err != nil {
+			b.Fatal(err)
+		}
+		unlock()
+	}
+	b.Run("unused", func(b *testing.B) {
+		for b.Loop() {
+			if unused, err := o.Unused(); err != nil || !unused {
+				b.Fatalf("unused: %v %v", unused, err)
+			}
+		}
+	})
+	b.Run("lock", func(b *testing.B) {
+		for b.Loop() {
+			lock()
+		}
+	})
+	b.Run("end", func(b *testing.B) {
+		for b.Loop() {
+			lock()
+			if removed, err := o.RemoveUnusedPins(); err != nil || !removed {
+				b.Fatalf("remove: %v %v", removed, err)
+			}
+			if _, err := o.RemoveUnusedPins(); err != nil {
+				b.Fatalf("remove again: %v", err)
+			}
 		}
 	})
 }
