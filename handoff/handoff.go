@@ -94,6 +94,8 @@ type State struct {
 	// Stopped lists the old side's processes stopped (SIGSTOP) while their accept queues move; a draind that finds
 	// them here died meanwhile, and continues them.
 	Stopped []int `json:"stopped,omitempty"`
+	// Moving lists the old listeners whose queues were being moved then: one may have been left not listening.
+	Moving []steer.Moving `json:"moving,omitempty"`
 }
 
 // Stage names a step of the handoff, reported through Progress.
@@ -511,7 +513,7 @@ func (h *run) moveQueues(ctx context.Context) {
 	mr, err := h.st.MoveQueues(ctx, h.oldP, []int{h.newP.PID}, steer.MoveOptions{Stopping: h.persistStopped})
 	h.res.QueueMoved, h.res.QueuePaused = mr.Queued, mr.Paused
 	if err != nil {
-		h.opts.Logger.Warn("move accept queues", "err", err)
+		h.opts.Logger.Warn("move accept queues", "err", err, "paused", mr.Paused)
 	}
 	if mr.Listeners > 0 {
 		h.opts.Progress(Progress{Stage: StageMoved, Message: fmt.Sprintf("%d queued connection(s) of %d listener(s) to %d (old side paused %s)",
@@ -519,10 +521,16 @@ func (h *run) moveQueues(ctx context.Context) {
 	}
 }
 
-// persistStopped records the processes MoveQueues is about to stop (nil: continued again).
-func (h *run) persistStopped(pids []int) error {
-	h.state.Stopped = pids
-	return h.persist()
+// persistStopped records the processes MoveQueues is about to stop and the listeners it moves (nil: all continued
+// again). A record that could not be written is not kept.
+func (h *run) persistStopped(pids []int, moving []steer.Moving) error {
+	oldPIDs, oldMoving := h.state.Stopped, h.state.Moving
+	h.state.Stopped, h.state.Moving = pids, moving
+	if err := h.persist(); err != nil {
+		h.state.Stopped, h.state.Moving = oldPIDs, oldMoving
+		return err
+	}
+	return nil
 }
 
 // drain waits for the old side to drain (the flip is done), signals it and finishes the steering. tagged says the

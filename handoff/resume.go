@@ -118,11 +118,19 @@ func Resume(ctx context.Context, st State, opts Options) (*Result, error) {
 	return res, fmt.Errorf("resume handoff: unknown stage %q", st.Stage)
 }
 
-// contStopped continues the processes that a draind left stopped when it died while moving the old listeners'
-// accept queues (State.Stopped).
+// contStopped mends what a draind left when it died while moving the old listeners' accept queues (State.Stopped,
+// State.Moving): a listener shut down but not listening again listens again, then the stopped processes continue.
 func (h *run) contStopped() {
-	if len(h.state.Stopped) == 0 {
+	if len(h.state.Stopped) == 0 && len(h.state.Moving) == 0 {
 		return
+	}
+	for _, m := range h.state.Moving {
+		switch again, err := steer.Relisten(m); {
+		case err != nil:
+			h.opts.Logger.Error("restore an old listener the previous draind left shut down", "pid", m.PID, "fd", m.FD, "err", err)
+		case again:
+			h.opts.Logger.Warn("an old listener the previous draind left shut down listens again", "pid", m.PID, "fd", m.FD)
+		}
 	}
 	for _, pid := range h.state.Stopped {
 		switch cont, err := proc.ContinueStopped(pid); {
@@ -132,7 +140,7 @@ func (h *run) contStopped() {
 			h.opts.Logger.Warn("continued a process the previous draind left stopped", "pid", pid)
 		}
 	}
-	h.state.Stopped = nil
+	h.state.Stopped, h.state.Moving = nil, nil
 	if err := h.persist(); err != nil {
 		h.opts.Logger.Error("persist handoff", "err", err)
 	}

@@ -176,7 +176,12 @@ func TestUnusedSeesSockets(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer unix.Close(fd)
+	closed := false
+	defer func() {
+		if !closed {
+			unix.Close(fd)
+		}
+	}()
 	if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_REUSEPORT, 1); err != nil {
 		t.Fatal(err)
 	}
@@ -198,8 +203,11 @@ func TestUnusedSeesSockets(t *testing.T) {
 	if unused, err := o.Unused(); err != nil || unused {
 		t.Fatalf("last group allocated: unused %v, %v", unused, err)
 	}
-	o.GroupKeys.Put(uint32(MaxGroups-1), GroupKey{})
+	if err := o.GroupKeys.Put(uint32(MaxGroups-1), GroupKey{}); err != nil {
+		t.Fatal(err)
+	}
 	unix.Close(fd)
+	closed = true
 	if unused, err := o.Unused(); err != nil || !unused {
 		t.Fatalf("listener closed: unused %v, %v", unused, err)
 	}

@@ -27,6 +27,9 @@ type Stopped struct {
 type StopOptions struct {
 	// Timeout bounds the wait for every thread of every process to stop; default 200 ms.
 	Timeout time.Duration
+	// Before, if set, is called with the PIDs about to get SIGSTOP (those not stopped already), before the first
+	// one does; an error stops nothing.
+	Before func(pids []int) error
 }
 
 // Stop stops ps with SIGSTOP (through their pidfds) and returns once every thread of every one of them is stopped,
@@ -42,12 +45,22 @@ func Stop(ctx context.Context, ps []*Process, opts StopOptions) (_ *Stopped, err
 			err = errors.Join(err, s.Cont())
 		}
 	}()
+	var todo []*Process
+	var pids []int
 	for _, p := range ps {
 		if stopped, _ := threadsStopped(p.PID); stopped {
 			continue
 		}
+		todo, pids = append(todo, p), append(pids, p.PID)
+	}
+	if opts.Before != nil && len(todo) > 0 {
+		if err := opts.Before(pids); err != nil {
+			return nil, fmt.Errorf("stop processes: %w", err)
+		}
+	}
+	for _, p := range todo {
 		if err := p.Signal(syscall.SIGSTOP); err != nil {
-			return nil, fmt.Errorf("stop process %d: %w", p.PID, err)
+			return nil, fmt.Errorf("stop processes: %w", err) // "signal process N: ..."
 		}
 		s.procs = append(s.procs, p)
 	}
@@ -136,8 +149,11 @@ func taskState(stat string) byte {
 // processes a draind that died while they were stopped (Stop) left behind.
 func ContinueStopped(pid int) (bool, error) {
 	p, err := Open(pid)
-	if err != nil {
+	if errors.Is(err, ErrNoProcess) {
 		return false, nil // exited
+	}
+	if err != nil {
+		return false, fmt.Errorf("continue process %d: %w", pid, err)
 	}
 	defer p.Close()
 	if stopped, err := threadsStopped(pid); err != nil || !stopped {

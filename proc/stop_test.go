@@ -70,6 +70,16 @@ func TestStop(t *testing.T) {
 		t.Fatal(err)
 	}
 
+	// Before sees what is about to be stopped; its error stops nothing.
+	var before []int
+	if _, err := proc.Stop(context.Background(), []*proc.Process{p}, proc.StopOptions{Before: func(pids []int) error {
+		before = pids
+		return errors.New("no record")
+	}}); err == nil || len(before) != 1 || before[0] != p.PID {
+		t.Fatalf("stop with a failing Before: %v, Before saw %v", err, before)
+	}
+	requireStopped(p, false)
+
 	// A process that exited: an error, and the one stopped before it runs again.
 	if err := other.Kill(); err != nil {
 		t.Fatal(err)

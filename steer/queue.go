@@ -19,10 +19,20 @@ import (
 type MoveOptions struct {
 	// StopTimeout bounds the wait for the old listeners' holders to stop; see proc.StopOptions.
 	StopTimeout time.Duration
-	// Stopping, if set, is called with the PIDs about to be stopped, and again with nil once they are continued,
-	// so that a caller can record them: a draind that dies in between leaves them stopped, and the next one must
-	// continue them. An error from the first call cancels the move.
-	Stopping func(pids []int) error
+	// Stopping, if set, is called with the processes about to be stopped and the listeners about to be moved
+	// (before each SIGSTOP, with everything stopped so far), and with nil, nil once they are all continued, so that
+	// a caller can record them: a draind that dies in between leaves them stopped (and maybe a listener not
+	// listening), and the next one must mend that (see Mend). An error cancels the move. A failed SIGCONT keeps the
+	// record.
+	Stopping func(pids []int, moving []Moving) error
+}
+
+// Moving is an old listener whose queue is being moved: where it is, and what listen(2) needs to start it again.
+type Moving struct {
+	PID     int    `json:"pid"`
+	FD      int    `json:"fd"`
+	Cookie  uint64 `json:"cookie"`
+	Backlog int    `json:"backlog"`
 }
 
 // MoveResult says what MoveQueues did.
@@ -30,11 +40,12 @@ type MoveResult struct {
 	Listeners int           // old listeners whose accept queue was moved
 	Queued    int           // connections waiting in those queues just before the move
 	Stopped   []int         // the holders that were stopped meanwhile
-	Paused    time.Duration // how long they were stopped
+	Paused    time.Duration // how long they were stopped (also when the move failed)
 }
 
 // queued is an old listener with connections in its accept queue, and draind's copy of its fd.
 type queued struct {
+	g       *group
 	l       *Listener
 	slot    uint32
 	fd      int
@@ -50,11 +61,12 @@ type queued struct {
 // once (listen(2) with the same backlog; the kernel puts it back in its reuseport group), then puts it back in its
 // slot (a closing listener leaves the socket array). An old process that called accept(2) in between would get
 // EINVAL, which ends many servers' accept loops: so every process of the old tree (old and its descendants, except
-// the subtrees of exclude) that holds one of these listeners is stopped with SIGSTOP for the duration, and continued
-// after (a fraction of a millisecond of work). Processes that cannot be stopped in time leave the queues where they
-// are (an error wrapping proc.ErrNotStopped, nothing changed).
+// the subtrees of exclude, and draind) that holds one of these listeners is stopped with SIGSTOP for the duration,
+// and continued after (a millisecond or two, most of it waiting for every thread to stop). The tree is walked again
+// once they are stopped, until no new holder (a worker forked meanwhile) shows up. Processes that cannot be stopped
+// in time leave the queues where they are (an error wrapping proc.ErrNotStopped, nothing changed).
 //
-// A listener shared with the new side, or whose group's new listeners are all gone, is left alone.
+// A listener whose group's new listeners are all gone (checked again once the holders are stopped) is left alone.
 func (s *Steering) MoveQueues(ctx context.Context, old *proc.Process, exclude []int, opts MoveOptions) (res MoveResult, err error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -67,49 +79,87 @@ func (s *Steering) MoveQueues(ctx context.Context, old *proc.Process, exclude []
 	if err != nil || len(qs) == 0 {
 		return res, err
 	}
-	holders, err := holdersOf(old, exclude, qs)
-	defer func() {
-		for _, h := range holders {
-			if h != old {
-				h.Close()
-			}
-		}
-	}()
-	if err != nil {
-		return res, err
+	if err := ctx.Err(); err != nil {
+		return res, fmt.Errorf("move accept queues: %w", err)
 	}
-	pids := make([]int, len(holders))
-	for i, h := range holders {
-		pids[i] = h.PID
-	}
-	if opts.Stopping != nil {
-		if err := opts.Stopping(pids); err != nil {
-			return res, fmt.Errorf("move accept queues: record the processes to stop: %w", err)
-		}
-		defer func() {
-			if perr := opts.Stopping(nil); perr != nil {
-				err = errors.Join(err, fmt.Errorf("move accept queues: record the processes continued: %w", perr))
-			}
-		}()
-	}
-	start := time.Now()
-	stopped, err := proc.Stop(ctx, holders, proc.StopOptions{Timeout: opts.StopTimeout})
+	unlock, err := s.objs.Lock()
 	if err != nil {
 		return res, fmt.Errorf("move accept queues: %w", err)
 	}
-	res.Stopped = stopped.PIDs()
+	defer unlock()
+
+	moving := make([]Moving, len(qs))
+	for i, q := range qs {
+		moving[i] = Moving{PID: q.l.Holder.PID, FD: q.l.FD, Cookie: q.l.Cookie, Backlog: q.backlog}
+	}
+	var (
+		stops   []*proc.Stopped
+		stopped []int
+		opened  []*proc.Process
+		seen    = map[int]bool{}
+	)
+	defer func() {
+		for _, p := range opened {
+			p.Close()
+		}
+	}()
+	start := time.Now()
+	// Continue whatever was stopped, however this returns; the record goes only once all are running again.
+	defer func() {
+		if len(stops) == 0 {
+			return
+		}
+		var errs []error
+		for _, st := range stops {
+			errs = append(errs, st.Cont())
+		}
+		res.Paused = time.Since(start)
+		if cerr := errors.Join(errs...); cerr != nil {
+			err = errors.Join(err, fmt.Errorf("move accept queues: %w", cerr))
+			return
+		}
+		if opts.Stopping != nil {
+			if perr := opts.Stopping(nil, nil); perr != nil {
+				err = errors.Join(err, fmt.Errorf("move accept queues: record the processes continued: %w", perr))
+			}
+		}
+	}()
+	for round := 0; ; round++ {
+		holders, err := holdersOf(old, exclude, qs, seen)
+		opened = append(opened, holders...)
+		if err != nil {
+			return res, err
+		}
+		if len(holders) == 0 {
+			if round == 0 {
+				return res, fmt.Errorf("move accept queues: no process of %d holds the listeners any more", old.PID)
+			}
+			break
+		}
+		st, err := proc.Stop(ctx, holders, proc.StopOptions{Timeout: opts.StopTimeout, Before: func(pids []int) error {
+			if opts.Stopping == nil {
+				return nil
+			}
+			return opts.Stopping(append(slices.Clone(stopped), pids...), moving)
+		}})
+		if err != nil {
+			return res, fmt.Errorf("move accept queues: %w", err)
+		}
+		stops = append(stops, st)
+		stopped = append(stopped, st.PIDs()...)
+	}
+	res.Stopped = stopped
 	var errs []error
 	for _, q := range qs {
 		n, err := s.moveQueue(q)
 		if err != nil {
 			errs = append(errs, err)
-			continue
 		}
-		res.Listeners++
-		res.Queued += n
+		if n > 0 {
+			res.Listeners++
+			res.Queued += n
+		}
 	}
-	errs = append(errs, stopped.Cont())
-	res.Paused = time.Since(start)
 	if err := errors.Join(errs...); err != nil {
 		return res, fmt.Errorf("move accept queues: %w", err)
 	}
@@ -123,17 +173,14 @@ func (s *Steering) queuedListeners() ([]queued, error) {
 	for _, g := range s.groups {
 		var gv loader.Group
 		if err := s.objs.Groups.Lookup(g.id, &gv); err != nil {
-			return out, fmt.Errorf("read group %d: %w", g.id, err)
+			return out, fmt.Errorf("move accept queues: read group %d: %w", g.id, err)
 		}
 		if gv.TargetGen != g.newGen || !s.inArray(g, g.pair.New) {
 			continue
 		}
-		newCookies := map[uint64]bool{}
-		for _, l := range g.pair.New {
-			newCookies[l.Cookie] = true
-		}
+		// Pairing refuses a socket that both sides hold, so an old listener is never the new side's.
 		for _, l := range g.pair.Old {
-			if l.Holder == nil || newCookies[l.Cookie] || !s.inArray(g, []*Listener{l}) {
+			if l.Holder == nil || !s.inArray(g, []*Listener{l}) {
 				continue
 			}
 			fd, err := l.Copy()
@@ -145,7 +192,7 @@ func (s *Steering) queuedListeners() ([]queued, error) {
 				unix.Close(fd)
 				continue
 			}
-			out = append(out, queued{l: l, slot: g.slots[l.Cookie], fd: fd, backlog: int(info.Sacked)})
+			out = append(out, queued{g: g, l: l, slot: g.slots[l.Cookie], fd: fd, backlog: int(info.Sacked)})
 		}
 	}
 	return out, nil
@@ -163,8 +210,9 @@ func (s *Steering) inArray(g *group, ls []*Listener) bool {
 }
 
 // holdersOf returns the processes of old's tree that hold one of qs's listeners (old itself included if it does),
-// draind and its descendants excepted.
-func holdersOf(old *proc.Process, exclude []int, qs []queued) ([]*proc.Process, error) {
+// draind and its descendants excepted, leaving out (and adding to) seen. The processes other than old are opened for
+// the caller to close.
+func holdersOf(old *proc.Process, exclude []int, qs []queued, seen map[int]bool) ([]*proc.Process, error) {
 	inodes := map[uint64]bool{}
 	for _, q := range qs {
 		inodes[q.l.Inode] = true
@@ -173,6 +221,9 @@ func holdersOf(old *proc.Process, exclude []int, qs []queued) ([]*proc.Process, 
 	// draind holds copies of the listeners now: if it runs in the old tree (a server that started it), it must not
 	// stop itself.
 	for _, pid := range proc.Tree(old.PID, append(slices.Clone(exclude), os.Getpid())...) {
+		if seen[pid] {
+			continue
+		}
 		socks, err := proc.Sockets(pid)
 		if err != nil {
 			continue // exited meanwhile
@@ -180,38 +231,80 @@ func holdersOf(old *proc.Process, exclude []int, qs []queued) ([]*proc.Process, 
 		if !slices.ContainsFunc(socks, func(s proc.SocketFD) bool { return inodes[s.Inode] }) {
 			continue
 		}
-		if pid == old.PID {
-			out = append(out, old)
-			continue
-		}
 		p, err := proc.Open(pid)
 		if err != nil {
 			continue
 		}
+		seen[pid] = true
 		out = append(out, p)
-	}
-	if len(out) == 0 {
-		return nil, fmt.Errorf("move accept queues: no process of %d holds the listeners any more", old.PID)
 	}
 	return out, nil
 }
 
 // moveQueue stops and restarts one old listener (its holders are stopped) and puts it back in its slot; it returns
-// how many connections were queued.
+// how many connections were queued (and moved). A listener whose queue emptied meanwhile, or whose group's new side
+// is gone, is left alone.
 func (s *Steering) moveQueue(q queued) (int, error) {
 	info, err := unix.GetsockoptTCPInfo(q.fd, unix.IPPROTO_TCP, unix.TCP_INFO)
 	if err != nil {
 		return 0, fmt.Errorf("read queue of %s: %w", q.l, err)
 	}
-	if err := unix.Shutdown(q.fd, unix.SHUT_RD); err != nil {
-		return 0, fmt.Errorf("stop listener %s: %w", q.l, err)
+	if info.Unacked == 0 || !s.inArray(q.g, q.g.pair.New) {
+		return 0, nil
 	}
+	if err := unix.Shutdown(q.fd, unix.SHUT_RD); err != nil {
+		return 0, fmt.Errorf("shut down listener %s: %w", q.l, err)
+	}
+	n := int(info.Unacked)
 	if err := unix.Listen(q.fd, q.backlog); err != nil {
 		// The old server's listener is dead now: its accept loop will see EINVAL. Say so loudly.
-		return 0, fmt.Errorf("listen again on %s (the old server can no longer accept on it): %w", q.l, err)
+		return n, fmt.Errorf("listen again on %s (the old server can no longer accept on it): %w", q.l, err)
 	}
-	if err := s.objs.Sockets.Update(q.slot, uint64(q.fd), ebpf.UpdateAny); err != nil {
-		return 0, fmt.Errorf("put %s back in slot %d: %w", q.l, q.slot, explainInsert(err))
+	// A listener whose port was not chosen by its bind (port 0) gets a new one when it listens again.
+	if sa, err := unix.Getsockname(q.fd); err == nil && sockPort(sa) != int(q.l.Addr.Port()) {
+		return n, fmt.Errorf("listen again on %s: it listens on port %d now", q.l, sockPort(sa))
 	}
-	return int(info.Unacked), nil
+	if err := s.objs.Sockets.Update(q.slot, uint64(q.fd), ebpf.UpdateNoExist); err != nil {
+		return n, fmt.Errorf("put %s back in slot %d: %w", q.l, q.slot, explainInsert(err))
+	}
+	return n, nil
+}
+
+func sockPort(sa unix.Sockaddr) int {
+	switch a := sa.(type) {
+	case *unix.SockaddrInet4:
+		return a.Port
+	case *unix.SockaddrInet6:
+		return a.Port
+	}
+	return -1
+}
+
+// Relisten makes m listen again if a draind died between the two halves of its move (shut down, not listening yet),
+// and reports whether it had to. The socket goes back in its reuseport group; its slot in the socket array stays
+// empty (the selector then falls back to the other side's listeners).
+func Relisten(m Moving) (bool, error) {
+	p, err := proc.Open(m.PID)
+	if errors.Is(err, proc.ErrNoProcess) {
+		return false, nil
+	}
+	if err != nil {
+		return false, fmt.Errorf("listen again: %w", err)
+	}
+	defer p.Close()
+	fd, err := p.GetFD(m.FD)
+	if err != nil {
+		return false, nil // closed meanwhile
+	}
+	defer unix.Close(fd)
+	if c, err := unix.GetsockoptUint64(fd, unix.SOL_SOCKET, unix.SO_COOKIE); err != nil || c != m.Cookie {
+		return false, nil // the fd now holds another socket
+	}
+	if v, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_ACCEPTCONN); err != nil || v != 0 {
+		return false, err
+	}
+	if err := unix.Listen(fd, m.Backlog); err != nil {
+		return false, fmt.Errorf("listen again on pid %d fd %d: %w", m.PID, m.FD, err)
+	}
+	return true, nil
 }
