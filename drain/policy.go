@@ -75,7 +75,7 @@ type Queue string
 // The policies for Queue.
 const (
 	// QueueMove moves them to the new process right after the flip (the old server's listeners stay open; its
-	// processes are stopped for the millisecond or two this takes): nothing waits for a slow old server.
+	// processes are stopped for the few milliseconds this takes): nothing waits for a slow old server.
 	QueueMove Queue = "move"
 	// QueueKeep leaves them to the old process to accept, as its own queue.
 	QueueKeep Queue = "keep"

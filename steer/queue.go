@@ -62,7 +62,7 @@ type queued struct {
 // slot (a closing listener leaves the socket array). An old process that called accept(2) in between would get
 // EINVAL, which ends many servers' accept loops: so every process of the old tree (old and its descendants, except
 // the subtrees of exclude, and draind) that holds one of these listeners is stopped with SIGSTOP for the duration,
-// and continued after (a millisecond or two, most of it waiting for every thread to stop). The tree is walked again
+// and continued after (a few milliseconds, most of it waiting for every thread to stop and walking the tree again). The tree is walked again
 // once they are stopped, until no new holder (a worker forked meanwhile) shows up. Processes that cannot be stopped
 // in time leave the queues where they are (an error wrapping proc.ErrNotStopped, nothing changed).
 //
@@ -103,7 +103,7 @@ func (s *Steering) MoveQueues(ctx context.Context, old *proc.Process, exclude []
 			p.Close()
 		}
 	}()
-	start := time.Now()
+	var start time.Time // the first SIGSTOP
 	// Continue whatever was stopped, however this returns; the record goes only once all are running again.
 	defer func() {
 		if len(stops) == 0 {
@@ -135,6 +135,9 @@ func (s *Steering) MoveQueues(ctx context.Context, old *proc.Process, exclude []
 				return res, fmt.Errorf("move accept queues: no process of %d holds the listeners any more", old.PID)
 			}
 			break
+		}
+		if start.IsZero() {
+			start = time.Now()
 		}
 		st, err := proc.Stop(ctx, holders, proc.StopOptions{Timeout: opts.StopTimeout, Before: func(pids []int) error {
 			if opts.Stopping == nil {

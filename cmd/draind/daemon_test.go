@@ -1041,7 +1041,7 @@ func procState(pid int) byte {
 
 // TestDaemonMoveInterrupted: a daemon killed while the old server is stopped for the move of its accept queue
 // (--queue move, the default) must not leave it stopped: the state file names the stopped processes and the next
-// daemon continues them, then finishes the handoff. The stop lasts a millisecond or two: the test kills the daemon
+// daemon continues them, then finishes the handoff. The stop lasts a few milliseconds: the test kills the daemon
 // when waitid(2) reports the old server (its child) stopped, and tries again, up to 5 times, if that came too late.
 func TestDaemonMoveInterrupted(t *testing.T) {
 	for attempt := 1; attempt <= 5; attempt++ {

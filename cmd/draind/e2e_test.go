@@ -518,6 +518,25 @@ func TestQueueMoved(t *testing.T) {
 	}
 }
 
+// TestQueueMovedWakesNew: the old server stopped accepting with 10 connections queued, and every load worker waits on
+// one of them, so nothing else reaches the new server: the connections moved at the flip must wake it by themselves
+// (a kernel that did not wake the new listener's waiters would leave them queued until the load's 15 s timeout).
+func TestQueueMovedWakesNew(t *testing.T) {
+	ns, pins := setup(t)
+	const queued = 10
+	old, load := queuedOld(t, ns, queued, testenv.ServerOptions{})
+	newS := server(t, ns, "new", testenv.ServerOptions{})
+	h := startHandoff(t, pidArgs(old, newS, pins)...)
+	out, code := h.wait(t, 20*time.Second)
+	r := stopLoad(t, load)
+	t.Logf("handoff: %+v", out.Result)
+	if code != exitOK || out.Outcome != handoff.OutcomeDrained || out.QueueMoved != queued {
+		t.Fatalf("exit %d, outcome %s, queue moved %d: %s", code, out.Outcome, out.QueueMoved, h.errText())
+	}
+	requireQueueServedByNew(t, out, r, old, queued)
+	requireGone(t, pins)
+}
+
 // TestSignalAtFlip: with --signal-at flip the old server gets its signal right after the flip, while its accept queue
 // is full (it stopped accepting); it closes its listener on SIGTERM and every queued connection migrates to the new
 // server, which answers them, without anyone closing the old listener by hand (compare TestAcceptQueueMigrates).

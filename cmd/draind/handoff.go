@@ -50,7 +50,7 @@ func cmdHandoff(args []string, stdout, stderr io.Writer) int {
 		timeout      = fs.Duration("timeout", 5*time.Minute, "drain deadline")
 		onTimeout    = fs.String("on-timeout", "signal", "at the deadline: signal, kill or abort (roll back)")
 		signalAt     = fs.String("signal-at", "drained", "when to signal the old process: drained (once it holds no connection, accepted or queued) or flip (right after the flip: its queue migrates to the new process when it closes its listener; only for servers whose graceful shutdown answers every connection they accepted)")
-		queue        = fs.String("queue", "move", "the old listeners' accept queues at the flip: move (to the new process, at once: the old server's processes are stopped (SIGSTOP) for the millisecond or two it takes, its listeners stay open) or keep (the old server accepts them)")
+		queue        = fs.String("queue", "move", "the old listeners' accept queues at the flip: move (to the new process, at once: the old server's processes are stopped (SIGSTOP) for the few milliseconds it takes, its listeners stay open) or keep (the old server accepts them)")
 		killAfter    = fs.Duration("kill-after", 0, "send SIGKILL if the old process has not exited this long after its signal (with --signal-at flip: after the drain ended; 0: never)")
 		exitWait     = fs.Duration("exit-wait", 30*time.Second, "how long to watch for the old process's exit")
 		readyURL     = fs.String("ready-url", "", "URL that must answer 2xx (asked from the new process's network namespace) before the flip")
