@@ -278,17 +278,30 @@ func ppid(pid int) (int, error) {
 	if err != nil {
 		return 0, err
 	}
-	// The command name may contain spaces and parentheses: fields start after the last ')'.
-	s := string(b)
-	i := strings.LastIndexByte(s, ')')
-	if i < 0 {
-		return 0, fmt.Errorf("parse stat of %d", pid)
-	}
-	f := strings.Fields(s[i+1:])
+	f := statFields(string(b))
 	if len(f) < 2 {
 		return 0, fmt.Errorf("parse stat of %d", pid)
 	}
 	return strconv.Atoi(f[1])
+}
+
+// statFields returns the fields of a /proc/.../stat line after the command name (state, ppid, ...); the name may
+// contain spaces and parentheses, so they start after the last ')'. nil if the line has none.
+func statFields(stat string) []string {
+	i := strings.LastIndexByte(stat, ')')
+	if i < 0 {
+		return nil
+	}
+	return strings.Fields(stat[i+1:])
+}
+
+// State returns the state letter of process pid (R, S, D, T, t, Z...), or 0 if it is gone.
+func State(pid int) byte {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+	if err != nil {
+		return 0
+	}
+	return taskState(string(b))
 }
 
 // SocketFD is one socket in a process's fd table.

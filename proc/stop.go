@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"os"
 	"strconv"
-	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -135,14 +134,12 @@ func threadsStopped(pid int) (bool, error) {
 	return true, nil
 }
 
-// taskState returns the state letter of a /proc/.../stat line (after the command name, which may hold spaces and
-// parentheses).
+// taskState returns the state letter of a /proc/.../stat line, 0 if it has none.
 func taskState(stat string) byte {
-	i := strings.LastIndexByte(stat, ')')
-	if i < 0 || i+2 >= len(stat) {
-		return 0
+	if f := statFields(stat); len(f) > 0 && f[0] != "" {
+		return f[0][0]
 	}
-	return stat[i+2]
+	return 0
 }
 
 // ContinueStopped continues pid (SIGCONT) if it is stopped, and reports whether it was: what a draind does for the

@@ -19,6 +19,7 @@ import (
 
 	"github.com/draind/draind/api"
 	"github.com/draind/draind/handoff"
+	"github.com/draind/draind/proc"
 	"github.com/draind/draind/testenv"
 	"golang.org/x/sys/unix"
 )
@@ -1025,20 +1026,6 @@ func TestDaemonKillAfterResumed(t *testing.T) {
 	}
 }
 
-// procState is the state letter of pid in /proc (0 if it is gone).
-func procState(pid int) byte {
-	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
-	if err != nil {
-		return 0
-	}
-	s := string(b)
-	i := strings.LastIndexByte(s, ')')
-	if i < 0 || i+2 >= len(s) {
-		return 0
-	}
-	return s[i+2]
-}
-
 // TestDaemonMoveInterrupted: a daemon killed while the old server is stopped for the move of its accept queue
 // (--queue move, the default) must not leave it stopped: the state file names the stopped processes and the next
 // daemon continues them, then finishes the handoff. The stop lasts a few milliseconds: the test kills the daemon
@@ -1082,7 +1069,7 @@ func moveInterrupted(t *testing.T) bool {
 		t.Fatalf("daemon exit %d, want killed", code)
 	}
 	h.wait(t, 10*time.Second)
-	caught := procState(old.PID) == 'T'
+	caught := proc.State(old.PID) == 'T'
 	if caught {
 		if recs := d.records(); len(recs) != 1 || !strings.Contains(string(recs[0]), `"stopped": [`) {
 			t.Fatalf("state file after the kill: %s", recs)
@@ -1091,7 +1078,7 @@ func moveInterrupted(t *testing.T) bool {
 
 	// Either way the next daemon finishes the handoff (and continues the old server if it was left stopped).
 	d2 := startDaemon(t, dir, pins)
-	waitCond(t, 10*time.Second, func() bool { return procState(old.PID) != 'T' })
+	waitCond(t, 10*time.Second, func() bool { return proc.State(old.PID) != 'T' })
 	waitCond(t, 10*time.Second, old.Exited)
 	waitCond(t, 10*time.Second, func() bool { return len(d2.status()) == 0 })
 	r := stopLoad(t, load)
