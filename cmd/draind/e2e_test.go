@@ -484,7 +484,9 @@ func TestQueueMoved(t *testing.T) {
 	for _, queue := range []drain.Queue{drain.QueueMove, drain.QueueKeep} {
 		t.Run(string(queue), func(t *testing.T) {
 			ns, pins := setup(t)
-			old := server(t, ns, "old", testenv.ServerOptions{AcceptDelay: 20 * time.Millisecond})
+			// ExitDelay: after its SIGTERM the old server keeps accepting for 300 ms, so a listener the move left broken
+			// shows as an accept error (without it, the listener closes 20 ms before the next accept).
+			old := server(t, ns, "old", testenv.ServerOptions{AcceptDelay: 20 * time.Millisecond, ExitDelay: 300 * time.Millisecond})
 			load := testenv.StartLoadForTest(t, ns, testenv.LoadOptions{Addr: addr, Concurrency: 32, Duration: 20 * time.Second, Timeout: 15 * time.Second})
 			time.Sleep(500 * time.Millisecond) // the queue fills: 32 workers, 50 accepts a second
 			newS := server(t, ns, "new", testenv.ServerOptions{})
