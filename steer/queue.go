@@ -62,7 +62,7 @@ type queued struct {
 // slot (a closing listener leaves the socket array). An old process that called accept(2) in between would get
 // EINVAL, which ends many servers' accept loops: so every process of the old tree (old and its descendants, except
 // the subtrees of exclude, and draind) that holds one of these listeners is stopped with SIGSTOP for the duration,
-// and continued after (a few milliseconds, most of it waiting for every thread to stop and walking the tree again). The tree is walked again
+// and continued after: a few milliseconds, most of it waiting for every thread to stop and walking the tree again
 // once they are stopped, until no new holder (a worker forked meanwhile) shows up. Processes that cannot be stopped
 // in time leave the queues where they are (an error wrapping proc.ErrNotStopped, nothing changed).
 //
@@ -97,6 +97,7 @@ func (s *Steering) MoveQueues(ctx context.Context, old *proc.Process, exclude []
 		stopped []int
 		opened  []*proc.Process
 		seen    = map[int]bool{}
+		record  bool // Stopping was told of processes about to stop
 	)
 	defer func() {
 		for _, p := range opened {
@@ -106,19 +107,21 @@ func (s *Steering) MoveQueues(ctx context.Context, old *proc.Process, exclude []
 	var start time.Time // the first SIGSTOP
 	// Continue whatever was stopped, however this returns; the record goes only once all are running again.
 	defer func() {
-		if len(stops) == 0 {
+		if len(stops) == 0 && !record {
 			return
 		}
 		var errs []error
 		for _, st := range stops {
 			errs = append(errs, st.Cont())
 		}
-		res.Paused = time.Since(start)
+		if len(stops) > 0 {
+			res.Paused = time.Since(start)
+		}
 		if cerr := errors.Join(errs...); cerr != nil {
 			err = errors.Join(err, fmt.Errorf("move accept queues: %w", cerr))
 			return
 		}
-		if opts.Stopping != nil {
+		if record {
 			if perr := opts.Stopping(nil, nil); perr != nil {
 				err = errors.Join(err, fmt.Errorf("move accept queues: record the processes continued: %w", perr))
 			}
@@ -143,7 +146,11 @@ func (s *Steering) MoveQueues(ctx context.Context, old *proc.Process, exclude []
 			if opts.Stopping == nil {
 				return nil
 			}
-			return opts.Stopping(append(slices.Clone(stopped), pids...), moving)
+			if err := opts.Stopping(append(slices.Clone(stopped), pids...), moving); err != nil {
+				return err
+			}
+			record = true
+			return nil
 		}})
 		if err != nil {
 			return res, fmt.Errorf("move accept queues: %w", err)
