@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -26,13 +27,23 @@ const (
 
 // ParseOnTimeout accepts "signal", "kill" or "abort"; the empty string means "signal".
 func ParseOnTimeout(s string) (OnTimeout, error) {
-	switch OnTimeout(s) {
-	case "":
-		return TimeoutSignal, nil
-	case TimeoutSignal, TimeoutKill, TimeoutAbort:
-		return OnTimeout(s), nil
+	return parseChoice("on-timeout", s, TimeoutSignal, TimeoutKill, TimeoutAbort)
+}
+
+// parseChoice accepts one of choices; the empty string means the first (the default).
+func parseChoice[T ~string](what, s string, choices ...T) (T, error) {
+	if s == "" {
+		return choices[0], nil
 	}
-	return "", fmt.Errorf("parse on-timeout %q: want signal, kill or abort", s)
+	if i := slices.Index(choices, T(s)); i >= 0 {
+		return choices[i], nil
+	}
+	names := make([]string, len(choices))
+	for i, c := range choices {
+		names[i] = string(c)
+	}
+	last := len(names) - 1
+	return "", fmt.Errorf("parse %s %q: want %s or %s", what, s, strings.Join(names[:last], ", "), names[last])
 }
 
 // SignalAt is when the old process gets its signal.
@@ -51,13 +62,7 @@ const (
 
 // ParseSignalAt accepts "drained" or "flip"; the empty string means "drained".
 func ParseSignalAt(s string) (SignalAt, error) {
-	switch SignalAt(s) {
-	case "":
-		return SignalDrained, nil
-	case SignalDrained, SignalFlip:
-		return SignalAt(s), nil
-	}
-	return "", fmt.Errorf("parse signal-at %q: want drained or flip", s)
+	return parseChoice("signal-at", s, SignalDrained, SignalFlip)
 }
 
 // Allows says whether OnTimeout ot goes with SignalAt a: a rollback at the deadline (abort) needs an old process
@@ -83,13 +88,7 @@ const (
 
 // ParseQueue accepts "move" or "keep"; the empty string means "move".
 func ParseQueue(s string) (Queue, error) {
-	switch Queue(s) {
-	case "":
-		return QueueMove, nil
-	case QueueMove, QueueKeep:
-		return Queue(s), nil
-	}
-	return "", fmt.Errorf("parse queue %q: want move or keep", s)
+	return parseChoice("queue", s, QueueMove, QueueKeep)
 }
 
 // ParseSignal accepts a signal name with or without "SIG" in any case ("TERM", "sigquit") or a number ("15").

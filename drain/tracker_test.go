@@ -128,7 +128,7 @@ func TestCountTreeAndExclusion(t *testing.T) {
 	srv := testenv.StartServerForTest(t, ns, testenv.ServerOptions{Addr: "127.0.0.1:8080", Workers: 2})
 	load := testenv.StartLoadForTest(t, ns, testenv.LoadOptions{Addr: "127.0.0.1:8080", Concurrency: -1, KeepAlive: 12, Duration: time.Minute})
 	defer load.Stop()
-	waitFor(t, func() bool { return load.Progress().KeepAlive.Opened == 12 })
+	testenv.WaitFor(t, 10*time.Second, func() bool { return load.Progress().KeepAlive.Opened == 12 })
 
 	tr, err := drain.NewTracker(drain.TrackerOptions{})
 	if err != nil {
@@ -210,17 +210,6 @@ func workerConns(t *testing.T, pid int, ports []uint16) int {
 		t.Fatal(err)
 	}
 	return n.Conns
-}
-
-func waitFor(t *testing.T, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatal("condition not met within 10s")
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
 }
 
 // TestDetached: a connection the tree took but no fd table holds (here its file is in flight in an SCM_RIGHTS

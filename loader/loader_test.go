@@ -14,19 +14,26 @@ import (
 
 func TestMain(m *testing.M) { testenv.Main(m) }
 
+// openFresh opens the maps under a pin directory of their own, /sys/fs/bpf/NAME, emptied first; the maps are closed
+// and the directory removed when the test ends.
+func openFresh(tb testing.TB, name string) (*Objects, string) {
+	tb.Helper()
+	testenv.Require(tb)
+	dir := filepath.Join("/sys/fs/bpf", name)
+	os.RemoveAll(dir)
+	tb.Cleanup(func() { os.RemoveAll(dir) })
+	o, err := Open(Options{PinDir: dir})
+	if err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(func() { o.Close() })
+	return o, dir
+}
+
 // TestOpenPinsAndRemoves: Open creates and pins the maps, a second Open reuses the pins, a selector copy loads
 // (the verifier accepts it), and RemoveUnusedPins leaves nothing behind while no group is in use.
 func TestOpenPinsAndRemoves(t *testing.T) {
-	testenv.Require(t)
-	dir := filepath.Join("/sys/fs/bpf", "draind-loader-test")
-	os.RemoveAll(dir)
-	t.Cleanup(func() { os.RemoveAll(dir) })
-
-	a, err := Open(Options{PinDir: dir})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer a.Close()
+	a, dir := openFresh(t, "draind-loader-test")
 	for _, name := range mapNames {
 		if _, err := os.Stat(filepath.Join(dir, name)); err != nil {
 			t.Fatalf("map %s not pinned: %v", name, err)
@@ -128,15 +135,7 @@ func TestCounterLifecycle(t *testing.T) {
 // BenchmarkLoadSelector: loading a group's selector (the verifier's work) against handing out the one a long-lived
 // draind keeps loaded. go test -run '^$' -bench LoadSelector ./loader
 func BenchmarkLoadSelector(b *testing.B) {
-	testenv.Require(b)
-	dir := filepath.Join("/sys/fs/bpf", "draind-loader-bench")
-	os.RemoveAll(dir)
-	b.Cleanup(func() { os.RemoveAll(dir) })
-	o, err := Open(Options{PinDir: dir})
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer o.Close()
+	o, _ := openFresh(b, "draind-loader-bench")
 	b.Run("load", func(b *testing.B) {
 		for b.Loop() {
 			p, err := o.loadSelector(1)
@@ -160,15 +159,7 @@ func BenchmarkLoadSelector(b *testing.B) {
 // TestUnusedSeesSockets: a filled socket slot that no group points at (a draind that died between its two writes)
 // keeps the maps in use, and frees them when its listener closes.
 func TestUnusedSeesSockets(t *testing.T) {
-	testenv.Require(t)
-	dir := filepath.Join("/sys/fs/bpf", "draind-loader-test-unused")
-	os.RemoveAll(dir)
-	t.Cleanup(func() { os.RemoveAll(dir) })
-	o, err := Open(Options{PinDir: dir})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer o.Close()
+	o, _ := openFresh(t, "draind-loader-test-unused")
 	if unused, err := o.Unused(); err != nil || !unused {
 		t.Fatalf("fresh maps: unused %v, %v", unused, err)
 	}
@@ -216,15 +207,7 @@ func TestUnusedSeesSockets(t *testing.T) {
 // TestLockChecksPins: Lock restores pins another draind removed, accepts its own pins again without reopening
 // them, and refuses pins recreated for other maps, also after it remembered the old ones.
 func TestLockChecksPins(t *testing.T) {
-	testenv.Require(t)
-	dir := filepath.Join("/sys/fs/bpf", "draind-loader-test-pins")
-	os.RemoveAll(dir)
-	t.Cleanup(func() { os.RemoveAll(dir) })
-	a, err := Open(Options{PinDir: dir})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer a.Close()
+	a, dir := openFresh(t, "draind-loader-test-pins")
 	lock := func() error {
 		unlock, err := a.Lock()
 		if err == nil {
@@ -299,15 +282,7 @@ func TestLockChecksPins(t *testing.T) {
 // previous round removed), then RemoveUnusedPins from the steering's release and again from the handoff's close.
 // go test -run '^$' -bench Cleanup -benchtime 200x ./loader
 func BenchmarkCleanup(b *testing.B) {
-	testenv.Require(b)
-	dir := filepath.Join("/sys/fs/bpf", "draind-loader-bench-cleanup")
-	os.RemoveAll(dir)
-	b.Cleanup(func() { os.RemoveAll(dir) })
-	o, err := Open(Options{PinDir: dir})
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer o.Close()
+	o, _ := openFresh(b, "draind-loader-bench-cleanup")
 	lock := func() {
 		unlock, err := o.Lock()
 		if err != nil {

@@ -44,7 +44,7 @@ func TestStop(t *testing.T) {
 	if err := st.Cont(); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, func() bool { ok, _ := proc.ThreadsStopped(p.PID); return !ok })
+	testenv.WaitFor(t, 5*time.Second, func() bool { ok, _ := proc.ThreadsStopped(p.PID); return !ok })
 	if err := st.Cont(); err != nil {
 		t.Fatalf("second Cont: %v", err)
 	}
@@ -53,7 +53,7 @@ func TestStop(t *testing.T) {
 	if err := q.Signal(syscall.SIGSTOP); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, func() bool { ok, _ := proc.ThreadsStopped(q.PID); return ok })
+	testenv.WaitFor(t, 5*time.Second, func() bool { ok, _ := proc.ThreadsStopped(q.PID); return ok })
 	st, err = proc.Stop(context.Background(), []*proc.Process{p, q}, proc.StopOptions{})
 	if err != nil {
 		t.Fatal(err)
@@ -64,7 +64,7 @@ func TestStop(t *testing.T) {
 	if err := st.Cont(); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, func() bool { ok, _ := proc.ThreadsStopped(p.PID); return !ok })
+	testenv.WaitFor(t, 5*time.Second, func() bool { ok, _ := proc.ThreadsStopped(p.PID); return !ok })
 	requireStopped(q, true)
 	if err := q.Signal(syscall.SIGCONT); err != nil {
 		t.Fatal(err)
@@ -84,20 +84,9 @@ func TestStop(t *testing.T) {
 	if err := other.Kill(); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, other.Exited)
+	testenv.WaitFor(t, 5*time.Second, other.Exited)
 	if _, err := proc.Stop(context.Background(), []*proc.Process{p, q}, proc.StopOptions{}); !errors.Is(err, proc.ErrNoProcess) {
 		t.Fatalf("stop with a process gone: %v, want ErrNoProcess", err)
 	}
-	eventually(t, func() bool { ok, _ := proc.ThreadsStopped(p.PID); return !ok })
-}
-
-func eventually(t *testing.T, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(5 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatal("condition not met within 5s")
-		}
-		time.Sleep(time.Millisecond)
-	}
+	testenv.WaitFor(t, 5*time.Second, func() bool { ok, _ := proc.ThreadsStopped(p.PID); return !ok })
 }

@@ -209,12 +209,21 @@ func inspect(holder *proc.Process, s proc.SocketFD) (*Listener, error) {
 	}
 	l.UID = st.Uid
 	if !l.MPTCP {
-		if info, err := unix.GetsockoptTCPInfo(fd, unix.IPPROTO_TCP, unix.TCP_INFO); err == nil {
-			// For a listener the kernel reports the accept queue in unacked and its limit in sacked.
-			l.Queue, l.Backlog = info.Unacked, info.Sacked
+		if queue, backlog, err := acceptQueue(fd); err == nil {
+			l.Queue, l.Backlog = queue, backlog
 		}
 	}
 	return l, nil
+}
+
+// acceptQueue returns what waits in listener fd's accept queue and the queue's limit (the listen backlog): for a
+// listener, TCP_INFO reports them in unacked and sacked.
+func acceptQueue(fd int) (queued, backlog uint32, err error) {
+	info, err := unix.GetsockoptTCPInfo(fd, unix.IPPROTO_TCP, unix.TCP_INFO)
+	if err != nil {
+		return 0, 0, err
+	}
+	return info.Unacked, info.Sacked, nil
 }
 
 // Pair is the old and new listeners of one address.

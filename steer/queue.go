@@ -39,7 +39,6 @@ type Moving struct {
 type MoveResult struct {
 	Listeners int           // old listeners whose accept queue was moved
 	Queued    int           // connections waiting in those queues just before the move
-	Stopped   []int         // the holders that were stopped meanwhile
 	Paused    time.Duration // how long they were stopped (also when the move failed)
 }
 
@@ -47,7 +46,6 @@ type MoveResult struct {
 type queued struct {
 	g       *group
 	l       *Listener
-	slot    uint32
 	fd      int
 	backlog int
 }
@@ -158,7 +156,6 @@ func (s *Steering) MoveQueues(ctx context.Context, old *proc.Process, exclude []
 		stops = append(stops, st)
 		stopped = append(stopped, st.PIDs()...)
 	}
-	res.Stopped = stopped
 	var errs []error
 	for _, q := range qs {
 		n, err := s.moveQueue(q)
@@ -197,26 +194,15 @@ func (s *Steering) queuedListeners() ([]queued, error) {
 			if err != nil {
 				continue // closed meanwhile: its queue migrated, or went with it
 			}
-			info, err := unix.GetsockoptTCPInfo(fd, unix.IPPROTO_TCP, unix.TCP_INFO)
-			if err != nil || info.Unacked == 0 {
+			n, backlog, err := acceptQueue(fd)
+			if err != nil || n == 0 {
 				unix.Close(fd)
 				continue
 			}
-			out = append(out, queued{g: g, l: l, slot: g.slots[l.Cookie], fd: fd, backlog: int(info.Sacked)})
+			out = append(out, queued{g: g, l: l, fd: fd, backlog: int(backlog)})
 		}
 	}
 	return out, nil
-}
-
-// inArray reports whether any of ls is in its slot of the socket array (a closed listener leaves it).
-func (s *Steering) inArray(g *group, ls []*Listener) bool {
-	for _, l := range ls {
-		var c uint64
-		if slot, ok := g.slots[l.Cookie]; ok && s.objs.Sockets.Lookup(slot, &c) == nil && c == l.Cookie {
-			return true
-		}
-	}
-	return false
 }
 
 // holdersOf returns the processes of old's tree that hold one of qs's listeners (old itself included if it does),
@@ -255,17 +241,17 @@ func holdersOf(old *proc.Process, exclude []int, qs []queued, seen map[int]bool)
 // how many connections were queued (and moved). A listener whose queue emptied meanwhile, or whose group's new side
 // is gone, is left alone.
 func (s *Steering) moveQueue(q queued) (int, error) {
-	info, err := unix.GetsockoptTCPInfo(q.fd, unix.IPPROTO_TCP, unix.TCP_INFO)
+	queue, _, err := acceptQueue(q.fd)
 	if err != nil {
 		return 0, fmt.Errorf("read queue of %s: %w", q.l, err)
 	}
-	if info.Unacked == 0 || !s.inArray(q.g, q.g.pair.New) {
+	if queue == 0 || !s.inArray(q.g, q.g.pair.New) {
 		return 0, nil
 	}
 	if err := unix.Shutdown(q.fd, unix.SHUT_RD); err != nil {
 		return 0, fmt.Errorf("shut down listener %s: %w", q.l, err)
 	}
-	n := int(info.Unacked)
+	n := int(queue)
 	if err := unix.Listen(q.fd, q.backlog); err != nil {
 		// The old server's listener is dead now: its accept loop will see EINVAL. Say so loudly.
 		return n, fmt.Errorf("listen again on %s (the old server can no longer accept on it): %w", q.l, err)
@@ -274,8 +260,9 @@ func (s *Steering) moveQueue(q queued) (int, error) {
 	if sa, err := unix.Getsockname(q.fd); err == nil && sockPort(sa) != int(q.l.Addr.Port()) {
 		return n, fmt.Errorf("listen again on %s: it listens on port %d now", q.l, sockPort(sa))
 	}
-	if err := s.objs.Sockets.Update(q.slot, uint64(q.fd), ebpf.UpdateNoExist); err != nil {
-		return n, fmt.Errorf("put %s back in slot %d: %w", q.l, q.slot, explainInsert(err))
+	slot := q.g.slots[q.l.Cookie]
+	if err := s.objs.Sockets.Update(slot, uint64(q.fd), ebpf.UpdateNoExist); err != nil {
+		return n, fmt.Errorf("put %s back in slot %d: %w", q.l, slot, explainInsert(err))
 	}
 	return n, nil
 }

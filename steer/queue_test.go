@@ -1,9 +1,12 @@
 package steer
 
 import (
+	"errors"
 	"net"
 	"os"
+	"sync/atomic"
 	"testing"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -62,4 +65,60 @@ func TestRelisten(t *testing.T) {
 		t.Fatalf("connect to the listener after it listens again: %v", err)
 	}
 	c.Close()
+}
+
+// TestRelistenRaceWithoutStop is the reason MoveQueues stops the old listener's holders: shutdown(2) and listen(2)
+// on a copy of a listener that a Go accept loop waits on, with nothing stopped, make that loop's accept fail
+// (EINVAL: the socket is not listening in between), which ends net/http's Serve. It runs batches of 1,000 cycles
+// until an accept failed (at most 20 batches) and logs how often.
+func TestRelistenRaceWithoutStop(t *testing.T) {
+	ln, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	// A copy of the fd, as draind's pidfd_getfd copy (os.File.Fd would make the shared file blocking).
+	rc, err := ln.(*net.TCPListener).SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	fd := -1
+	if err := rc.Control(func(s uintptr) { fd, err = unix.Dup(int(s)) }); err != nil || fd < 0 {
+		t.Fatalf("copy the listener's fd: %v", err)
+	}
+	defer unix.Close(fd)
+	var failed atomic.Int64
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for {
+			c, err := ln.Accept()
+			if errors.Is(err, net.ErrClosed) {
+				return
+			}
+			if err != nil {
+				failed.Add(1)
+				continue
+			}
+			c.Close()
+		}
+	}()
+	cycles := 0
+	for batch := 0; batch < 20 && failed.Load() == 0; batch++ {
+		for range 1000 {
+			if err := unix.Shutdown(fd, unix.SHUT_RD); err != nil {
+				t.Fatal(err)
+			}
+			if err := unix.Listen(fd, 16); err != nil {
+				t.Fatal(err)
+			}
+			cycles++
+		}
+		time.Sleep(10 * time.Millisecond) // the last wake-up's accept
+	}
+	ln.Close()
+	<-done
+	t.Logf("%d shutdown+listen cycles: %d failed accepts", cycles, failed.Load())
+	if failed.Load() == 0 {
+		t.Fatal("no accept failed: the window MoveQueues closes by stopping the holders was not seen")
+	}
 }

@@ -429,11 +429,19 @@ func (s *Steering) GroupIDs() []uint32 {
 // it closes).
 func (s *Steering) OldAlive() bool {
 	for _, g := range s.groups {
-		for _, l := range g.pair.Old {
-			var c uint64
-			if s.objs.Sockets.Lookup(g.slots[l.Cookie], &c) == nil && c == l.Cookie {
-				return true
-			}
+		if s.inArray(g, g.pair.Old) {
+			return true
+		}
+	}
+	return false
+}
+
+// inArray reports whether any of ls is in its slot of the socket array (a closed listener leaves it).
+func (s *Steering) inArray(g *group, ls []*Listener) bool {
+	for _, l := range ls {
+		var c uint64
+		if slot, ok := g.slots[l.Cookie]; ok && s.objs.Sockets.Lookup(slot, &c) == nil && c == l.Cookie {
+			return true
 		}
 	}
 	return false
@@ -535,9 +543,8 @@ func (s *Steering) releaseGroup(g *group, toNew bool) error {
 		errs = append(errs, fmt.Errorf("write group %d: %w", g.id, err))
 	}
 	for _, l := range dropped {
-		slot, ok := g.slots[l.Cookie]
-		var c uint64
-		if ok && s.objs.Sockets.Lookup(slot, &c) == nil && c == l.Cookie {
+		if s.inArray(g, []*Listener{l}) {
+			slot := g.slots[l.Cookie]
 			if err := s.objs.Sockets.Delete(slot); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 				errs = append(errs, fmt.Errorf("clear slot %d: %w", slot, err))
 			}

@@ -188,7 +188,7 @@ func TestDaemonSurvivesKillAndStop(t *testing.T) {
 	time.Sleep(500 * time.Millisecond) // nobody watches: the kernel steers alone
 
 	d2 := startDaemon(t, dir, pins)
-	waitCond(t, 10*time.Second, func() bool {
+	testenv.WaitFor(t, 10*time.Second, func() bool {
 		hs := d2.status()
 		return len(hs) == 1 && hs[0].Resumed && hs[0].Stage == handoff.StageDraining
 	})
@@ -203,7 +203,7 @@ func TestDaemonSurvivesKillAndStop(t *testing.T) {
 	}
 
 	d3 := startDaemon(t, dir, pins)
-	waitCond(t, 20*time.Second, func() bool { return old.Exited() && len(d3.status()) == 0 })
+	testenv.WaitFor(t, 20*time.Second, func() bool { return old.Exited() && len(d3.status()) == 0 })
 	time.Sleep(300 * time.Millisecond)
 	r, err := load.Stop()
 	if err != nil {
@@ -225,17 +225,6 @@ func TestDaemonSurvivesKillAndStop(t *testing.T) {
 		t.Fatalf("state file still holds %d handoff(s)", len(recs))
 	}
 	requireUnused(t, pins)
-}
-
-func waitCond(t testing.TB, within time.Duration, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(within)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("condition not met within %s", within)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
 }
 
 // TestDaemonGenerations: A->B, then B->C while A still drains, through one daemon, under load. A handoff that would
@@ -276,7 +265,7 @@ func TestDaemonGenerations(t *testing.T) {
 		Addr: addr, Concurrency: -1, Duration: 30 * time.Second,
 		KeepAlive: 4, KeepAliveEvery: 20 * time.Millisecond, KeepAliveFor: holdB,
 	})
-	waitCond(t, 10*time.Second, func() bool { return loadB.Progress().KeepAlive.Opened == 4 })
+	testenv.WaitFor(t, 10*time.Second, func() bool { return loadB.Progress().KeepAlive.Opened == 4 })
 	bc := startHandoff(t, daemonArgs(d, b, c)...)
 	bc.waitFor(t, "draining:", 10*time.Second)
 	hs = d.status()
@@ -522,7 +511,7 @@ func TestServeConfig(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer func() { cmd.Process.Kill(); cmd.Wait() }()
-	waitCond(t, 10*time.Second, func() bool {
+	testenv.WaitFor(t, 10*time.Second, func() bool {
 		st, err := os.Stat(sock)
 		return err == nil && st.Mode()&os.ModeSocket != 0
 	})
@@ -742,7 +731,7 @@ func TestServeNotifiesSystemd(t *testing.T) {
 func (d *daemonProc) metricsURL() string {
 	d.t.Helper()
 	var url string
-	waitCond(d.t, 10*time.Second, func() bool {
+	testenv.WaitFor(d.t, 10*time.Second, func() bool {
 		for _, line := range strings.Split(d.log(), "\n") {
 			var l struct{ Msg, Addr string }
 			if json.Unmarshal([]byte(line), &l) == nil && l.Msg == "serving metrics" {
@@ -902,10 +891,10 @@ func TestDaemonResumeNewDied(t *testing.T) {
 	if err := newS.Kill(); err != nil {
 		t.Fatal(err)
 	}
-	waitCond(t, 10*time.Second, newS.Exited)
+	testenv.WaitFor(t, 10*time.Second, newS.Exited)
 
 	d2 := startDaemon(t, dir, pins)
-	waitCond(t, 20*time.Second, func() bool { return len(d2.status()) == 0 })
+	testenv.WaitFor(t, 20*time.Second, func() bool { return len(d2.status()) == 0 })
 	if recs := d2.records(); len(recs) != 0 {
 		t.Fatalf("state file still holds %d handoff(s)", len(recs))
 	}
@@ -953,13 +942,13 @@ func TestDaemonSignalAtFlipResumed(t *testing.T) {
 	}
 
 	d2 := startDaemon(t, dir, pins)
-	waitCond(t, 10*time.Second, old.Exited)
+	testenv.WaitFor(t, 10*time.Second, old.Exited)
 	took := time.Duration(testenv.MonoNow() - sigs[0].MonoNS)
 	t.Logf("old process exited %v after its SIGTERM at the flip", took)
 	if took < deadline || took > deadline+2*time.Second {
 		t.Fatalf("old process exited %v after the flip, want SIGKILL at the %v deadline", took, deadline)
 	}
-	waitCond(t, 10*time.Second, func() bool { return len(d2.status()) == 0 })
+	testenv.WaitFor(t, 10*time.Second, func() bool { return len(d2.status()) == 0 })
 	moved := migrated(newS.PID)
 	r := stopLoad(t, load)
 	t.Logf("migrated %v", moved)
@@ -1003,17 +992,17 @@ func TestDaemonKillAfterResumed(t *testing.T) {
 				if err := newS.Kill(); err != nil {
 					t.Fatal(err)
 				}
-				waitCond(t, 5*time.Second, newS.Exited)
+				testenv.WaitFor(t, 5*time.Second, newS.Exited)
 			}
 			time.Sleep(time.Second) // the next daemon starts about 1s into the 2s
 			d2 := startDaemon(t, dir, pins)
-			waitCond(t, 10*time.Second, old.Exited)
+			testenv.WaitFor(t, 10*time.Second, old.Exited)
 			took := time.Duration(testenv.MonoNow() - sigs[0].MonoNS)
 			t.Logf("old process exited %v after its SIGUSR1", took)
 			if took < killAfter || took > killAfter+time.Second {
 				t.Fatalf("old process exited %v after its signal, want SIGKILL at %v", took, killAfter)
 			}
-			waitCond(t, 10*time.Second, func() bool { return len(d2.status()) == 0 })
+			testenv.WaitFor(t, 10*time.Second, func() bool { return len(d2.status()) == 0 })
 			l := d2.log()
 			if !strings.Contains(l, `"stage":"signalled"`) || !strings.Contains(l, `"outcome":"drained"`) {
 				t.Fatalf("the second daemon did not end the resumed handoff:\n%s", l)
@@ -1078,9 +1067,9 @@ func moveInterrupted(t *testing.T) bool {
 
 	// Either way the next daemon finishes the handoff (and continues the old server if it was left stopped).
 	d2 := startDaemon(t, dir, pins)
-	waitCond(t, 10*time.Second, func() bool { return proc.State(old.PID) != 'T' })
-	waitCond(t, 10*time.Second, old.Exited)
-	waitCond(t, 10*time.Second, func() bool { return len(d2.status()) == 0 })
+	testenv.WaitFor(t, 10*time.Second, func() bool { return proc.State(old.PID) != 'T' })
+	testenv.WaitFor(t, 10*time.Second, old.Exited)
+	testenv.WaitFor(t, 10*time.Second, func() bool { return len(d2.status()) == 0 })
 	r := stopLoad(t, load)
 	requireNoFailures(t, r)
 	if l := d2.log(); caught != strings.Contains(l, "continued a process the previous draind left stopped") {

@@ -452,28 +452,51 @@ func requireQueueServedByNew(t testing.TB, out handoffOut, r testenv.LoadResult,
 	}
 }
 
-// TestAcceptQueueMigrates: the old server stops accepting with connections queued, then closes its listener:
-// every queued connection is served by the new one.
-func TestAcceptQueueMigrates(t *testing.T) {
+// queuedRun is a handoff from an old server that stopped accepting with connections queued (queuedOld) to a new
+// one, under that load, as runQueued ran it.
+type queuedRun struct {
+	out  handoffOut
+	code int
+	load testenv.LoadResult
+	old  *testenv.Server
+	pins string
+	h    *handoffRun
+}
+
+// runQueued runs draind handoff with args added, from an old server with queued connections waiting to a new one;
+// during, if set, runs while draind does. It waits for draind's end and stops the load.
+func runQueued(t *testing.T, queued int, during func(h *handoffRun, old *testenv.Server), args ...string) queuedRun {
+	t.Helper()
 	ns, pins := setup(t)
-	const queued = 10
 	old, load := queuedOld(t, ns, queued, testenv.ServerOptions{})
 	newS := server(t, ns, "new", testenv.ServerOptions{})
-	// --queue keep: the queue stays on the old listener until it closes (the default would move it at the flip).
-	h := startHandoff(t, append(pidArgs(old, newS, pins), "--queue", "keep")...)
-	h.waitFor(t, "] flipped", 10*time.Second)
-	time.Sleep(200 * time.Millisecond)
-	if err := old.CloseListener(); err != nil {
-		t.Fatal(err)
+	h := startHandoff(t, append(pidArgs(old, newS, pins), args...)...)
+	if during != nil {
+		during(h, old)
 	}
 	out, code := h.wait(t, 20*time.Second)
 	r := stopLoad(t, load)
 	t.Logf("handoff: %+v", out.Result)
-	if code != exitOK {
-		t.Fatalf("exit %d: %s", code, h.errText())
+	return queuedRun{out: out, code: code, load: r, old: old, pins: pins, h: h}
+}
+
+// TestAcceptQueueMigrates: the old server stops accepting with connections queued, then closes its listener:
+// every queued connection is served by the new one.
+func TestAcceptQueueMigrates(t *testing.T) {
+	const queued = 10
+	// --queue keep: the queue stays on the old listener until it closes (the default would move it at the flip).
+	q := runQueued(t, queued, func(h *handoffRun, old *testenv.Server) {
+		h.waitFor(t, "] flipped", 10*time.Second)
+		time.Sleep(200 * time.Millisecond)
+		if err := old.CloseListener(); err != nil {
+			t.Fatal(err)
+		}
+	}, "--queue", "keep")
+	if q.code != exitOK {
+		t.Fatalf("exit %d: %s", q.code, q.h.errText())
 	}
-	requireQueueServedByNew(t, out, r, old, queued)
-	requireGone(t, pins)
+	requireQueueServedByNew(t, q.out, q.load, q.old, queued)
+	requireGone(t, q.pins)
 }
 
 // TestQueueMoved: an old server that accepts slowly has a full accept queue under load. With the default --queue
@@ -524,37 +547,26 @@ func TestQueueMoved(t *testing.T) {
 // one of them, so nothing else reaches the new server: the connections moved at the flip must wake it by themselves
 // (a kernel that did not wake the new listener's waiters would leave them queued until the load's 15 s timeout).
 func TestQueueMovedWakesNew(t *testing.T) {
-	ns, pins := setup(t)
 	const queued = 10
-	old, load := queuedOld(t, ns, queued, testenv.ServerOptions{})
-	newS := server(t, ns, "new", testenv.ServerOptions{})
-	h := startHandoff(t, pidArgs(old, newS, pins)...)
-	out, code := h.wait(t, 20*time.Second)
-	r := stopLoad(t, load)
-	t.Logf("handoff: %+v", out.Result)
-	if code != exitOK || out.Outcome != handoff.OutcomeDrained || out.QueueMoved != queued {
-		t.Fatalf("exit %d, outcome %s, queue moved %d: %s", code, out.Outcome, out.QueueMoved, h.errText())
+	q := runQueued(t, queued, nil)
+	if out := q.out; q.code != exitOK || out.Outcome != handoff.OutcomeDrained || out.QueueMoved != queued {
+		t.Fatalf("exit %d, outcome %s, queue moved %d: %s", q.code, out.Outcome, out.QueueMoved, q.h.errText())
 	}
-	requireQueueServedByNew(t, out, r, old, queued)
-	requireGone(t, pins)
+	requireQueueServedByNew(t, q.out, q.load, q.old, queued)
+	requireGone(t, q.pins)
 }
 
 // TestSignalAtFlip: with --signal-at flip the old server gets its signal right after the flip, while its accept queue
 // is full (it stopped accepting); it closes its listener on SIGTERM and every queued connection migrates to the new
 // server, which answers them, without anyone closing the old listener by hand (compare TestAcceptQueueMigrates).
 func TestSignalAtFlip(t *testing.T) {
-	ns, pins := setup(t)
 	const queued = 10
-	old, load := queuedOld(t, ns, queued, testenv.ServerOptions{})
-	newS := server(t, ns, "new", testenv.ServerOptions{})
-	h := startHandoff(t, append(pidArgs(old, newS, pins), "--signal-at", "flip")...)
-	out, code := h.wait(t, 20*time.Second)
-	r := stopLoad(t, load)
-	t.Logf("handoff: %+v", out.Result)
+	q := runQueued(t, queued, nil, "--signal-at", "flip")
+	out, code, old, h := q.out, q.code, q.old, q.h
 	if code != exitOK || out.Outcome != handoff.OutcomeDrained || out.SignalAt != drain.SignalFlip {
 		t.Fatalf("exit %d, outcome %s, signal at %q: %s", code, out.Outcome, out.SignalAt, h.errText())
 	}
-	requireQueueServedByNew(t, out, r, old, queued)
+	requireQueueServedByNew(t, out, q.load, old, queued)
 	// Signalled at the flip, before the drain ended (the queue was full then), once, and the old server exited.
 	sigs := old.Signals()
 	if len(sigs) != 1 || sigs[0].Signal != syscall.SIGTERM || !out.Signalled || !out.ExitSeen || !old.Exited() {
@@ -563,7 +575,7 @@ func TestSignalAtFlip(t *testing.T) {
 	if !(out.FlippedAt <= out.SignalledAt && out.SignalledAt <= sigs[0].MonoNS && sigs[0].MonoNS <= out.DrainedAt) {
 		t.Fatalf("flip %d, signal sent %d, seen by the server %d, drain ended %d: want them in this order", out.FlippedAt, out.SignalledAt, sigs[0].MonoNS, out.DrainedAt)
 	}
-	requireGone(t, pins)
+	requireGone(t, q.pins)
 }
 
 // TestPreForkServer: a master with 2 workers holding the connections is drained as a tree and signalled.

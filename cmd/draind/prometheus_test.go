@@ -67,7 +67,7 @@ scrape_configs:
 		}
 	})
 	p := &promServer{t: t, api: "http://" + addr + "/api/v1"}
-	waitCond(t, 30*time.Second, func() bool {
+	testenv.WaitFor(t, 30*time.Second, func() bool {
 		r, err := http.Get("http://" + addr + "/-/ready")
 		if err != nil {
 			return false
@@ -166,7 +166,7 @@ func TestPrometheusDashboard(t *testing.T) {
 		t.Fatal(err)
 	}
 	prom := startPrometheus(t, murl.Host)
-	waitCond(t, 30*time.Second, func() bool {
+	testenv.WaitFor(t, 30*time.Second, func() bool {
 		r := prom.get("/query", url.Values{"query": {`up{job="draind"} == 1`}})
 		return len(r) == 1
 	})
