@@ -487,9 +487,6 @@ func (s *Steering) release(toNew bool) error {
 	}
 	s.groups = nil
 	unlock()
-	if _, err := s.objs.RemoveUnusedPins(); err != nil {
-		errs = append(errs, err)
-	}
 	return errors.Join(errs...)
 }
 
