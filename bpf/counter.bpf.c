@@ -15,8 +15,9 @@
 //   changes from the others'.
 // - draind_state (tp_btf/inet_sock_set_state) fires on every TCP state change; for a tagged socket it counts the
 //   change for its mark and sends a wakeup through the ring buffer.
-// - draind_accept/draind_accept4 (syscall exit tracepoints) do the same when a process under a tracked mark accepts
-//   a connection: the accepted socket is not tagged yet, so userspace takes a snapshot to tag it.
+// - draind_accept/draind_accept4 (syscall exit tracepoints, attached while some tree is tracked) do the same when a
+//   process under a tracked mark accepts a connection: the accepted socket is not tagged yet, so userspace takes a
+//   snapshot to tag it.
 //
 // - draind_held (iter/tcp, in one network namespace) lists the tagged connections that a socket file still holds.
 //   With the tag cloned from a tagged listener to the connections born on it, this finds the connections a tree
@@ -460,16 +461,14 @@ struct sys_exit_ctx {
 };
 
 // on_accept wakes the tracked tree that accepted a connection on a watched port: the new socket must be tagged (unless
-// it was born tagged, from a tagged listener, which the accept cannot tell).
+// it was born tagged, from a tagged listener, which the accept cannot tell). The port is checked first: it is one
+// lookup, where the walk up the process tree is one per ancestor, and most accepts of a host are on ports no handoff
+// watches.
 static __always_inline int on_accept(struct sys_exit_ctx *ctx)
 {
 	if (ctx->ret < 0)
 		return 0;
 	struct task_struct *task = bpf_get_current_task_btf();
-	struct path p;
-	path_of(task, &p);
-	if (!p.tracked)
-		return 0;
 	struct fdtable *fdt = task->files->fdt;
 	struct file *fp;
 	if (ctx->ret >= fdt->max_fds ||
@@ -479,10 +478,16 @@ static __always_inline int on_accept(struct sys_exit_ctx *ctx)
 	struct port_key pk;
 	if (!sk || !tcp_port_key(sk, &pk) || !bpf_map_lookup_elem(&ports, &pk))
 		return 0;
+	struct path p;
+	path_of(task, &p);
+	if (!p.tracked)
+		return 0;
 	notify(p.tracked, EVENT_ACCEPT, pk.port, 0, 0);
 	return 0;
 }
 
+// The accept tracepoints are attached only while some tree is tracked (loader.Counter.WatchAccepts): a syscall
+// tracepoint puts every task of the host on the slow syscall path while it is attached.
 SEC("tracepoint/syscalls/sys_exit_accept4")
 int draind_accept4(struct sys_exit_ctx *ctx)
 {

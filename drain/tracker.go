@@ -35,6 +35,7 @@ type Tracker struct {
 	counters map[*Counter]struct{}
 	ports    map[loader.PortKey]*portRef
 	lastID   uint32 // the mark id given last: ids are given round the ring, so a freed one is reused last
+	tracked  int    // Counters that track: the accept tracepoints are attached while there are some
 	closed   bool
 	once     sync.Once
 	closeErr error
@@ -203,7 +204,13 @@ func (t *Tracker) Watch(p *proc.Process, ports []uint16, opts WatchOptions) (_ *
 	}
 	c.root = m
 	if c.track {
+		// The accept tracepoints go on before the first tracked mark, so that they see every accept after the
+		// first snapshot that tags the tree.
 		m.tracking++
+		t.tracked++
+		if err := t.k.WatchAccepts(true); err != nil {
+			return nil, err
+		}
 	}
 	if err := t.syncMarkLocked(m); err != nil {
 		return nil, err
@@ -280,8 +287,12 @@ func (t *Tracker) unwatchLocked(c *Counter) error {
 		m.refs--
 		if c.track {
 			m.tracking--
+			t.tracked--
 		}
 		errs = append(errs, t.syncMarkLocked(m))
+		if c.track && t.tracked == 0 {
+			errs = append(errs, t.k.WatchAccepts(false))
+		}
 		c.root = nil
 	}
 	for _, m := range c.excl {

@@ -9,6 +9,7 @@ import (
 	"os"
 	"runtime"
 	"sync"
+	"time"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
@@ -59,15 +60,18 @@ type Counter struct {
 	tasks *link.Iter // fast snapshot (iter/task)
 	held  *link.Iter // tagged connections still held (iter/tcp)
 	links []link.Link
-	rd    *ringbuf.Reader
-	buf   []byte
-	run   uint64 // fast snapshots so far (run_id)
-	once  sync.Once
-	err   error
+	// accepts are the accept tracepoints' links while attached (WatchAccepts), under acceptMu.
+	acceptMu sync.Mutex
+	accepts  []link.Link
+	rd       *ringbuf.Reader
+	buf      []byte
+	run      uint64 // fast snapshots so far (run_id)
+	once     sync.Once
+	err      error
 }
 
 // LoadCounter mounts tracefs if needed (the syscall tracepoints are found through it), loads the counter and attaches
-// it.
+// it (the accept tracepoints only on WatchAccepts).
 func LoadCounter(opts CounterOptions) (_ *Counter, err error) {
 	if opts.Logger == nil {
 		opts.Logger = slog.Default()
@@ -103,15 +107,13 @@ func LoadCounter(opts CounterOptions) (_ *Counter, err error) {
 		return nil, fmt.Errorf("attach tracepoint inet_sock_set_state: %w", wrapPerm(err))
 	}
 	c.links = append(c.links, l)
-	for _, tp := range []struct {
-		name string
-		prog *ebpf.Program
-	}{{"sys_exit_accept", p.DraindAccept}, {"sys_exit_accept4", p.DraindAccept4}} {
-		l, err := link.Tracepoint("syscalls", tp.name, tp.prog, nil)
-		if err != nil {
-			return nil, fmt.Errorf("attach tracepoint %s: %w", tp.name, wrapPerm(err))
-		}
-		c.links = append(c.links, l)
+	// The accept tracepoints are attached only while a tree is tracked (WatchAccepts); once here, so that a kernel
+	// that refuses them fails at load rather than in a handoff.
+	if err := c.WatchAccepts(true); err != nil {
+		return nil, err
+	}
+	if err := c.WatchAccepts(false); err != nil {
+		return nil, err
 	}
 	if c.rd, err = ringbuf.NewReader(c.objs.Events); err != nil {
 		return nil, fmt.Errorf("open ring buffer: %w", err)
@@ -324,6 +326,62 @@ func (c *Counter) DeletePort(k PortKey) error {
 	return nil
 }
 
+// WatchAccepts attaches the accept syscalls' exit tracepoints (on) or detaches them. While a syscall tracepoint is
+// attached, every syscall of every task of the host takes the kernel's slow path (the tracepoint's work flag is set on
+// all of them), and each accept runs the program: the Tracker attaches them only while it tracks a tree, so that an
+// idle draind costs the host only the TCP state tracepoint. Calling it with the current state does nothing.
+func (c *Counter) WatchAccepts(on bool) error {
+	c.acceptMu.Lock()
+	defer c.acceptMu.Unlock()
+	if on == (c.accepts != nil) {
+		return nil
+	}
+	if !on {
+		var errs []error
+		for _, l := range c.accepts {
+			errs = append(errs, l.Close())
+		}
+		c.accepts = nil
+		if err := errors.Join(errs...); err != nil {
+			return fmt.Errorf("detach accept tracepoints: %w", err)
+		}
+		return nil
+	}
+	p := &c.objs.counterPrograms
+	var ls []link.Link
+	for _, tp := range []struct {
+		name string
+		prog *ebpf.Program
+	}{{"sys_exit_accept", p.DraindAccept}, {"sys_exit_accept4", p.DraindAccept4}} {
+		l, err := link.Tracepoint("syscalls", tp.name, tp.prog, nil)
+		if err != nil {
+			for _, l := range ls {
+				l.Close()
+			}
+			return fmt.Errorf("attach tracepoint %s: %w", tp.name, wrapPerm(err))
+		}
+		ls = append(ls, l)
+	}
+	c.accepts = ls
+	return nil
+}
+
+// EventStats sums the kernel's run-time statistics of the programs that run on the host's TCP events (the state
+// tracepoint, and the accept tracepoints while attached): how often they ran and for how long. The kernel counts only
+// while its BPF statistics are on (BPF_ENABLE_STATS, or kernel.bpf_stats_enabled=1).
+func (c *Counter) EventStats() (runs uint64, runtime time.Duration, err error) {
+	p := &c.objs.counterPrograms
+	for _, prog := range []*ebpf.Program{p.DraindState, p.DraindAccept, p.DraindAccept4} {
+		st, err := prog.Stats()
+		if err != nil {
+			return 0, 0, fmt.Errorf("read counter statistics: %w", err)
+		}
+		runs += st.RunCount
+		runtime += st.Runtime
+	}
+	return runs, runtime, nil
+}
+
 // Close detaches and unloads the counter; a blocked ReadEvent returns ErrClosed. Safe to call twice.
 func (c *Counter) Close() error {
 	c.once.Do(func() {
@@ -334,6 +392,7 @@ func (c *Counter) Close() error {
 		for _, l := range c.links {
 			errs = append(errs, l.Close())
 		}
+		errs = append(errs, c.WatchAccepts(false))
 		for _, it := range []*link.Iter{c.iter, c.tasks, c.held} {
 			if it != nil {
 				errs = append(errs, it.Close())
