@@ -451,26 +451,38 @@ func (r *Results) DatapathTable() Table {
 	p := r.Params.Datapath
 	runs := filterRuns(r.Datapath, func(d *DatapathRun) bool { return d.Error == "" })
 	t := Table{
-		Title:  "Scenario 5: datapath cost of draind's selector",
+		Title:  "Scenario 5: datapath cost of draind's selector and counter",
 		Header: []string{"figure", fmt.Sprintf("median (min–max), %d repeats", len(runs))},
 		Notes: []string{
-			fmt.Sprintf("One server process under the same load throughout (%d workers opening a new connection per request as fast as they can), in %d pairs of alternating %s phases (%s left out at both ends of each): draind's selector attached (steer.Begin + Flip, then the other side's listener closed: the state at the end of every handoff) and detached (SO_DETACH_REUSEPORT_BPF; re-attached with SO_ATTACH_REUSEPORT_EBPF), then one phase of %s attached with the kernel's BPF run-time statistics on; steer.Finish detaches it at the end.", p.Concurrency, p.Pairs, p.Phase, p.Margin, statsPhases*p.Phase),
-			"ratio: per repeat, the median over every two adjacent phases of the attached phase's answered/s over the no-selector phase's (short alternating phases: drift cancels, and a burst of other load on the machine spoils only the pairs it falls in). The answered/s rows are over all phases of a kind.",
-			"selector time per connection / machine CPU time per connection: run time per run × runs per connection × answered/s ÷ (CPUs × 1 s), in the statistics phase: the throughput the selector can cost when the machine is saturated, a figure the noisy ratio above cannot resolve at this size.",
-			"Run time per run: Δrun_time_ns / Δrun_cnt of the attached selector program (cilium/ebpf Program.Stats) over the statistics phase; statistics are switched on with BPF_ENABLE_STATS (the fd-scoped form of kernel.bpf_stats_enabled=1, so nothing stays on if the bench dies) and off again after the phase.",
+			fmt.Sprintf("One server process under the same load throughout (%d workers opening a new connection per request as fast as they can), in %d pairs of alternating %s phases (%s left out at both ends of each): draind's selector attached (steer.Begin + Flip, then the other side's listener closed: the state at the end of every handoff) and detached (SO_DETACH_REUSEPORT_BPF; re-attached with SO_ATTACH_REUSEPORT_EBPF), then one phase of %s attached with the kernel's BPF run-time statistics on.", p.Concurrency, p.Pairs, p.Phase, p.Margin, statsPhases*p.Phase),
+			fmt.Sprintf("Then, the selector still attached, draind's counter (drain.Tracker's BPF programs, loaded with loader.LoadCounter and closed between phases), in %d pairs of alternating phases loaded and not, then one phase of %s loaded with BPF statistics on; twice: counter idle (as a draind process keeps it between handoffs: the TCP state tracepoint), then counter tracking (as while a handoff drains: the accept syscalls' exit tracepoints attached too, and the server's port watched, so that each accept walks up the accepting process's tree). steer.Finish detaches the selector at the end. The counter's full cost during handoffs, snapshots and wakeups included, is in scenarios 1–3.", p.Pairs/2, statsPhases*p.Phase),
+			"ratios: per repeat, the median over every two adjacent phases of one kind's answered/s over the other's (short alternating phases: drift cancels, and a burst of other load on the machine spoils only the pairs it falls in). The answered/s rows are over all phases of a kind.",
+			"time per connection / machine CPU time per connection: the program's run time per answered connection × answered/s ÷ (CPUs × 1 s), in its statistics phase: the throughput it can cost when the machine is saturated, a figure the noisy ratios cannot resolve at this size.",
+			"Run times: Δrun_time_ns / Δrun_cnt of the attached selector program (cilium/ebpf Program.Stats), and Δrun_time_ns of the counter's event programs summed (loader.Counter.EventStats), over their statistics phases; a syscall tracepoint's other cost, every syscall of the host taking the slow path while it is attached, is in no program's run time: the ratios show it; statistics are switched on with BPF_ENABLE_STATS (the fd-scoped form of kernel.bpf_stats_enabled=1, so nothing stays on if the bench dies) and off again after each phase.",
 		},
 	}
 	row := func(name string, f func(*DatapathRun) (float64, bool), fm func(float64) string) {
 		t.Rows = append(t.Rows, []string{name, fmtSpread(spreadOf(runs, f), fm)})
 	}
+	pct := func(v float64) string { return fmt.Sprintf("%.3f%%", v) }
 	row("answered/s, no selector", func(d *DatapathRun) (float64, bool) { return d.None, true }, fmtRate)
 	row("answered/s, selector attached", func(d *DatapathRun) (float64, bool) { return d.Attached, true }, fmtRate)
 	row("ratio attached / none", func(d *DatapathRun) (float64, bool) { return d.Ratio, d.Ratio > 0 }, fmtRatio)
 	row("answered/s, selector attached + BPF statistics on", func(d *DatapathRun) (float64, bool) { return d.WithStats, true }, fmtRate)
 	row("selector run time per run (kernel BPF statistics)", func(d *DatapathRun) (float64, bool) { return d.NsPerRun, d.Runs > 0 }, fmtNS)
 	row("selector runs per connection", func(d *DatapathRun) (float64, bool) { return d.RunsPerConn, d.Runs > 0 }, func(v float64) string { return fmt.Sprintf("%.2f", v) })
-	row("selector time per connection / machine CPU time per connection", func(d *DatapathRun) (float64, bool) { return d.CPUShare * 100, d.CPUShare > 0 },
-		func(v float64) string { return fmt.Sprintf("%.3f%%", v) })
+	row("selector time per connection / machine CPU time per connection", func(d *DatapathRun) (float64, bool) { return d.CPUShare * 100, d.CPUShare > 0 }, pct)
+	for _, k := range []struct {
+		name string
+		cc   func(*DatapathRun) *CounterCost
+	}{{"counter idle", func(d *DatapathRun) *CounterCost { return &d.CounterIdle }},
+		{"counter tracking", func(d *DatapathRun) *CounterCost { return &d.CounterTracking }}} {
+		row("answered/s, "+k.name+": not loaded", func(d *DatapathRun) (float64, bool) { return k.cc(d).NotLoaded, k.cc(d).NotLoaded > 0 }, fmtRate)
+		row("answered/s, "+k.name+": loaded", func(d *DatapathRun) (float64, bool) { return k.cc(d).Loaded, k.cc(d).Loaded > 0 }, fmtRate)
+		row("ratio "+k.name+" loaded / not", func(d *DatapathRun) (float64, bool) { return k.cc(d).Ratio, k.cc(d).Ratio > 0 }, fmtRatio)
+		row(k.name+": run time per connection (kernel BPF statistics, its event programs)", func(d *DatapathRun) (float64, bool) { return k.cc(d).NsPerConn, k.cc(d).Runs > 0 }, fmtNS)
+		row(k.name+": time per connection / machine CPU time per connection", func(d *DatapathRun) (float64, bool) { return k.cc(d).CPUShare * 100, k.cc(d).CPUShare > 0 }, pct)
+	}
 	row("failed connections (whole run)", func(d *DatapathRun) (float64, bool) { return float64(d.Failed), true }, fmtCount)
 	return t
 }
@@ -694,7 +706,7 @@ func (r *Results) Markdown(plots map[string]string) string {
 	}
 	if len(r.Datapath) > 0 {
 		b.WriteString(r.DatapathTable().Markdown())
-		plot(ScenarioDatapath, "answered connections per second over the four phases, scenario 5, first repeat")
+		plot(ScenarioDatapath, "answered connections per second over the phases, scenario 5, first repeat")
 		b.WriteString("\n")
 	}
 	if len(r.Storm) > 0 || len(r.Queue) > 0 {

@@ -461,8 +461,13 @@ type DatapathRun struct {
 	// statistics phase (CPUs / answered/s): what the selector can cost the throughput of a machine that is
 	// saturated by the load, the server and the kernel's TCP work.
 	CPUShare float64 `json:"selector_cpu_share"`
-	Failed   int     `json:"failed"`
-	Error    string  `json:"error,omitempty"`
+	// draind's counter (drain.Tracker's BPF programs), the selector attached in every phase: idle (as a draind
+	// process keeps it loaded between handoffs: the TCP state tracepoint) and tracking (as while a handoff drains:
+	// the accept tracepoints attached too, the server's port watched).
+	CounterIdle     CounterCost `json:"counter_idle"`
+	CounterTracking CounterCost `json:"counter_tracking"`
+	Failed          int         `json:"failed"`
+	Error           string      `json:"error,omitempty"`
 
 	timeline *LoadReport
 	phases   []ratePhase
@@ -590,6 +595,23 @@ func runDatapath(ctx context.Context, env *runEnv, p DatapathParams, repeat int,
 		return run, fmt.Errorf("read selector statistics: %w", err)
 	}
 	run.phases = append(run.phases, withStats)
+
+	// draind's counter, idle then as while a handoff tracks a tree, each against none (the selector attached
+	// throughout).
+	nsIno, err := lst.Proc.NetNSIno()
+	if err != nil {
+		return run, err
+	}
+	port := lst.Listeners[0].Addr.Port()
+	var cps [2]*counterPhases
+	for i, tracking := range []bool{false, true} {
+		if cps[i], err = runCounterPhases(p.Pairs/2, p.Phase, tracking, loader.PortKey{Netns: uint32(nsIno), Port: port}, env, phaseOf); err != nil {
+			return run, err
+		}
+		run.phases = append(run.phases, cps[i].all...)
+		run.phases = append(run.phases, cps[i].stats)
+	}
+
 	if err := st.Finish(); err != nil {
 		return run, fmt.Errorf("detach selector: %w", err)
 	}
@@ -611,18 +633,11 @@ func runDatapath(ctx context.Context, env *runEnv, p DatapathParams, repeat int,
 		return float64(ok) / covered.Seconds()
 	}
 	run.None, run.Attached, run.WithStats = rate(none...), rate(attached...), rate(withStats)
-	for i := 1; i < len(all); i++ {
-		a, n := all[i-1], all[i]
-		if i%2 == 0 { // phase i is attached again
-			a, n = n, a
-		}
-		if r := Ratio(rate(a), rate(n)); !math.IsNaN(r) {
-			run.PairRatios = append(run.PairRatios, r)
-		}
-	}
+	run.PairRatios = pairRatios(all, rate)
 	if len(run.PairRatios) > 0 { // else 0: no ratio (JSON has no NaN)
 		run.Ratio = SpreadOf(run.PairRatios).Med
 	}
+	run.CounterIdle, run.CounterTracking = cps[0].cost(rep, rate), cps[1].cost(rep, rate)
 	_, statsConns, _ := rep.Window(withStats.From, withStats.Till)
 	run.Runs = s1.RunCount - s0.RunCount
 	run.RunTimeNS = int64(s1.Runtime - s0.Runtime)
@@ -637,6 +652,127 @@ func runDatapath(ctx context.Context, env *runEnv, p DatapathParams, repeat int,
 	}
 	run.Failed = rep.Failed()
 	return run, nil
+}
+
+// CounterCost is what draind's counter costs one server under load: alternating phases with it loaded and not, then
+// one loaded with the kernel's BPF statistics on.
+type CounterCost struct {
+	Loaded     float64   `json:"loaded_per_s"`     // answered/s over the phases with the counter loaded
+	NotLoaded  float64   `json:"not_loaded_per_s"` // ... without
+	Ratio      float64   `json:"ratio"`            // median over adjacent phases of loaded / not loaded, as DatapathRun.Ratio
+	PairRatios []float64 `json:"pair_ratios"`
+	WithStats  float64   `json:"stats_per_s"` // answered/s in the phase with statistics on
+	// The runs and run time of the counter's event programs (loader.Counter.EventStats) over the statistics phase,
+	// their run time per answered connection, and that over the machine's CPU time per connection (as CPUShare).
+	Runs      uint64  `json:"runs"`
+	RunTimeNS int64   `json:"run_time_ns"`
+	NsPerConn float64 `json:"ns_per_conn"`
+	CPUShare  float64 `json:"cpu_share"`
+}
+
+// counterPhases are the phases of one CounterCost.
+type counterPhases struct {
+	loaded, notLoaded, all []ratePhase
+	stats                  ratePhase
+	runs                   uint64
+	runtime                time.Duration
+}
+
+// runCounterPhases alternates pairs of phases with the counter loaded and not, then runs one phase loaded with BPF
+// statistics on. tracking: with the accept tracepoints attached and port watched (a handoff's state; no process is
+// marked, so the counter wakes nobody). The counter is loaded and closed between phases, outside the measured
+// windows.
+func runCounterPhases(pairs int, phase time.Duration, tracking bool, port loader.PortKey, env *runEnv,
+	phaseOf func(string, time.Duration) (ratePhase, error)) (*counterPhases, error) {
+	label := "attached + counter"
+	if tracking {
+		label += " (tracking)"
+	}
+	load := func() (*loader.Counter, error) {
+		c, err := loader.LoadCounter(loader.CounterOptions{Logger: env.quiet})
+		if err != nil || !tracking {
+			return c, err
+		}
+		if err := errors.Join(c.PutPort(port, 0), c.WatchAccepts(true)); err != nil {
+			c.Close()
+			return nil, err
+		}
+		return c, nil
+	}
+	cp := &counterPhases{}
+	for i := range 2 * pairs {
+		on := i%2 == 0
+		var c *loader.Counter
+		l := "attached"
+		if on {
+			var err error
+			if c, err = load(); err != nil {
+				return nil, err
+			}
+			l = label
+		}
+		ph, err := phaseOf(l, phase)
+		if c != nil {
+			c.Close()
+		}
+		if err != nil {
+			return nil, err
+		}
+		cp.all = append(cp.all, ph)
+		if on {
+			cp.loaded = append(cp.loaded, ph)
+		} else {
+			cp.notLoaded = append(cp.notLoaded, ph)
+		}
+	}
+	c, err := load()
+	if err != nil {
+		return nil, err
+	}
+	defer c.Close()
+	statsOff, err := ebpf.EnableStats(uint32(unix.BPF_STATS_RUN_TIME))
+	if err != nil {
+		return nil, fmt.Errorf("enable BPF statistics: %w", err)
+	}
+	r0, t0, err0 := c.EventStats()
+	cp.stats, err = phaseOf(label+", BPF statistics on", statsPhases*phase)
+	r1, t1, err1 := c.EventStats()
+	statsOff.Close()
+	if err := errors.Join(err, err0, err1); err != nil {
+		return nil, err
+	}
+	cp.runs, cp.runtime = r1-r0, t1-t0
+	return cp, nil
+}
+
+// cost summarizes the phases against the load's report.
+func (cp *counterPhases) cost(rep *LoadReport, rate func(...ratePhase) float64) CounterCost {
+	cc := CounterCost{Loaded: rate(cp.loaded...), NotLoaded: rate(cp.notLoaded...), PairRatios: pairRatios(cp.all, rate),
+		WithStats: rate(cp.stats), Runs: cp.runs, RunTimeNS: int64(cp.runtime)}
+	if len(cc.PairRatios) > 0 {
+		cc.Ratio = SpreadOf(cc.PairRatios).Med
+	}
+	if _, n, _ := rep.Window(cp.stats.From, cp.stats.Till); n > 0 && cc.WithStats > 0 {
+		cc.NsPerConn = float64(cc.RunTimeNS) / float64(n)
+		cc.CPUShare = cc.NsPerConn / (float64(runtime.NumCPU()) * 1e9 / cc.WithStats)
+	}
+	return cc
+}
+
+// pairRatios is, for every two adjacent phases of alternating ones (the first "on"), the rate of the "on" phase
+// over the other's.
+func pairRatios(phases []ratePhase, rate func(...ratePhase) float64) []float64 {
+	var out []float64
+	for i := 1; i < len(phases); i++ {
+		on, off := phases[i-1], phases[i]
+		if i%2 == 0 { // phase i is "on" again
+			on, off = off, on
+		}
+		if r := Ratio(rate(on), rate(off)); !math.IsNaN(r) {
+			out = append(out, r)
+		}
+	}
+	return out
 }
 
 // listenerOf discovers pid's (single) listening socket. The Side's Proc stays open (Listener.Copy uses its pidfd):

@@ -210,7 +210,10 @@ func rateSVG(title string, r *LoadReport, phases []ratePhase) []byte {
 	for _, p := range phases {
 		x0, x1 := xOf(float64(p.From-r.StartMono)), xOf(float64(p.Till-r.StartMono))
 		fill := "#f2f2f2"
-		if strings.HasPrefix(p.Label, "attached") {
+		switch {
+		case strings.Contains(p.Label, "counter"):
+			fill = "#fbe3cc"
+		case strings.HasPrefix(p.Label, "attached"):
 			fill = "#dbe8fb"
 		}
 		d.f(`<rect x="%.1f" y="%.1f" width="%.1f" height="%.1f" fill="%s"/>`+"\n", x0, top, math.Max(x1-x0, 0), h, fill)
@@ -221,7 +224,7 @@ func rateSVG(title string, r *LoadReport, phases []ratePhase) []byte {
 			d.text((x0+x1)/2, top-6, "middle", "s", p.Label)
 		}
 	}
-	svgLegend(&d, "Answered connections per second, per 100 ms; x: seconds since the load started. Blue: selector attached; grey: no selector.")
+	svgLegend(&d, "Answered connections per second, per 100 ms; x: seconds since the load started. Blue: selector attached; grey: no selector; orange: selector attached and draind's counter loaded.")
 	for _, g := range []float64{0.25, 0.5, 0.75, 1} {
 		v := maxRate / 1.1 * g
 		gy := yOf(v)

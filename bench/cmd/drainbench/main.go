@@ -14,6 +14,7 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"runtime/pprof"
 	"strings"
 	"syscall"
 	"time"
@@ -35,6 +36,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	scenarios := fs.String("scenarios", "", "comma-separated subset of "+strings.Join(bench.Scenarios, ","))
 	contenders := fs.String("contenders", "", "comma-separated subset of "+strings.Join(bench.ContenderKeys(), ",")+" (scenario 5 is draind's alone and ignores it)")
 	verbose := fs.Bool("v", false, "log draind's own informational messages too")
+	cpuprofile := fs.String("cpuprofile", "", "write a CPU profile of this process (the upgrades of (e) and (f) run in it) to this file")
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
@@ -62,6 +64,19 @@ func run(args []string, stdout, stderr io.Writer) int {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 
+	if *cpuprofile != "" {
+		f, err := os.Create(*cpuprofile)
+		if err != nil {
+			fmt.Fprintf(stderr, "drainbench: %v\n", err)
+			return 2
+		}
+		defer f.Close()
+		if err := pprof.StartCPUProfile(f); err != nil {
+			fmt.Fprintf(stderr, "drainbench: start CPU profile: %v\n", err)
+			return 2
+		}
+		defer pprof.StopCPUProfile()
+	}
 	start := time.Now()
 	res, err := bench.Run(ctx, bench.Config{
 		Params:     p,
