@@ -15,9 +15,11 @@
 //   changes from the others'.
 // - draind_state (tp_btf/inet_sock_set_state) fires on every TCP state change; for a tagged socket it counts the
 //   change for its mark and sends a wakeup through the ring buffer.
-// - draind_accept/draind_accept4 (syscall exit tracepoints, attached while some tree is tracked) do the same when a
-//   process under a tracked mark accepts a connection: the accepted socket is not tagged yet, so userspace takes a
-//   snapshot to tag it.
+// - draind_accept/draind_accept4 (syscall exit tracepoints) do the same when a process under a tracked mark accepts
+//   a connection: the accepted socket is not tagged yet, so userspace takes a snapshot to tag it.
+//   These event programs are attached only while some tree is tracked (loader.Counter.WatchEvents): they cost the
+//   host while attached (the state program runs on every TCP state change; a syscall tracepoint puts every syscall of
+//   every task on the kernel's slow path).
 //
 // - draind_held (iter/tcp, in one network namespace) lists the tagged connections that a socket file still holds.
 //   With the tag cloned from a tagged listener to the connections born on it, this finds the connections a tree
@@ -486,8 +488,6 @@ static __always_inline int on_accept(struct sys_exit_ctx *ctx)
 	return 0;
 }
 
-// The accept tracepoints are attached only while some tree is tracked (loader.Counter.WatchAccepts): a syscall
-// tracepoint puts every task of the host on the slow syscall path while it is attached.
 SEC("tracepoint/syscalls/sys_exit_accept4")
 int draind_accept4(struct sys_exit_ctx *ctx)
 {

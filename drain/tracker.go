@@ -35,7 +35,7 @@ type Tracker struct {
 	counters map[*Counter]struct{}
 	ports    map[loader.PortKey]*portRef
 	lastID   uint32 // the mark id given last: ids are given round the ring, so a freed one is reused last
-	tracked  int    // Counters that track: the accept tracepoints are attached while there are some
+	tracked  int    // Counters that track: the event programs are attached while there are some
 	closed   bool
 	once     sync.Once
 	closeErr error
@@ -204,11 +204,11 @@ func (t *Tracker) Watch(p *proc.Process, ports []uint16, opts WatchOptions) (_ *
 	}
 	c.root = m
 	if c.track {
-		// The accept tracepoints go on before the first tracked mark, so that they see every accept after the
-		// first snapshot that tags the tree.
+		// The event programs go on before the first tracked mark, so that they see every event after the first
+		// snapshot that tags the tree.
 		m.tracking++
 		t.tracked++
-		if err := t.k.WatchAccepts(true); err != nil {
+		if err := t.k.WatchEvents(true); err != nil {
 			return nil, err
 		}
 	}
@@ -291,7 +291,7 @@ func (t *Tracker) unwatchLocked(c *Counter) error {
 		}
 		errs = append(errs, t.syncMarkLocked(m))
 		if c.track && t.tracked == 0 {
-			errs = append(errs, t.k.WatchAccepts(false))
+			errs = append(errs, t.k.WatchEvents(false))
 		}
 		c.root = nil
 	}

@@ -59,10 +59,9 @@ type Counter struct {
 	iter  *link.Iter // full snapshot (iter/task_file)
 	tasks *link.Iter // fast snapshot (iter/task)
 	held  *link.Iter // tagged connections still held (iter/tcp)
-	links []link.Link
-	// accepts are the accept tracepoints' links while attached (WatchAccepts), under acceptMu.
-	acceptMu sync.Mutex
-	accepts  []link.Link
+	// events are the event programs' links while attached (WatchEvents), under eventsMu.
+	eventsMu sync.Mutex
+	events   []link.Link
 	rd       *ringbuf.Reader
 	buf      []byte
 	run      uint64 // fast snapshots so far (run_id)
@@ -71,7 +70,7 @@ type Counter struct {
 }
 
 // LoadCounter mounts tracefs if needed (the syscall tracepoints are found through it), loads the counter and attaches
-// it (the accept tracepoints only on WatchAccepts).
+// the iterators (the event programs only on WatchEvents).
 func LoadCounter(opts CounterOptions) (_ *Counter, err error) {
 	if opts.Logger == nil {
 		opts.Logger = slog.Default()
@@ -102,17 +101,12 @@ func LoadCounter(opts CounterOptions) (_ *Counter, err error) {
 	if c.held, err = link.AttachIter(link.IterOptions{Program: p.DraindHeld}); err != nil {
 		return nil, fmt.Errorf("attach tcp iterator: %w", wrapPerm(err))
 	}
-	l, err := link.AttachTracing(link.TracingOptions{Program: p.DraindState})
-	if err != nil {
-		return nil, fmt.Errorf("attach tracepoint inet_sock_set_state: %w", wrapPerm(err))
-	}
-	c.links = append(c.links, l)
-	// The accept tracepoints are attached only while a tree is tracked (WatchAccepts); once here, so that a kernel
-	// that refuses them fails at load rather than in a handoff.
-	if err := c.WatchAccepts(true); err != nil {
+	// The event programs are attached only while a tree is tracked (WatchEvents); once here, so that a kernel that
+	// refuses them fails at load rather than in a handoff.
+	if err := c.WatchEvents(true); err != nil {
 		return nil, err
 	}
-	if err := c.WatchAccepts(false); err != nil {
+	if err := c.WatchEvents(false); err != nil {
 		return nil, err
 	}
 	if c.rd, err = ringbuf.NewReader(c.objs.Events); err != nil {
@@ -326,50 +320,62 @@ func (c *Counter) DeletePort(k PortKey) error {
 	return nil
 }
 
-// WatchAccepts attaches the accept syscalls' exit tracepoints (on) or detaches them. While a syscall tracepoint is
-// attached, every syscall of every task of the host takes the kernel's slow path (the tracepoint's work flag is set on
-// all of them), and each accept runs the program: the Tracker attaches them only while it tracks a tree, so that an
-// idle draind costs the host only the TCP state tracepoint. Calling it with the current state does nothing.
-func (c *Counter) WatchAccepts(on bool) error {
-	c.acceptMu.Lock()
-	defer c.acceptMu.Unlock()
-	if on == (c.accepts != nil) {
+// WatchEvents attaches the event programs (on) or detaches them: the tp_btf program on TCP state changes and the
+// accept syscalls' exit tracepoints. They cost the host while attached, whether or not a tree is tracked: the state
+// program runs on every TCP state change, and a syscall tracepoint puts every syscall of every task on the kernel's
+// slow path (its work flag is set on all of them). The Tracker attaches them only while it tracks a tree, so that an
+// idle draind costs the host nothing. Calling it with the current state does nothing.
+//
+// Tags outlive a detach: a tagged connection released meanwhile stays counted in mark_live (too high, which is safe:
+// the walk for held connections is then not skipped for its mark, whose id is reused last).
+func (c *Counter) WatchEvents(on bool) error {
+	c.eventsMu.Lock()
+	defer c.eventsMu.Unlock()
+	if on == (c.events != nil) {
 		return nil
 	}
 	if !on {
 		var errs []error
-		for _, l := range c.accepts {
+		for _, l := range c.events {
 			errs = append(errs, l.Close())
 		}
-		c.accepts = nil
+		c.events = nil
 		if err := errors.Join(errs...); err != nil {
-			return fmt.Errorf("detach accept tracepoints: %w", err)
+			return fmt.Errorf("detach event programs: %w", err)
 		}
 		return nil
 	}
 	p := &c.objs.counterPrograms
 	var ls []link.Link
+	fail := func(err error) error {
+		for _, l := range ls {
+			l.Close()
+		}
+		return err
+	}
+	l, err := link.AttachTracing(link.TracingOptions{Program: p.DraindState})
+	if err != nil {
+		return fail(fmt.Errorf("attach tracepoint inet_sock_set_state: %w", wrapPerm(err)))
+	}
+	ls = append(ls, l)
 	for _, tp := range []struct {
 		name string
 		prog *ebpf.Program
 	}{{"sys_exit_accept", p.DraindAccept}, {"sys_exit_accept4", p.DraindAccept4}} {
 		l, err := link.Tracepoint("syscalls", tp.name, tp.prog, nil)
 		if err != nil {
-			for _, l := range ls {
-				l.Close()
-			}
-			return fmt.Errorf("attach tracepoint %s: %w", tp.name, wrapPerm(err))
+			return fail(fmt.Errorf("attach tracepoint %s: %w", tp.name, wrapPerm(err)))
 		}
 		ls = append(ls, l)
 	}
-	c.accepts = ls
+	c.events = ls
 	return nil
 }
 
-// EventStats sums the kernel's run-time statistics of the programs that run on the host's TCP events (the state
-// tracepoint, and the accept tracepoints while attached): how often they ran and for how long. The kernel counts only
+// EventStats sums the kernel's run-time statistics of the event programs (WatchEvents): how often they ran and for
+// how long. The kernel counts only
 // while its BPF statistics are on (BPF_ENABLE_STATS, or kernel.bpf_stats_enabled=1).
-func (c *Counter) EventStats() (runs uint64, runtime time.Duration, err error) {
+func (c *Counter) EventStats() (runs uint64, total time.Duration, err error) {
 	p := &c.objs.counterPrograms
 	for _, prog := range []*ebpf.Program{p.DraindState, p.DraindAccept, p.DraindAccept4} {
 		st, err := prog.Stats()
@@ -377,9 +383,9 @@ func (c *Counter) EventStats() (runs uint64, runtime time.Duration, err error) {
 			return 0, 0, fmt.Errorf("read counter statistics: %w", err)
 		}
 		runs += st.RunCount
-		runtime += st.Runtime
+		total += st.Runtime
 	}
-	return runs, runtime, nil
+	return runs, total, nil
 }
 
 // Close detaches and unloads the counter; a blocked ReadEvent returns ErrClosed. Safe to call twice.
@@ -389,10 +395,7 @@ func (c *Counter) Close() error {
 		if c.rd != nil {
 			errs = append(errs, c.rd.Close())
 		}
-		for _, l := range c.links {
-			errs = append(errs, l.Close())
-		}
-		errs = append(errs, c.WatchAccepts(false))
+		errs = append(errs, c.WatchEvents(false))
 		for _, it := range []*link.Iter{c.iter, c.tasks, c.held} {
 			if it != nil {
 				errs = append(errs, it.Close())

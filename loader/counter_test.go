@@ -10,10 +10,10 @@ import (
 	"github.com/draind/draind/testenv"
 )
 
-// TestWatchAccepts: the accept tracepoints run only while attached (a syscall tracepoint slows every syscall of the
-// host): an accept after LoadCounter or after WatchAccepts(false) runs neither program; one after WatchAccepts(true)
-// runs accept4's. The kernel's run counts say so.
-func TestWatchAccepts(t *testing.T) {
+// TestWatchEvents: the event programs run only while attached (they cost every TCP connection of the host): a
+// connection accepted after LoadCounter or after WatchEvents(false) runs none of them; one after WatchEvents(true)
+// runs accept4's and the state program. The kernel's run counts say so.
+func TestWatchEvents(t *testing.T) {
 	testenv.Require(t)
 	c, err := LoadCounter(CounterOptions{})
 	if err != nil {
@@ -30,15 +30,17 @@ func TestWatchAccepts(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer ln.Close()
-	runs := func() uint64 {
+	runs := func() [2]uint64 {
 		t.Helper()
-		var n uint64
-		for _, p := range []*ebpf.Program{c.objs.DraindAccept, c.objs.DraindAccept4} {
-			st, err := p.Stats()
-			if err != nil {
-				t.Fatal(err)
+		var n [2]uint64 // accept, state
+		for i, ps := range [][]*ebpf.Program{{c.objs.DraindAccept, c.objs.DraindAccept4}, {c.objs.DraindState}} {
+			for _, p := range ps {
+				st, err := p.Stats()
+				if err != nil {
+					t.Fatal(err)
+				}
+				n[i] += st.RunCount
 			}
-			n += st.RunCount
 		}
 		return n
 	}
@@ -57,17 +59,20 @@ func TestWatchAccepts(t *testing.T) {
 	}
 	for i, step := range []struct {
 		on   bool
-		want bool // the accept ran a program
+		want bool // the connection ran the programs
 	}{{false, false}, {true, true}, {true, true}, {false, false}} {
 		if i > 0 {
-			if err := c.WatchAccepts(step.on); err != nil {
+			if err := c.WatchEvents(step.on); err != nil {
 				t.Fatal(err)
 			}
 		}
 		before := runs()
 		accept()
-		if ran := runs() > before; ran != step.want {
-			t.Fatalf("step %d (attached: %v): an accept ran the accept programs: %v", i, step.on, ran)
+		after := runs()
+		for k, name := range []string{"accept", "state"} {
+			if ran := after[k] > before[k]; ran != step.want {
+				t.Fatalf("step %d (attached: %v): a connection ran the %s programs: %v", i, step.on, name, ran)
+			}
 		}
 	}
 }
