@@ -201,7 +201,8 @@ func Run(ctx context.Context, cfg Config) (*Results, error) {
 				res.Datapath = append(res.Datapath, run)
 				log.Info("datapath", "repeat", rep+1, "none/s", int(run.None), "attached/s", int(run.Attached),
 					"ratio", fmt.Sprintf("%.3f", run.Ratio), "ns/run", fmt.Sprintf("%.0f", run.NsPerRun),
-					"counter idle", fmt.Sprintf("%.3f", run.CounterIdle.Ratio), "counter tracking", fmt.Sprintf("%.3f", run.CounterTracking.Ratio))
+					"counter_idle_ratio", fmt.Sprintf("%.3f", run.CounterIdle.Ratio),
+					"counter_tracking_ratio", fmt.Sprintf("%.3f", run.CounterTracking.Ratio))
 				continue
 			}
 			// Rotate the order each repeat, so no contender always runs first (or right after another).

@@ -431,7 +431,7 @@ func runLong(ctx context.Context, env *runEnv, c Contender, p LongParams, repeat
 // DatapathParams configure scenario 5.
 type DatapathParams struct {
 	Phase       time.Duration `json:"phase"`       // length of each phase
-	Pairs       int           `json:"pairs"`       // attached/none phase pairs, alternating
+	Pairs       int           `json:"pairs"`       // attached/none phase pairs, alternating (half as many for each counter cost)
 	Margin      time.Duration `json:"margin"`      // left out at both ends of a phase
 	Concurrency int           `json:"concurrency"` // load workers, as fast as they can
 }
@@ -441,7 +441,8 @@ const statsPhases = 8
 
 // DatapathRun is one run of scenario 5: one server process under the same load throughout, in alternating phases
 // with draind's selector attached (as during and after a handoff: target the measured server) and with no selector,
-// then one phase attached with the kernel's BPF run-time statistics on.
+// then one phase attached with the kernel's BPF run-time statistics on; then, the selector attached, the same for
+// draind's counter, idle and tracking (CounterIdle, CounterTracking).
 type DatapathRun struct {
 	Repeat    int     `json:"repeat"`
 	None      float64 `json:"none_per_s"`           // answered/s over all no-selector phases
@@ -462,8 +463,8 @@ type DatapathRun struct {
 	// saturated by the load, the server and the kernel's TCP work.
 	CPUShare float64 `json:"selector_cpu_share"`
 	// draind's counter (drain.Tracker's BPF programs), the selector attached in every phase: idle (as a draind
-	// process keeps it loaded between handoffs: the TCP state tracepoint) and tracking (as while a handoff drains:
-	// the accept tracepoints attached too, the server's port watched).
+	// process keeps it loaded between handoffs: its iterators, no event program attached) and tracking (as while a
+	// handoff drains: the event programs attached, the server's port watched).
 	CounterIdle     CounterCost `json:"counter_idle"`
 	CounterTracking CounterCost `json:"counter_tracking"`
 	Failed          int         `json:"failed"`
@@ -545,8 +546,11 @@ func runDatapath(ctx context.Context, env *runEnv, p DatapathParams, repeat int,
 		return nil
 	}
 
+	// The load outlasts every phase: the selector's pairs and statistics phase, then twice the counter's (with a
+	// settle pause and an allowance for loading the counter before each phase); every phase is checked for coverage.
+	counterPhaseTime := time.Duration(2*(p.Pairs/2))*(p.Phase+counterSettle+time.Second) + statsPhases*p.Phase
 	load, err := startLoad(ctx, ns, LoadOptions{Addr: addr, Concurrency: p.Concurrency,
-		Duration: time.Duration(2*p.Pairs+1)*p.Phase + 2*time.Minute})
+		Duration: time.Duration(2*p.Pairs+statsPhases)*p.Phase + 2*counterPhaseTime + time.Minute})
 	if err != nil {
 		return run, err
 	}
@@ -556,43 +560,24 @@ func runDatapath(ctx context.Context, env *runEnv, p DatapathParams, repeat int,
 		err := sleepUntil(ctx, s+int64(d))
 		return ratePhase{Label: label, From: s, Till: testenv.MonoNow()}, err
 	}
-	var attached, none, all []ratePhase
-	for i := range 2 * p.Pairs {
-		on := i%2 == 0 // the selector is attached at the start
-		if i > 0 {
-			if err := setSelector(on); err != nil {
-				return run, err
-			}
-		}
-		label := "none"
-		if on {
-			label = "attached"
-		}
-		ph, err := phaseOf(label, p.Phase)
-		if err != nil {
-			return run, err
-		}
-		run.phases = append(run.phases, ph)
-		all = append(all, ph)
-		if on {
-			attached = append(attached, ph)
-		} else {
-			none = append(none, ph)
-		}
+	attached, none, all, err := alternate(p.Pairs, p.Phase, 0, "attached", "none", setSelector, phaseOf)
+	if err != nil {
+		return run, err
 	}
+	run.phases = append(run.phases, all...)
 	if err := setSelector(true); err != nil {
 		return run, err
 	}
-	statsOff, err := ebpf.EnableStats(uint32(unix.BPF_STATS_RUN_TIME))
+	withStats, selRuns, selTime, err := statsPhase("attached, BPF statistics on", statsPhases*p.Phase, phaseOf,
+		func() (uint64, time.Duration, error) {
+			st, err := prog.Stats()
+			if err != nil {
+				return 0, 0, err
+			}
+			return st.RunCount, st.Runtime, nil
+		})
 	if err != nil {
-		return run, fmt.Errorf("enable BPF statistics: %w", err)
-	}
-	s0, err0 := prog.Stats()
-	withStats, perr := phaseOf("attached, BPF statistics on", statsPhases*p.Phase)
-	s1, err1 := prog.Stats()
-	statsOff.Close()
-	if err := errors.Join(perr, err0, err1); err != nil {
-		return run, fmt.Errorf("read selector statistics: %w", err)
+		return run, fmt.Errorf("measure selector: %w", err)
 	}
 	run.phases = append(run.phases, withStats)
 
@@ -632,6 +617,11 @@ func runDatapath(ctx context.Context, env *runEnv, p DatapathParams, repeat int,
 		}
 		return float64(ok) / covered.Seconds()
 	}
+	for _, ph := range run.phases {
+		if _, _, c := rep.Window(ph.From+int64(p.Margin), ph.Till-int64(p.Margin)); c <= 0 {
+			return run, fmt.Errorf("measure datapath: the load ended before phase %q", ph.Label)
+		}
+	}
 	run.None, run.Attached, run.WithStats = rate(none...), rate(attached...), rate(withStats)
 	run.PairRatios = pairRatios(all, rate)
 	if len(run.PairRatios) > 0 { // else 0: no ratio (JSON has no NaN)
@@ -639,17 +629,14 @@ func runDatapath(ctx context.Context, env *runEnv, p DatapathParams, repeat int,
 	}
 	run.CounterIdle, run.CounterTracking = cps[0].cost(rep, rate), cps[1].cost(rep, rate)
 	_, statsConns, _ := rep.Window(withStats.From, withStats.Till)
-	run.Runs = s1.RunCount - s0.RunCount
-	run.RunTimeNS = int64(s1.Runtime - s0.Runtime)
+	run.Runs, run.RunTimeNS = selRuns, int64(selTime)
 	if run.Runs > 0 {
 		run.NsPerRun = float64(run.RunTimeNS) / float64(run.Runs)
 	}
 	if statsConns > 0 {
 		run.RunsPerConn = float64(run.Runs) / float64(statsConns)
 	}
-	if run.WithStats > 0 {
-		run.CPUShare = run.NsPerRun * run.RunsPerConn / (float64(runtime.NumCPU()) * 1e9 / run.WithStats)
-	}
+	run.CPUShare = cpuShare(run.NsPerRun*run.RunsPerConn, run.WithStats)
 	run.Failed = rep.Failed()
 	return run, nil
 }
@@ -678,71 +665,112 @@ type counterPhases struct {
 	runtime                time.Duration
 }
 
+// counterSettle is waited after loading or closing the counter, before the next phase starts: the kernel frees a
+// closed counter's programs and maps after the close returns.
+const counterSettle = 100 * time.Millisecond
+
 // runCounterPhases alternates pairs of phases with the counter loaded and not, then runs one phase loaded with BPF
-// statistics on. tracking: with the accept tracepoints attached and port watched (a handoff's state; no process is
+// statistics on. tracking: with the event programs attached and port watched (a handoff's state; no process is
 // marked, so the counter wakes nobody). The counter is loaded and closed between phases, outside the measured
 // windows.
 func runCounterPhases(pairs int, phase time.Duration, tracking bool, port loader.PortKey, env *runEnv,
-	phaseOf func(string, time.Duration) (ratePhase, error)) (*counterPhases, error) {
+	phaseOf func(string, time.Duration) (ratePhase, error)) (_ *counterPhases, err error) {
 	label := "attached + counter"
 	if tracking {
 		label += " (tracking)"
 	}
-	load := func() (*loader.Counter, error) {
-		c, err := loader.LoadCounter(loader.CounterOptions{Logger: env.quiet})
-		if err != nil || !tracking {
-			return c, err
-		}
-		if err := errors.Join(c.PutPort(port, 0), c.WatchAccepts(true)); err != nil {
-			c.Close()
-			return nil, err
-		}
-		return c, nil
-	}
-	cp := &counterPhases{}
-	for i := range 2 * pairs {
-		on := i%2 == 0
-		var c *loader.Counter
-		l := "attached"
-		if on {
-			var err error
-			if c, err = load(); err != nil {
-				return nil, err
-			}
-			l = label
-		}
-		ph, err := phaseOf(l, phase)
+	var c *loader.Counter
+	defer func() {
 		if c != nil {
 			c.Close()
 		}
+	}()
+	set := func(on bool) error {
+		if !on {
+			if c != nil {
+				c.Close()
+				c = nil
+			}
+			return nil
+		}
+		k, err := loader.LoadCounter(loader.CounterOptions{Logger: env.quiet})
 		if err != nil {
-			return nil, err
+			return err
 		}
-		cp.all = append(cp.all, ph)
-		if on {
-			cp.loaded = append(cp.loaded, ph)
-		} else {
-			cp.notLoaded = append(cp.notLoaded, ph)
+		if tracking {
+			if err := errors.Join(k.PutPort(port, 0), k.WatchEvents(true)); err != nil {
+				k.Close()
+				return err
+			}
 		}
+		c = k
+		return nil
 	}
-	c, err := load()
-	if err != nil {
+	cp := &counterPhases{}
+	if cp.loaded, cp.notLoaded, cp.all, err = alternate(pairs, phase, counterSettle, label, "attached", set, phaseOf); err != nil {
 		return nil, err
 	}
-	defer c.Close()
-	statsOff, err := ebpf.EnableStats(uint32(unix.BPF_STATS_RUN_TIME))
-	if err != nil {
-		return nil, fmt.Errorf("enable BPF statistics: %w", err)
-	}
-	r0, t0, err0 := c.EventStats()
-	cp.stats, err = phaseOf(label+", BPF statistics on", statsPhases*phase)
-	r1, t1, err1 := c.EventStats()
-	statsOff.Close()
-	if err := errors.Join(err, err0, err1); err != nil {
+	if err := set(true); err != nil {
 		return nil, err
 	}
-	cp.runs, cp.runtime = r1-r0, t1-t0
+	if cp.stats, cp.runs, cp.runtime, err = statsPhase(label+", BPF statistics on", statsPhases*phase, phaseOf, c.EventStats); err != nil {
+		return nil, fmt.Errorf("measure counter (tracking: %v): %w", tracking, err)
+	}
 	return cp, nil
+}
+
+// alternate runs pairs of alternating phases, the first "on": set(on) before each, then settle, then the phase.
+func alternate(pairs int, phase, settle time.Duration, onLabel, offLabel string, set func(on bool) error,
+	phaseOf func(string, time.Duration) (ratePhase, error)) (on, off, all []ratePhase, err error) {
+	for i := range 2 * pairs {
+		isOn := i%2 == 0
+		if err := set(isOn); err != nil {
+			return nil, nil, nil, err
+		}
+		time.Sleep(settle)
+		label := offLabel
+		if isOn {
+			label = onLabel
+		}
+		ph, err := phaseOf(label, phase)
+		if err != nil {
+			return nil, nil, nil, err
+		}
+		all = append(all, ph)
+		if isOn {
+			on = append(on, ph)
+		} else {
+			off = append(off, ph)
+		}
+	}
+	return on, off, all, nil
+}
+
+// statsPhase runs one phase with the kernel's BPF run-time statistics on (BPF_ENABLE_STATS: switched off again
+// after it, and by the kernel if this process dies) and returns how much read's counts moved over it.
+func statsPhase(label string, d time.Duration, phaseOf func(string, time.Duration) (ratePhase, error),
+	read func() (uint64, time.Duration, error)) (ratePhase, uint64, time.Duration, error) {
+	off, err := ebpf.EnableStats(uint32(unix.BPF_STATS_RUN_TIME))
+	if err != nil {
+		return ratePhase{}, 0, 0, fmt.Errorf("enable BPF statistics: %w", err)
+	}
+	defer off.Close()
+	r0, t0, err0 := read()
+	ph, perr := phaseOf(label, d)
+	r1, t1, err1 := read()
+	if err := errors.Join(err0, perr, err1); err != nil {
+		return ph, 0, 0, fmt.Errorf("read BPF statistics: %w", err)
+	}
+	return ph, r1 - r0, t1 - t0, nil
+}
+
+// cpuShare is a program's run time per connection over the machine's CPU time per connection at answered
+// connections per second (CPUs / rate): what it can cost the throughput of a machine that the load saturates.
+func cpuShare(nsPerConn, rate float64) float64 {
+	if rate <= 0 {
+		return 0
+	}
+	return nsPerConn / (float64(runtime.NumCPU()) * 1e9 / rate)
 }
 
 // cost summarizes the phases against the load's report.
@@ -752,9 +780,9 @@ func (cp *counterPhases) cost(rep *LoadReport, rate func(...ratePhase) float64) 
 	if len(cc.PairRatios) > 0 {
 		cc.Ratio = SpreadOf(cc.PairRatios).Med
 	}
-	if _, n, _ := rep.Window(cp.stats.From, cp.stats.Till); n > 0 && cc.WithStats > 0 {
+	if _, n, _ := rep.Window(cp.stats.From, cp.stats.Till); n > 0 {
 		cc.NsPerConn = float64(cc.RunTimeNS) / float64(n)
-		cc.CPUShare = cc.NsPerConn / (float64(runtime.NumCPU()) * 1e9 / cc.WithStats)
+		cc.CPUShare = cpuShare(cc.NsPerConn, cc.WithStats)
 	}
 	return cc
 }

@@ -49,7 +49,7 @@ func Write(dir string, r *Results) (string, error) {
 		if d.Repeat != 0 || d.timeline == nil {
 			continue
 		}
-		if err := put("datapath.svg", rateSVG("Scenario 5: one server, with and without draind's selector (first repeat)", d.timeline, d.phases)); err != nil {
+		if err := put("datapath.svg", rateSVG("Scenario 5: one server, with and without draind's selector, then its counter (first repeat)", d.timeline, d.phases)); err != nil {
 			return "", err
 		}
 		plots[ScenarioDatapath] = "datapath.svg"

@@ -313,7 +313,8 @@ func (o *Objects) Unused() (bool, error) {
 // RemoveUnusedPins removes the pins and the pin directory when no group is in use. It takes Lock, except when the
 // pin directory is gone already: groups and slots are only allocated under Lock, which restores the directory and
 // the pins, so the maps were not put in use since they were found unused and removed, and Lock would only restore
-// the pins for them to be checked and removed again (a handoff's steering and the handoff itself both call this).
+// the pins for them to be checked and removed again. The owner of the Objects calls it: a standalone handoff at its
+// end, a daemon when it stops (it keeps its pins while it runs, so that other draind processes share its maps).
 func (o *Objects) RemoveUnusedPins() (removed bool, err error) {
 	if _, err := os.Lstat(o.pinDir); errors.Is(err, os.ErrNotExist) {
 		return false, nil

@@ -279,7 +279,7 @@ func TestLockChecksPins(t *testing.T) {
 
 // BenchmarkCleanup: the loader's share of the clean-up at the end of a handoff, with nothing in use: Unused, Lock
 // (pins unchanged), and the end of a handoff run by the command: the steering's Lock (which restores the pins the
-// previous round removed), then RemoveUnusedPins from the steering's release and again from the handoff's close.
+// previous round removed), then the handoff's RemoveUnusedPins.
 // go test -run '^$' -bench Cleanup -benchtime 200x ./loader
 func BenchmarkCleanup(b *testing.B) {
 	o, _ := openFresh(b, "draind-loader-bench-cleanup")
@@ -307,9 +307,6 @@ func BenchmarkCleanup(b *testing.B) {
 			lock()
 			if removed, err := o.RemoveUnusedPins(); err != nil || !removed {
 				b.Fatalf("remove: %v %v", removed, err)
-			}
-			if _, err := o.RemoveUnusedPins(); err != nil {
-				b.Fatalf("remove again: %v", err)
 			}
 		}
 	})

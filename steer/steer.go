@@ -448,7 +448,8 @@ func (s *Steering) inArray(g *group, ls []*Listener) bool {
 }
 
 // Undo steers back to the old side, detaches the selectors draind attached and forgets every slot and group this
-// handoff created, leaving the kernel as Begin found it. Safe to call more than once.
+// handoff created, leaving the kernel as Begin found it (the pinned maps stay, for the owner of the loader.Objects to
+// remove when unused). Safe to call more than once.
 func (s *Steering) Undo() error {
 	return s.release(false)
 }

@@ -30,7 +30,7 @@ func main() {
 func run(args []string, stdout, stderr io.Writer) int {
 	fs := flag.NewFlagSet("drainbench", flag.ContinueOnError)
 	fs.SetOutput(stderr)
-	long := fs.Bool("long", false, "the long run: a minute of storm per contender, 5 repeats, 10,000 long-lived connections (about 40 minutes)")
+	long := fs.Bool("long", false, "the long run: a minute of storm per contender, 5 repeats, 10,000 long-lived connections (about 50 minutes)")
 	out := fs.String("out", "bench/results", "directory for results.md, results.json and the SVG plots")
 	repeats := fs.Int("repeats", 0, "repeats per scenario (default 3, or 5 with --long)")
 	scenarios := fs.String("scenarios", "", "comma-separated subset of "+strings.Join(bench.Scenarios, ","))
@@ -70,12 +70,17 @@ func run(args []string, stdout, stderr io.Writer) int {
 			fmt.Fprintf(stderr, "drainbench: %v\n", err)
 			return 2
 		}
-		defer f.Close()
 		if err := pprof.StartCPUProfile(f); err != nil {
+			f.Close()
 			fmt.Fprintf(stderr, "drainbench: start CPU profile: %v\n", err)
 			return 2
 		}
-		defer pprof.StopCPUProfile()
+		defer func() {
+			pprof.StopCPUProfile()
+			if err := f.Close(); err != nil {
+				fmt.Fprintf(stderr, "drainbench: write CPU profile: %v\n", err)
+			}
+		}()
 	}
 	start := time.Now()
 	res, err := bench.Run(ctx, bench.Config{
