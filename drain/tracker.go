@@ -17,7 +17,14 @@ import (
 // TrackerOptions configures NewTracker. The zero value logs to slog.Default().
 type TrackerOptions struct {
 	Logger *slog.Logger
+	// EventsLinger is how long the event programs stay attached after the last tracking Counter closed (default
+	// DefaultEventsLinger): handoffs in a row then neither pay for attaching them at their start nor for detaching
+	// them at their end (about 100 ms: the kernel waits for its tracepoint users to finish).
+	EventsLinger time.Duration
 }
+
+// DefaultEventsLinger is TrackerOptions.EventsLinger's default.
+const DefaultEventsLinger = 10 * time.Second
 
 // Tracker counts the in-flight connections of process trees with BPF: an iterator over every task's file table
 // gives exact snapshots, and a tracepoint on TCP state changes (plus one on accept) wakes the counters whose count
@@ -36,6 +43,9 @@ type Tracker struct {
 	ports    map[loader.PortKey]*portRef
 	lastID   uint32 // the mark id given last: ids are given round the ring, so a freed one is reused last
 	tracked  int    // Counters that track: the event programs are attached while there are some
+	linger   time.Duration
+	detach   *time.Timer // pending detach of the event programs, EventsLinger after the last tracking Counter
+	lingerN  uint64      // detaches scheduled so far: a timer acts only if it is the last one
 	closed   bool
 	once     sync.Once
 	closeErr error
@@ -71,8 +81,11 @@ func NewTracker(opts TrackerOptions) (*Tracker, error) {
 	if err != nil {
 		return nil, fmt.Errorf("start tracker: %w", err)
 	}
+	if opts.EventsLinger <= 0 {
+		opts.EventsLinger = DefaultEventsLinger
+	}
 	t := &Tracker{
-		log: opts.Logger, k: k, done: make(chan struct{}),
+		log: opts.Logger, k: k, done: make(chan struct{}), linger: opts.EventsLinger,
 		marks: map[uint64]*mark{}, ids: map[uint32]*mark{}, counters: map[*Counter]struct{}{},
 		ports: map[loader.PortKey]*portRef{},
 	}
@@ -120,6 +133,9 @@ func (t *Tracker) Close() error {
 	t.once.Do(func() {
 		t.mu.Lock()
 		t.closed = true
+		if t.detach != nil {
+			t.detach.Stop()
+		}
 		t.mu.Unlock()
 		t.closeErr = t.k.Close()
 		<-t.done
@@ -208,6 +224,7 @@ func (t *Tracker) Watch(p *proc.Process, ports []uint16, opts WatchOptions) (_ *
 		// snapshot that tags the tree.
 		m.tracking++
 		t.tracked++
+		t.lingerN++ // a detach scheduled before does nothing now
 		if err := t.k.WatchEvents(true); err != nil {
 			return nil, err
 		}
@@ -279,6 +296,26 @@ func (t *Tracker) syncMarkLocked(m *mark) error {
 	return t.k.PutMark(m.ino, v)
 }
 
+// scheduleDetachLocked detaches the event programs EventsLinger from now, unless a tracking Counter comes first. The
+// detach holds t.mu (a Watch meanwhile waits for it, then attaches them again), and happens off the handoff's way.
+func (t *Tracker) scheduleDetachLocked() {
+	t.lingerN++
+	n := t.lingerN
+	if t.detach != nil {
+		t.detach.Stop()
+	}
+	t.detach = time.AfterFunc(t.linger, func() {
+		t.mu.Lock()
+		defer t.mu.Unlock()
+		if t.closed || t.tracked > 0 || t.lingerN != n {
+			return
+		}
+		if err := t.k.WatchEvents(false); err != nil {
+			t.log.Warn("detach the counter's event programs", "err", err)
+		}
+	})
+}
+
 // unwatchLocked undoes whatever part of Watch was done for c.
 func (t *Tracker) unwatchLocked(c *Counter) error {
 	var errs []error
@@ -291,7 +328,7 @@ func (t *Tracker) unwatchLocked(c *Counter) error {
 		}
 		errs = append(errs, t.syncMarkLocked(m))
 		if c.track && t.tracked == 0 {
-			errs = append(errs, t.k.WatchEvents(false))
+			t.scheduleDetachLocked()
 		}
 		c.root = nil
 	}

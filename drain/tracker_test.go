@@ -5,9 +5,12 @@ import (
 	"errors"
 	"net"
 	"os"
+	"slices"
 	"testing"
 	"time"
 
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
 	"github.com/draind/draind/drain"
 	"github.com/draind/draind/proc"
 	"github.com/draind/draind/testenv"
@@ -453,4 +456,80 @@ func receive(t *testing.T, pair [2]int) int {
 		t.Fatalf("parse rights: %v %v", err, fds)
 	}
 	return fds[0]
+}
+
+// eventLinks counts the kernel's links to programs of the counter's event programs' names (draind_state and the
+// accept tracepoints' draind_accept/draind_accept4), whoever attached them.
+func eventLinks(t *testing.T) int {
+	t.Helper()
+	n := 0
+	it := new(link.Iterator)
+	for it.Next() {
+		info, err := it.Link.Info()
+		if err != nil {
+			continue // gone meanwhile
+		}
+		prog, err := ebpf.NewProgramFromID(info.Program)
+		if err != nil {
+			continue
+		}
+		pi, err := prog.Info()
+		prog.Close()
+		if err == nil && slices.Contains([]string{"draind_state", "draind_accept", "draind_accept4"}, pi.Name) {
+			n++
+		}
+	}
+	if err := it.Err(); err != nil {
+		t.Fatal(err)
+	}
+	return n
+}
+
+// TestEventsOnlyWhileTracking: the Tracker attaches its event programs (which cost every TCP connection of the host)
+// when the first tracking Counter is watched and detaches them EventsLinger after the last one closed, unless another
+// tracking Counter came meanwhile; a Counter that does not track attaches nothing.
+func TestEventsOnlyWhileTracking(t *testing.T) {
+	testenv.Require(t)
+	base := eventLinks(t)
+	const linger = 300 * time.Millisecond
+	tr, err := drain.NewTracker(drain.TrackerOptions{EventsLinger: linger})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tr.Close()
+	p, err := proc.Open(os.Getpid())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	watch := func(track bool) *drain.Counter {
+		t.Helper()
+		c, err := tr.Watch(p, []uint16{1}, drain.WatchOptions{Track: track})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return c
+	}
+	want := func(step string, n int) {
+		t.Helper()
+		if got := eventLinks(t) - base; got != n {
+			t.Fatalf("%s: %d event program links attached, want %d", step, got, n)
+		}
+	}
+	want("tracker loaded", 0)
+	plain := watch(false)
+	want("a counter that does not track", 0)
+	a, b := watch(true), watch(true)
+	want("two tracking counters", 3)
+	a.Close()
+	want("one tracking counter closed", 3)
+	b.Close()
+	want("the last tracking counter just closed (lingering)", 3)
+	time.Sleep(linger / 2)
+	c := watch(true) // within the linger: the scheduled detach does nothing
+	time.Sleep(linger)
+	want("a tracking counter watched within the linger", 3)
+	c.Close()
+	testenv.WaitFor(t, 10*linger, func() bool { return eventLinks(t) == base }) // detached after the linger
+	plain.Close()
 }
