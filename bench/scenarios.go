@@ -670,8 +670,8 @@ type counterPhases struct {
 const counterSettle = 100 * time.Millisecond
 
 // runCounterPhases alternates pairs of phases with the counter loaded and not, then runs one phase loaded with BPF
-// statistics on. tracking: with the event programs attached and port watched (a handoff's state; no process is
-// marked, so the counter wakes nobody). The counter is loaded and closed between phases, outside the measured
+// statistics on. tracking: with the event programs attached (as LoadCounter leaves them) and port watched (a
+// handoff's state; no process is marked, so the counter wakes nobody); idle: with them detached. The counter is loaded and closed between phases, outside the measured
 // windows.
 func runCounterPhases(pairs int, phase time.Duration, tracking bool, port loader.PortKey, env *runEnv,
 	phaseOf func(string, time.Duration) (ratePhase, error)) (_ *counterPhases, err error) {
@@ -698,10 +698,13 @@ func runCounterPhases(pairs int, phase time.Duration, tracking bool, port loader
 			return err
 		}
 		if tracking {
-			if err := errors.Join(k.PutPort(port, 0), k.WatchEvents(true)); err != nil {
-				k.Close()
-				return err
-			}
+			err = k.PutPort(port, 0)
+		} else {
+			err = k.WatchEvents(false) // LoadCounter attached them
+		}
+		if err != nil {
+			k.Close()
+			return err
 		}
 		c = k
 		return nil

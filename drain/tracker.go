@@ -89,6 +89,9 @@ func NewTracker(opts TrackerOptions) (*Tracker, error) {
 		marks: map[uint64]*mark{}, ids: map[uint32]*mark{}, counters: map[*Counter]struct{}{},
 		ports: map[loader.PortKey]*portRef{},
 	}
+	t.mu.Lock()
+	t.scheduleDetachLocked() // LoadCounter attached the event programs: off unless a tracking Counter comes soon
+	t.mu.Unlock()
 	go t.read()
 	return t, nil
 }
@@ -297,7 +300,9 @@ func (t *Tracker) syncMarkLocked(m *mark) error {
 }
 
 // scheduleDetachLocked detaches the event programs EventsLinger from now, unless a tracking Counter comes first. The
-// detach holds t.mu (a Watch meanwhile waits for it, then attaches them again), and happens off the handoff's way.
+// detach holds t.mu (a Watch meanwhile waits for it, then attaches them again), and happens off the handoff's way:
+// a command-line handoff, whose Tracker is new, neither waits for them to be attached before its flip nor for them
+// to be detached at its end (closing the Tracker detaches them).
 func (t *Tracker) scheduleDetachLocked() {
 	t.lingerN++
 	n := t.lingerN

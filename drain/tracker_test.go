@@ -485,9 +485,10 @@ func eventLinks(t *testing.T) int {
 	return n
 }
 
-// TestEventsOnlyWhileTracking: the Tracker attaches its event programs (which cost every TCP connection of the host)
-// when the first tracking Counter is watched and detaches them EventsLinger after the last one closed, unless another
-// tracking Counter came meanwhile; a Counter that does not track attaches nothing.
+// TestEventsOnlyWhileTracking: the Tracker's event programs (which cost every TCP connection of the host) are
+// attached at its start and when the first tracking Counter is watched, and detached EventsLinger after that start or
+// after the last tracking Counter closed, unless another tracking Counter came meanwhile; a Counter that does not
+// track attaches nothing.
 func TestEventsOnlyWhileTracking(t *testing.T) {
 	testenv.Require(t)
 	base := eventLinks(t)
@@ -516,7 +517,8 @@ func TestEventsOnlyWhileTracking(t *testing.T) {
 			t.Fatalf("%s: %d event program links attached, want %d", step, got, n)
 		}
 	}
-	want("tracker loaded", 0)
+	want("tracker just loaded (lingering)", 3)
+	testenv.WaitFor(t, 10*linger, func() bool { return eventLinks(t) == base }) // detached after the linger
 	plain := watch(false)
 	want("a counter that does not track", 0)
 	a, b := watch(true), watch(true)

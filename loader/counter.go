@@ -70,7 +70,7 @@ type Counter struct {
 }
 
 // LoadCounter mounts tracefs if needed (the syscall tracepoints are found through it), loads the counter and attaches
-// the iterators (the event programs only on WatchEvents).
+// it, the event programs included (see WatchEvents).
 func LoadCounter(opts CounterOptions) (_ *Counter, err error) {
 	if opts.Logger == nil {
 		opts.Logger = slog.Default()
@@ -101,12 +101,9 @@ func LoadCounter(opts CounterOptions) (_ *Counter, err error) {
 	if c.held, err = link.AttachIter(link.IterOptions{Program: p.DraindHeld}); err != nil {
 		return nil, fmt.Errorf("attach tcp iterator: %w", wrapPerm(err))
 	}
-	// The event programs are attached only while a tree is tracked (WatchEvents); once here, so that a kernel that
-	// refuses them fails at load rather than in a handoff.
+	// Attached here, so that a kernel that refuses them fails at load rather than in a handoff; the caller detaches
+	// them while it tracks nothing (WatchEvents).
 	if err := c.WatchEvents(true); err != nil {
-		return nil, err
-	}
-	if err := c.WatchEvents(false); err != nil {
 		return nil, err
 	}
 	if c.rd, err = ringbuf.NewReader(c.objs.Events); err != nil {
