@@ -42,7 +42,7 @@ type Tracker struct {
 	counters map[*Counter]struct{}
 	ports    map[loader.PortKey]*portRef
 	lastID   uint32 // the mark id given last: ids are given round the ring, so a freed one is reused last
-	tracked  int    // Counters that track: the event programs are attached while there are some
+	tracked  int    // Counters that track: the event programs stay attached while there are some, and EventsLinger after
 	linger   time.Duration
 	detach   *time.Timer // pending detach of the event programs, EventsLinger after the last tracking Counter
 	lingerN  uint64      // detaches scheduled so far: a timer acts only if it is the last one
