@@ -217,7 +217,8 @@ func Run(ctx context.Context, cfg Config) (*Results, error) {
 					if run != nil {
 						res.Storm = append(res.Storm, run)
 						log.Info(s, "contender", c.Key, "repeat", rep+1, "upgrades", run.Upgrades, "requests", run.Requests,
-							"failed", run.Failed, "connect_p99", fmtNS(float64(run.Connect.P99)), "connect_p99.9", fmtNS(float64(run.Connect.P999)))
+							"failed", run.Failed, "connect_p99", fmtNS(float64(run.Connect.P99)), "connect_p99.9", fmtNS(float64(run.Connect.P999)),
+							"bench_cpu_per_upgrade", fmtNS(float64(run.BenchCPUPerUpgrade)))
 						if err == nil && run.Error != "" {
 							err = errors.New(run.Error)
 						}

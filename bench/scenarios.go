@@ -189,7 +189,10 @@ type StormRun struct {
 	Switches []SwitchSample `json:"switches"`
 	// CommandsAt are the switch commands, relative to the load's start.
 	CommandsAt []int64 `json:"commands_at_ns"`
-	Error      string  `json:"error,omitempty"`
+	// BenchCPUPerUpgrade is this bench process's CPU time (user + system) during the upgrades over their number:
+	// handoff.Run's for (e) and (f), which run in it, on top of starting the new server (all but (a) and (d)).
+	BenchCPUPerUpgrade int64  `json:"bench_cpu_per_upgrade_ns"`
+	Error              string `json:"error,omitempty"`
 
 	timeline *LoadReport
 	marks    []int64
@@ -220,6 +223,10 @@ func runStorm(ctx context.Context, env *runEnv, c Contender, p StormParams, repe
 	end := t0 + int64(p.Duration)
 	var ups []*upgrade
 	var uerr error
+	cpu0, err := processCPU()
+	if err != nil {
+		return run, err
+	}
 	for i := int64(1); ; i++ {
 		at := max(t0+i*int64(p.Every), testenv.MonoNow())
 		if at+int64(p.Every)/2 > end {
@@ -238,6 +245,13 @@ func runStorm(ctx context.Context, env *runEnv, c Contender, p StormParams, repe
 			break
 		}
 		cur = u.New
+	}
+	cpu1, err := processCPU()
+	if err != nil {
+		return run, err
+	}
+	if len(ups) > 0 {
+		run.BenchCPUPerUpgrade = int64(cpu1-cpu0) / int64(len(ups))
 	}
 	if err := sleepUntil(ctx, end); err != nil {
 		return run, err
@@ -788,6 +802,15 @@ func (cp *counterPhases) cost(rep *LoadReport, rate func(...ratePhase) float64) 
 		cc.CPUShare = cpuShare(cc.NsPerConn, cc.WithStats)
 	}
 	return cc
+}
+
+// processCPU is this process's CPU time so far, user and system.
+func processCPU() (time.Duration, error) {
+	var ru unix.Rusage
+	if err := unix.Getrusage(unix.RUSAGE_SELF, &ru); err != nil {
+		return 0, fmt.Errorf("read CPU time: %w", err)
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano()), nil
 }
 
 // pairRatios is, for every two adjacent phases of alternating ones (the first "on"), the rate of the "on" phase

@@ -45,7 +45,7 @@ type Tracker struct {
 	tracked  int    // Counters that track: the event programs stay attached while there are some, and EventsLinger after
 	linger   time.Duration
 	detach   *time.Timer // pending detach of the event programs, EventsLinger after the last tracking Counter
-	lingerN  uint64      // detaches scheduled so far: a timer acts only if it is the last one
+	lingerN  uint64      // detaches scheduled so far: a timer acts only if it is the last one (Stop cannot stop one firing)
 	closed   bool
 	once     sync.Once
 	closeErr error
@@ -226,8 +226,7 @@ func (t *Tracker) Watch(p *proc.Process, ports []uint16, opts WatchOptions) (_ *
 		// The event programs go on before the first tracked mark, so that they see every event after the first
 		// snapshot that tags the tree.
 		m.tracking++
-		t.tracked++
-		t.lingerN++ // a detach scheduled before does nothing now
+		t.tracked++ // a detach scheduled before does nothing now
 		if err := t.k.WatchEvents(true); err != nil {
 			return nil, err
 		}

@@ -498,11 +498,7 @@ func TestEventsOnlyWhileTracking(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer tr.Close()
-	p, err := proc.Open(os.Getpid())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer p.Close()
+	p := openProc(t, os.Getpid())
 	watch := func(track bool) *drain.Counter {
 		t.Helper()
 		c, err := tr.Watch(p, []uint16{1}, drain.WatchOptions{Track: track})

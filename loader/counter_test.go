@@ -76,3 +76,33 @@ func TestWatchEvents(t *testing.T) {
 		}
 	}
 }
+
+// BenchmarkWatchEvents: attaching the event programs, and detaching them (the kernel waits for the tracepoints'
+// users to finish).
+// go test -run '^$' -bench WatchEvents -benchtime 5x ./loader
+func BenchmarkWatchEvents(b *testing.B) {
+	testenv.Require(b)
+	c, err := LoadCounter(CounterOptions{})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer c.Close()
+	for _, on := range []bool{true, false} {
+		name := "detach"
+		if on {
+			name = "attach"
+		}
+		b.Run(name, func(b *testing.B) {
+			for b.Loop() {
+				b.StopTimer()
+				if err := c.WatchEvents(!on); err != nil {
+					b.Fatal(err)
+				}
+				b.StartTimer()
+				if err := c.WatchEvents(on); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
+}
