@@ -164,6 +164,7 @@ type Result struct {
 	Queue           drain.Queue    `json:"queue"`             // the old listeners' accept queues: moved or kept
 	QueueMoved      int            `json:"queue_moved"`       // connections waiting in them when they were moved to the new side
 	QueuePaused     time.Duration  `json:"queue_paused_ns"`   // how long the old side's processes were stopped for it
+	QueueEmptied    int            `json:"queue_emptied"`     // connections queued at the flip that the old side accepted itself within steer.DefaultMoveGrace (not moved)
 	Signalled       bool           `json:"signalled"`         // it was delivered
 	Killed          bool           `json:"killed"`            // SIGKILL followed
 	ExitSeen        bool           `json:"exit_seen"`         // the old process's exit was seen
@@ -511,7 +512,7 @@ func (h *run) moveQueues(ctx context.Context) {
 		return
 	}
 	mr, err := h.st.MoveQueues(ctx, h.oldP, []int{h.newP.PID}, steer.MoveOptions{Stopping: h.persistStopped})
-	h.res.QueueMoved, h.res.QueuePaused = mr.Queued, mr.Paused
+	h.res.QueueMoved, h.res.QueuePaused, h.res.QueueEmptied = mr.Queued, mr.Paused, mr.Emptied
 	if err != nil {
 		h.opts.Logger.Warn("move accept queues", "err", err, "paused", mr.Paused)
 	}

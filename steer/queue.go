@@ -15,8 +15,20 @@ import (
 	"github.com/draind/draind/proc"
 )
 
-// MoveOptions for MoveQueues. The zero value waits up to 200 ms for the holders to stop and persists nothing.
+// DefaultMoveGrace is how long MoveQueues waits, by default, for the old side to empty its accept queues itself.
+const DefaultMoveGrace = 10 * time.Millisecond
+
+// MoveOptions for MoveQueues. The zero value gives the old side DefaultMoveGrace to empty its queues itself, waits up
+// to 200 ms for the holders to stop and persists nothing.
 type MoveOptions struct {
+	// Grace is how long the old side may take to empty its queues itself (0: DefaultMoveGrace; negative: no wait):
+	// MoveQueues watches each queue and moves it as soon as the rate the old side accepts at says it would take
+	// longer (a queue that has not shrunk after 1 ms is moved then). After the flip an old listener's queue gets
+	// nothing new, so a server that accepts empties it within a few milliseconds even on a busy machine, and moving
+	// it would cost more than it saves: the old side's holders are stopped, and the listen(2) that starts a listener
+	// again checks it against every socket bound to its port (about 5 ms with the tens of thousands of a connection
+	// storm), holding the port's bind hash lock, which every connection established on the port takes too.
+	Grace time.Duration
 	// StopTimeout bounds the wait for the old listeners' holders to stop; see proc.StopOptions.
 	StopTimeout time.Duration
 	// Stopping, if set, is called with the processes about to be stopped and the listeners about to be moved
@@ -40,6 +52,9 @@ type MoveResult struct {
 	Listeners int           // old listeners whose accept queue was moved
 	Queued    int           // connections waiting in those queues just before the move
 	Paused    time.Duration // how long they were stopped (also when the move failed)
+	// Emptied is how many connections waited in the old listeners' queues when MoveQueues first looked, in the queues
+	// that the old side emptied itself within the grace (and were not moved).
+	Emptied int
 }
 
 // queued is an old listener with connections in its accept queue, and draind's copy of its fd.
@@ -48,10 +63,12 @@ type queued struct {
 	l       *Listener
 	fd      int
 	backlog int
+	first   int // connections queued when queuedListeners looked
 }
 
 // MoveQueues moves the connections waiting in the old listeners' accept queues to the new side, once the flip is
-// done, without closing the old listeners (the old server keeps them and its accept loop).
+// done, without closing the old listeners (the old server keeps them and its accept loop). It first gives the old
+// side opts.Grace to empty them itself, and moves only what it has not.
 //
 // The kernel moves a listener's queue only when the listener stops listening, through the selector
 // (SELECT_OR_MIGRATE), which sends each queued connection to the target: the new side. So, for each old listener
@@ -77,8 +94,9 @@ func (s *Steering) MoveQueues(ctx context.Context, old *proc.Process, exclude []
 	if err != nil || len(qs) == 0 {
 		return res, err
 	}
-	if err := ctx.Err(); err != nil {
-		return res, fmt.Errorf("move accept queues: %w", err)
+	qs, res.Emptied, err = settle(ctx, qs, opts.Grace)
+	if err != nil || len(qs) == 0 {
+		return res, err
 	}
 	unlock, err := s.objs.Lock()
 	if err != nil {
@@ -173,6 +191,57 @@ func (s *Steering) MoveQueues(ctx context.Context, old *proc.Process, exclude []
 	return res, nil
 }
 
+// settle waits while the old side empties the queues of qs itself fast enough to be done within grace (0:
+// DefaultMoveGrace) of the first look, judged by the rate it has accepted at so far (from 1 ms on), and returns the
+// listeners whose queue it does not empty that fast (closing the others' fds), and how many connections the emptied
+// ones held at first. A queue that has not shrunk after 1 ms is returned then: its server is not accepting, or is
+// slow (one that sleeps between accepts).
+func settle(ctx context.Context, qs []queued, grace time.Duration) (move []queued, emptied int, err error) {
+	if grace == 0 {
+		grace = DefaultMoveGrace
+	}
+	const (
+		observe = time.Millisecond       // before judging a rate
+		poll    = 200 * time.Microsecond // between looks
+	)
+	start := time.Now()
+	for {
+		elapsed := time.Since(start)
+		waiting := qs[:0]
+		for _, q := range qs {
+			n, _, err := acceptQueue(q.fd)
+			switch {
+			case err == nil && n == 0:
+				emptied += q.first
+				unix.Close(q.fd)
+			case err != nil || elapsed >= grace:
+				move = append(move, q)
+			case elapsed < observe:
+				waiting = append(waiting, q)
+			default:
+				// At the rate so far, the rest takes n*elapsed/accepted more.
+				accepted := q.first - int(n)
+				if accepted > 0 && elapsed+time.Duration(n)*elapsed/time.Duration(accepted) <= grace {
+					waiting = append(waiting, q)
+				} else {
+					move = append(move, q)
+				}
+			}
+		}
+		qs = waiting
+		if len(qs) == 0 {
+			return move, emptied, nil
+		}
+		t := time.NewTimer(poll)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return append(move, qs...), emptied, fmt.Errorf("move accept queues: %w", ctx.Err())
+		case <-t.C:
+		}
+	}
+}
+
 // queuedListeners copies the fds of the old listeners that have connections queued, in groups whose target is the
 // new side and whose new side still has a listener in the socket array.
 func (s *Steering) queuedListeners() ([]queued, error) {
@@ -199,7 +268,7 @@ func (s *Steering) queuedListeners() ([]queued, error) {
 				unix.Close(fd)
 				continue
 			}
-			out = append(out, queued{g: g, l: l, fd: fd, backlog: int(backlog)})
+			out = append(out, queued{g: g, l: l, fd: fd, backlog: int(backlog), first: int(n)})
 		}
 	}
 	return out, nil

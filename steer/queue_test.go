@@ -1,9 +1,11 @@
 package steer
 
 import (
+	"context"
 	"errors"
 	"net"
 	"os"
+	"slices"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -120,5 +122,92 @@ func TestRelistenRaceWithoutStop(t *testing.T) {
 	t.Logf("%d shutdown+listen cycles: %d failed accepts", cycles, failed.Load())
 	if failed.Load() == 0 {
 		t.Fatal("no accept failed: the window MoveQueues closes by stopping the holders was not seen")
+	}
+}
+
+// TestSettle: MoveQueues leaves alone a queue that the old side empties itself fast enough, and moves one that it
+// empties too slowly or not at all (settle returns those), on real loopback listeners with real connections waiting
+// in their queues.
+func TestSettle(t *testing.T) {
+	const conns = 3
+	listen := func() (net.Listener, queued) {
+		t.Helper()
+		ln, err := net.Listen("tcp4", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { ln.Close() })
+		for range conns {
+			c, err := net.Dial("tcp4", ln.Addr().String())
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { c.Close() })
+		}
+		// A copy of the fd, as draind's pidfd_getfd copy (os.File.Fd would make the shared file blocking).
+		rc, err := ln.(*net.TCPListener).SyscallConn()
+		if err != nil {
+			t.Fatal(err)
+		}
+		fd := -1
+		if err := rc.Control(func(s uintptr) { fd, err = unix.Dup(int(s)) }); err != nil || fd < 0 {
+			t.Fatalf("copy the listener's fd: %v", err)
+		}
+		t.Cleanup(func() { unix.Close(fd) }) // settle closes the fds of the queues it leaves alone: EBADF is fine
+		n, _, err := acceptQueue(fd)
+		if err != nil || n != conns {
+			t.Fatalf("accept queue %d, %v; want %d", n, err, conns)
+		}
+		return ln, queued{fd: fd, first: int(n)}
+	}
+	acceptEvery := func(ln net.Listener, every time.Duration) {
+		go func() {
+			for {
+				c, err := ln.Accept()
+				if err != nil {
+					return
+				}
+				t.Cleanup(func() { c.Close() })
+				time.Sleep(every)
+			}
+		}()
+	}
+	fds := func(qs []queued) []int {
+		var out []int
+		for _, q := range qs {
+			out = append(out, q.fd)
+		}
+		slices.Sort(out)
+		return out
+	}
+	// A server that accepts one connection every 2 ms is left to empty its queue within a generous grace; one that
+	// does not accept is moved.
+	fast, qf := listen()
+	_, qn := listen()
+	acceptEvery(fast, 2*time.Millisecond)
+	move, emptied, err := settle(t.Context(), []queued{qf, qn}, time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, want := fds(move), fds([]queued{qn}); !slices.Equal(got, want) || emptied != conns {
+		t.Fatalf("settle: move %v, emptied %d; want the stuck listener's fd %v, %d emptied", got, emptied, want, conns)
+	}
+	if n, _, err := acceptQueue(qn.fd); err != nil || n != conns {
+		t.Fatalf("the stuck listener's queue: %d, %v; want %d", n, err, conns)
+	}
+	// Within the default grace (10 ms), one connection every 50 ms is too slow: the rest of the queue would take 100 ms.
+	slow, qs := listen()
+	acceptEvery(slow, 50*time.Millisecond)
+	move, emptied, err = settle(t.Context(), []queued{qs}, 0)
+	if err != nil || len(move) != 1 || emptied != 0 {
+		t.Fatalf("settle of a slow server: move %d, emptied %d, %v; want it moved", len(move), emptied, err)
+	}
+	// A cancelled context ends the wait with an error, and hands back the listeners still queued.
+	ctx, cancel := context.WithCancel(t.Context())
+	cancel()
+	_, q4 := listen()
+	move, _, err = settle(ctx, []queued{q4}, time.Hour)
+	if !errors.Is(err, context.Canceled) || len(move) != 1 {
+		t.Fatalf("settle with a cancelled context: move %d, %v; want 1 and context.Canceled", len(move), err)
 	}
 }

@@ -21,6 +21,7 @@ import (
 	"github.com/draind/draind/drain"
 	"github.com/draind/draind/handoff"
 	"github.com/draind/draind/proc"
+	"github.com/draind/draind/steer"
 )
 
 // portList is a repeatable --port flag (also accepts comma-separated lists).
@@ -280,6 +281,9 @@ func printSummary(w io.Writer, r *handoff.Result) {
 		fmt.Fprintf(w, "  in flight at flip  %d\n", r.InFlightAtFlip)
 		if r.QueueMoved > 0 {
 			fmt.Fprintf(w, "  queue moved        %d connection(s) to the new process (old side paused %s)\n", r.QueueMoved, r.QueuePaused.Round(time.Microsecond))
+		}
+		if r.QueueEmptied > 0 {
+			fmt.Fprintf(w, "  queue kept         %d connection(s) the old process accepted itself within %s\n", r.QueueEmptied, steer.DefaultMoveGrace)
 		}
 		when := ""
 		if r.SignalAt == drain.SignalFlip {
