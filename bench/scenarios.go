@@ -478,7 +478,7 @@ type DatapathRun struct {
 	CPUShare float64 `json:"selector_cpu_share"`
 	// draind's counter (drain.Tracker's BPF programs), the selector attached in every phase: idle (as a draind
 	// process keeps it loaded between handoffs: its iterators, no event program attached) and tracking (as while a
-	// handoff drains: the event programs attached, the server's port watched).
+	// handoff drains: the event program attached, the server's port watched).
 	CounterIdle     CounterCost `json:"counter_idle"`
 	CounterTracking CounterCost `json:"counter_tracking"`
 	Failed          int         `json:"failed"`
@@ -663,8 +663,8 @@ type CounterCost struct {
 	Ratio      float64   `json:"ratio"`            // median over adjacent phases of loaded / not loaded, as DatapathRun.Ratio
 	PairRatios []float64 `json:"pair_ratios"`
 	WithStats  float64   `json:"stats_per_s"` // answered/s in the phase with statistics on
-	// The runs and run time of the counter's event programs (loader.Counter.EventStats) over the statistics phase,
-	// their run time per answered connection, and that over the machine's CPU time per connection (as CPUShare).
+	// The runs and run time of the counter's event program (loader.Counter.EventStats) over the statistics phase,
+	// its run time per answered connection, and that over the machine's CPU time per connection (as CPUShare).
 	Runs      uint64  `json:"runs"`
 	RunTimeNS int64   `json:"run_time_ns"`
 	NsPerConn float64 `json:"ns_per_conn"`
@@ -684,9 +684,9 @@ type counterPhases struct {
 const counterSettle = 100 * time.Millisecond
 
 // runCounterPhases alternates pairs of phases with the counter loaded and not, then runs one phase loaded with BPF
-// statistics on. tracking: with the event programs attached (as LoadCounter leaves them) and port watched (a
-// handoff's state; no process is marked, so the counter wakes nobody); idle: with them detached. The counter is loaded and closed between phases, outside the measured
-// windows.
+// statistics on. tracking: with the event program attached (as LoadCounter leaves it) and port watched (a handoff's
+// state; no process is marked, so the counter wakes nobody); idle: with it detached. The counter is loaded and
+// closed between phases, outside the measured windows.
 func runCounterPhases(pairs int, phase time.Duration, tracking bool, port loader.PortKey, env *runEnv,
 	phaseOf func(string, time.Duration) (ratePhase, error)) (_ *counterPhases, err error) {
 	label := "attached + counter"
@@ -714,7 +714,7 @@ func runCounterPhases(pairs int, phase time.Duration, tracking bool, port loader
 		if tracking {
 			err = k.PutPort(port, 0)
 		} else {
-			err = k.WatchEvents(false) // LoadCounter attached them
+			err = k.WatchEvents(false) // LoadCounter attached it
 		}
 		if err != nil {
 			k.Close()

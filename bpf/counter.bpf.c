@@ -15,11 +15,12 @@
 //   changes from the others'.
 // - draind_state (tp_btf/inet_sock_set_state) fires on every TCP state change; for a tagged socket it counts the
 //   change for its mark and sends a wakeup through the ring buffer.
-// - draind_accept/draind_accept4 (syscall exit tracepoints) do the same when a process under a tracked mark accepts
-//   a connection: the accepted socket is not tagged yet, so userspace takes a snapshot to tag it.
-//   These event programs are attached only while some tree is tracked (loader.Counter.WatchEvents): they cost the
-//   host while attached (the state program runs on every TCP state change; a syscall tracepoint puts every syscall of
-//   every task on the kernel's slow path).
+//   It also wakes a tracked tree that starts listening on a watched port (an untagged listener entering LISTEN, in
+//   the context of its listen(2) call): the new listener must be tagged, so that its connections are born tagged.
+//   A connection accepted from a listener's queue where it waited since before the listener's tagging is not tagged
+//   either: userspace takes full snapshots while the last one saw connections queued on the tree's listeners.
+//   This event program is attached only while some tree is tracked (loader.Counter.WatchEvents): it runs on every TCP
+//   state change of the host while attached.
 //
 // - draind_held (iter/tcp, in one network namespace) lists the tagged connections that a socket file still holds.
 //   With the tag cloned from a tagged listener to the connections born on it, this finds the connections a tree
@@ -118,7 +119,7 @@ struct {
 // mark_events: per mark id, how many events may have changed the counts under it (never reset: userspace takes
 // differences).
 //   changes: state changes of tagged sockets that may mean their fd was closed; each lowers a count by at most one.
-//   resnaps: events after which only a new snapshot tells the count (an accept, a listener closing).
+//   resnaps: events after which only a new snapshot tells the count (a listener opening or closing).
 struct mark_count {
 	__u64 changes;
 	__u64 resnaps;
@@ -159,7 +160,7 @@ struct event {
 
 #define EVENT_STATE 1    // a tagged socket may have been closed
 #define EVENT_LISTENER 2 // a tagged listener closed
-#define EVENT_ACCEPT 3   // a process under a tracked mark accepted a connection
+#define EVENT_LISTEN 3   // a process under a tracked mark started listening on a watched port
 
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
@@ -401,15 +402,30 @@ int draind_sockets(struct bpf_iter__task_file *ctx)
 	return 0;
 }
 
+// on_listen wakes the tracked tree of the current task (the one calling listen(2)) when sk, an untagged socket that
+// starts listening, is on a watched port. The port is checked first: it is one lookup, where the walk up the process
+// tree is one per ancestor.
+static __always_inline void on_listen(struct sock *sk)
+{
+	struct port_key pk;
+	if (!tcp_port_key(sk, &pk) || !bpf_map_lookup_elem(&ports, &pk))
+		return;
+	struct path p;
+	path_of(bpf_get_current_task_btf(), &p);
+	if (p.tracked)
+		notify(p.tracked, EVENT_LISTEN, pk.port, TCP_CLOSE, TCP_LISTEN);
+}
+
 SEC("tp_btf/inet_sock_set_state")
 int BPF_PROG(draind_state, struct sock *sk, int oldstate, int newstate)
 {
 	struct sock_mark *t = bpf_sk_storage_get(&sock_marks, sk, 0, 0);
-	if (!t)
+	__u32 mark = t ? t->mark : 0;
+	if (!mark) {
+		if (newstate == TCP_LISTEN)
+			on_listen(sk);
 		return 0;
-	__u32 mark = t->mark;
-	if (!mark)
-		return 0;
+	}
 	if (oldstate == TCP_LISTEN && newstate != TCP_CLOSE) {
 		// A connection born on a tagged listener (its state copied from the listener's), tag included: count it,
 		// whatever flag it was born with. Nobody else sees it yet.
@@ -453,51 +469,6 @@ static __always_inline struct sock *file_sock(struct file *fp)
 	if (!skp)
 		return NULL;
 	return bpf_rdonly_cast(skp, bpf_core_type_id_kernel(struct sock));
-}
-
-// The classic tracepoint's context for syscalls:sys_exit_*: the common header, the syscall number, the result.
-struct sys_exit_ctx {
-	__u64 common;
-	__s64 nr;
-	__s64 ret;
-};
-
-// on_accept wakes the tracked tree that accepted a connection on a watched port: the new socket must be tagged (unless
-// it was born tagged, from a tagged listener, which the accept cannot tell). The port is checked first: it is one
-// lookup, where the walk up the process tree is one per ancestor, and most accepts of a host are on ports no handoff
-// watches.
-static __always_inline int on_accept(struct sys_exit_ctx *ctx)
-{
-	if (ctx->ret < 0)
-		return 0;
-	struct task_struct *task = bpf_get_current_task_btf();
-	struct fdtable *fdt = task->files->fdt;
-	struct file *fp;
-	if (ctx->ret >= fdt->max_fds ||
-	    bpf_probe_read_kernel(&fp, sizeof(fp), (void *)((__u64)fdt->fd + ctx->ret * sizeof(fp))) || !fp)
-		return 0;
-	struct sock *sk = file_sock(fp);
-	struct port_key pk;
-	if (!sk || !tcp_port_key(sk, &pk) || !bpf_map_lookup_elem(&ports, &pk))
-		return 0;
-	struct path p;
-	path_of(task, &p);
-	if (!p.tracked)
-		return 0;
-	notify(p.tracked, EVENT_ACCEPT, pk.port, 0, 0);
-	return 0;
-}
-
-SEC("tracepoint/syscalls/sys_exit_accept4")
-int draind_accept4(struct sys_exit_ctx *ctx)
-{
-	return on_accept(ctx);
-}
-
-SEC("tracepoint/syscalls/sys_exit_accept")
-int draind_accept(struct sys_exit_ctx *ctx)
-{
-	return on_accept(ctx);
 }
 
 // The task's flags (PF_*), read through a CO-RE flavor of task_struct (the ___ suffix is ignored when relocating).

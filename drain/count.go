@@ -27,6 +27,10 @@ func (c Count) Total() int { return c.Conns + c.Queued + c.Detached }
 // SCM_RIGHTS from outside the tree).
 const DefaultReconcile = 3 * time.Second
 
+// queuePoll is how often Wait takes a full snapshot while the last one saw connections queued on the tree's
+// listeners (more seldom when full snapshots are slow: 20 times the last one's duration, at most 5% of a CPU).
+const queuePoll = 10 * time.Millisecond
+
 // WaitOptions configures Wait. The zero value waits for kernel events and reconciles every DefaultReconcile.
 type WaitOptions struct {
 	// Poll, if positive, replaces the events: a snapshot every Poll (the way draind worked before the events; kept
@@ -50,11 +54,15 @@ var ErrDeadline = errors.New("drain deadline passed")
 // ctx's deadline passes first, and ctx's error if ctx is cancelled.
 //
 // Between snapshots it sleeps until the kernel reports events on the tree's sockets. Each counted event lowers the
-// count by at most one, so after a snapshot of N it needs N of them (or an accept, or a listener closing, which need
+// count by at most one, so after a snapshot of N it needs N of them (or a listener opening or closing, which needs
 // a new snapshot) before the count can be zero: a drain of 100,000 connections takes a handful of snapshots, and the
-// last connection's close is seen within one snapshot's time. The first snapshot, those after an accept or a
-// listener closing, and the reconciliations are full (they tag the tree's sockets for the events); the others are
-// fast. When the count reaches zero, Wait also looks for connections the tree took that no fd table holds (see
+// last connection's close is seen within one snapshot's time. The first snapshot, those after a listener opened or
+// closed, and the reconciliations are full (they tag the tree's sockets for the events); the others are fast.
+// A connection that waited in a listener's queue since before the listener was tagged is not tagged when the tree
+// accepts it (connections born later are: they inherit their listener's tag), and no event says it was accepted: so
+// while the last full snapshot saw connections queued on the tree's listeners, Wait takes a full one every 10 ms or
+// so, which tags what the tree accepted meanwhile. (After a handoff's flip the old listeners get no new
+// connections: this lasts until the old side has accepted its queue, or draind moved it.) When the count reaches zero, Wait also looks for connections the tree took that no fd table holds (see
 // Count.Detached) and goes on waiting while there are some. The Counter must track its tree.
 func Wait(ctx context.Context, c *Counter, opts WaitOptions) (Count, error) {
 	if opts.Reconcile <= 0 {
@@ -103,8 +111,10 @@ func Wait(ctx context.Context, c *Counter, opts WaitOptions) (Count, error) {
 			}
 		}
 		woken = false
-		if before.Resnaps != c.tagEvents().Resnaps {
-			full = true // an accept since the last full snapshot (perhaps the caller's): tag what it brought
+		if tagged, queued := c.tagEvents(); before.Resnaps != tagged.Resnaps || queued {
+			// A listener opened since the last full snapshot (perhaps the caller's), or that snapshot saw connections
+			// queued (perhaps accepted since, untagged): tag them.
+			full = true
 		}
 		start := time.Now()
 		n, err := exact(!full && opts.Poll <= 0)
@@ -132,7 +142,11 @@ func Wait(ctx context.Context, c *Counter, opts WaitOptions) (Count, error) {
 			continue
 		}
 		// Reconciliations (full snapshots) cost at most 0.2% of a CPU, however many sockets they walk.
-		timer.Reset(max(opts.Reconcile, 500*fullTook))
+		wait := max(opts.Reconcile, 500*fullTook)
+		if _, queued := c.tagEvents(); queued {
+			wait = min(wait, max(queuePoll, 20*fullTook))
+		}
+		timer.Reset(wait)
 	wait:
 		for {
 			select {
@@ -150,7 +164,7 @@ func Wait(ctx context.Context, c *Counter, opts WaitOptions) (Count, error) {
 			}
 			woken = true
 			if now.Resnaps != before.Resnaps {
-				full = true // an accepted socket must be tagged
+				full = true // a new listener must be tagged, or a closed one's queue recounted
 				break wait
 			}
 			if now.Changes-before.Changes >= uint64(n.Total()) {

@@ -27,7 +27,7 @@ const (
 
 	EventState    = 1 // Event.Kind: a remembered socket changed state
 	EventListener = 2 // Event.Kind: a remembered listener closed
-	EventAccept   = 3 // Event.Kind: a process under a tracked mark accepted a connection
+	EventListen   = 3 // Event.Kind: a process under a tracked mark started listening on a watched port
 
 	RecSum    = 1 // TaskRec.Kind: sums over a task's unshared sockets on one slot
 	RecShared = 2 // TaskRec.Kind: one socket whose file has several references
@@ -52,16 +52,16 @@ type CounterOptions struct {
 	Logger *slog.Logger
 }
 
-// Counter is the loaded and attached counter: the iterator, the tracepoints and the ring buffer reader. It is private
+// Counter is the loaded and attached counter: the iterators, the tracepoint and the ring buffer reader. It is private
 // to one draind process (nothing is pinned): counting starts afresh with every process, from a snapshot.
 type Counter struct {
 	objs  counterObjects
 	iter  *link.Iter // full snapshot (iter/task_file)
 	tasks *link.Iter // fast snapshot (iter/task)
 	held  *link.Iter // tagged connections still held (iter/tcp)
-	// events are the event programs' links while attached (WatchEvents), under eventsMu.
+	// events is the event program's link while attached (WatchEvents), under eventsMu.
 	eventsMu sync.Mutex
-	events   []link.Link
+	events   link.Link
 	rd       *ringbuf.Reader
 	buf      []byte
 	run      uint64 // fast snapshots so far (run_id)
@@ -69,14 +69,10 @@ type Counter struct {
 	err      error
 }
 
-// LoadCounter mounts tracefs if needed (the syscall tracepoints are found through it), loads the counter and attaches
-// it, the event programs included (see WatchEvents).
+// LoadCounter loads the counter and attaches it, the event program included (see WatchEvents).
 func LoadCounter(opts CounterOptions) (_ *Counter, err error) {
 	if opts.Logger == nil {
 		opts.Logger = slog.Default()
-	}
-	if err := ensureTraceFS(opts.Logger); err != nil {
-		return nil, err
 	}
 	c := &Counter{}
 	if err := loadCounterObjects(&c.objs, nil); err != nil {
@@ -101,8 +97,8 @@ func LoadCounter(opts CounterOptions) (_ *Counter, err error) {
 	if c.held, err = link.AttachIter(link.IterOptions{Program: p.DraindHeld}); err != nil {
 		return nil, fmt.Errorf("attach tcp iterator: %w", wrapPerm(err))
 	}
-	// Attached here, so that a kernel that refuses them fails at load rather than in a handoff; the caller detaches
-	// them while it tracks nothing (WatchEvents).
+	// Attached here, so that a kernel that refuses it fails at load rather than in a handoff; the caller detaches
+	// it while it tracks nothing (WatchEvents).
 	if err := c.WatchEvents(true); err != nil {
 		return nil, err
 	}
@@ -317,11 +313,10 @@ func (c *Counter) DeletePort(k PortKey) error {
 	return nil
 }
 
-// WatchEvents attaches the event programs (on) or detaches them: the tp_btf program on TCP state changes and the
-// accept syscalls' exit tracepoints. They cost the host while attached, whether or not a tree is tracked: the state
-// program runs on every TCP state change, and a syscall tracepoint puts every syscall of every task on the kernel's
-// slow path (its work flag is set on all of them). The Tracker attaches them only while it tracks a tree, so that an
-// idle draind costs the host nothing. Calling it with the current state does nothing.
+// WatchEvents attaches the event program (on) or detaches it: the tp_btf program on TCP state changes. It costs
+// the host while attached, whether or not a tree is tracked: it runs on every TCP state change. The Tracker
+// attaches it only while it tracks a tree, so that an idle draind costs the host nothing. Calling it with the
+// current state does nothing.
 //
 // Tags outlive a detach: a tagged connection released meanwhile stays counted in mark_live (too high, which is safe:
 // the walk for held connections is then not skipped for its mark, whose id is reused last).
@@ -332,57 +327,29 @@ func (c *Counter) WatchEvents(on bool) error {
 		return nil
 	}
 	if !on {
-		var errs []error
-		for _, l := range c.events {
-			errs = append(errs, l.Close())
-		}
+		err := c.events.Close()
 		c.events = nil
-		if err := errors.Join(errs...); err != nil {
-			return fmt.Errorf("detach event programs: %w", err)
+		if err != nil {
+			return fmt.Errorf("detach event program: %w", err)
 		}
 		return nil
 	}
-	p := &c.objs.counterPrograms
-	var ls []link.Link
-	fail := func(err error) error {
-		for _, l := range ls {
-			l.Close()
-		}
-		return err
-	}
-	l, err := link.AttachTracing(link.TracingOptions{Program: p.DraindState})
+	l, err := link.AttachTracing(link.TracingOptions{Program: c.objs.DraindState})
 	if err != nil {
-		return fail(fmt.Errorf("attach tracepoint inet_sock_set_state: %w", wrapPerm(err)))
+		return fmt.Errorf("attach tracepoint inet_sock_set_state: %w", wrapPerm(err))
 	}
-	ls = append(ls, l)
-	for _, tp := range []struct {
-		name string
-		prog *ebpf.Program
-	}{{"sys_exit_accept", p.DraindAccept}, {"sys_exit_accept4", p.DraindAccept4}} {
-		l, err := link.Tracepoint("syscalls", tp.name, tp.prog, nil)
-		if err != nil {
-			return fail(fmt.Errorf("attach tracepoint %s: %w", tp.name, wrapPerm(err)))
-		}
-		ls = append(ls, l)
-	}
-	c.events = ls
+	c.events = l
 	return nil
 }
 
-// EventStats sums the kernel's run-time statistics of the event programs (WatchEvents): how often they ran and for
-// how long. The kernel counts only
-// while its BPF statistics are on (BPF_ENABLE_STATS, or kernel.bpf_stats_enabled=1).
+// EventStats returns the kernel's run-time statistics of the event program (WatchEvents): how often it ran and for
+// how long. The kernel counts only while its BPF statistics are on (BPF_ENABLE_STATS, or kernel.bpf_stats_enabled=1).
 func (c *Counter) EventStats() (runs uint64, total time.Duration, err error) {
-	p := &c.objs.counterPrograms
-	for _, prog := range []*ebpf.Program{p.DraindState, p.DraindAccept, p.DraindAccept4} {
-		st, err := prog.Stats()
-		if err != nil {
-			return 0, 0, fmt.Errorf("read counter statistics: %w", err)
-		}
-		runs += st.RunCount
-		total += st.Runtime
+	st, err := c.objs.DraindState.Stats()
+	if err != nil {
+		return 0, 0, fmt.Errorf("read counter statistics: %w", err)
 	}
-	return runs, total, nil
+	return st.RunCount, st.Runtime, nil
 }
 
 // Close detaches and unloads the counter; a blocked ReadEvent returns ErrClosed. Safe to call twice.
@@ -404,25 +371,4 @@ func (c *Counter) Close() error {
 		}
 	})
 	return c.err
-}
-
-const (
-	traceFSDir   = "/sys/kernel/tracing"
-	traceFSMagic = unix.TRACEFS_MAGIC
-)
-
-// ensureTraceFS mounts tracefs at /sys/kernel/tracing when no tracefs is mounted there.
-func ensureTraceFS(log *slog.Logger) error {
-	var st unix.Statfs_t
-	if err := unix.Statfs(traceFSDir, &st); err == nil && st.Type == traceFSMagic {
-		return nil
-	}
-	if err := os.MkdirAll(traceFSDir, 0o755); err != nil {
-		return fmt.Errorf("create tracefs mount point %s: %w", traceFSDir, wrapPerm(err))
-	}
-	if err := unix.Mount("tracefs", traceFSDir, "tracefs", 0, ""); err != nil {
-		return fmt.Errorf("mount tracefs at %s: %w", traceFSDir, wrapPerm(err))
-	}
-	log.Info("mounted tracefs", "path", traceFSDir)
-	return nil
 }

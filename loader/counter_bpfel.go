@@ -96,8 +96,6 @@ const (
 	counterMapPorts          = "ports"
 	counterMapSockMarks      = "sock_marks"
 	counterMapWalked         = "walked"
-	counterProgDraindAccept  = "draind_accept"
-	counterProgDraindAccept4 = "draind_accept4"
 	counterProgDraindHeld    = "draind_held"
 	counterProgDraindSockets = "draind_sockets"
 	counterProgDraindState   = "draind_state"
@@ -153,8 +151,6 @@ type counterSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type counterProgramSpecs struct {
-	DraindAccept  *ebpf.ProgramSpec `ebpf:"draind_accept"`
-	DraindAccept4 *ebpf.ProgramSpec `ebpf:"draind_accept4"`
 	DraindHeld    *ebpf.ProgramSpec `ebpf:"draind_held"`
 	DraindSockets *ebpf.ProgramSpec `ebpf:"draind_sockets"`
 	DraindState   *ebpf.ProgramSpec `ebpf:"draind_state"`
@@ -245,8 +241,6 @@ type counterVariables struct {
 //
 // It can be passed to loadCounterObjects or ebpf.CollectionSpec.LoadAndAssign.
 type counterPrograms struct {
-	DraindAccept  *ebpf.Program `ebpf:"draind_accept"`
-	DraindAccept4 *ebpf.Program `ebpf:"draind_accept4"`
 	DraindHeld    *ebpf.Program `ebpf:"draind_held"`
 	DraindSockets *ebpf.Program `ebpf:"draind_sockets"`
 	DraindState   *ebpf.Program `ebpf:"draind_state"`
@@ -255,8 +249,6 @@ type counterPrograms struct {
 
 func (p *counterPrograms) Close() error {
 	return _CounterClose(
-		p.DraindAccept,
-		p.DraindAccept4,
 		p.DraindHeld,
 		p.DraindSockets,
 		p.DraindState,
