@@ -5,6 +5,7 @@ package drain
 import (
 	"context"
 	"errors"
+	"math"
 	"time"
 
 	"github.com/draind/draind/loader"
@@ -23,12 +24,13 @@ type Count struct {
 func (c Count) Total() int { return c.Conns + c.Queued + c.Detached }
 
 // DefaultReconcile is how often Wait takes a snapshot even though no event said the count may have moved: a guard
-// against what the events cannot see (an accept through io_uring into a plain fd, a socket received over
-// SCM_RIGHTS from outside the tree).
+// against what the events cannot see (a socket received over SCM_RIGHTS from outside the tree, a listener that
+// arrives already listening).
 const DefaultReconcile = 3 * time.Second
 
-// queuePoll is how often Wait takes a full snapshot while the last one saw connections queued on the tree's
-// listeners (more seldom when full snapshots are slow: 20 times the last one's duration, at most 5% of a CPU).
+// queuePoll is how often Wait takes a full snapshot while a recent one saw connections queued on the tree's
+// listeners (more seldom when full snapshots are slow: 20 times the last one's duration, at most 5% of a CPU; and
+// twice as seldom after each one that saw no fewer queued than the one before, as when the tree does not accept).
 const queuePoll = 10 * time.Millisecond
 
 // WaitOptions configures Wait. The zero value waits for kernel events and reconciles every DefaultReconcile.
@@ -60,7 +62,7 @@ var ErrDeadline = errors.New("drain deadline passed")
 // closed, and the reconciliations are full (they tag the tree's sockets for the events); the others are fast.
 // A connection that waited in a listener's queue since before the listener was tagged is not tagged when the tree
 // accepts it (connections born later are: they inherit their listener's tag), and no event says it was accepted: so
-// while the last full snapshot saw connections queued on the tree's listeners, Wait takes a full one every 10 ms or
+// until two full snapshots in a row saw nothing queued on the tree's listeners, Wait takes a full one every 10 ms or
 // so, which tags what the tree accepted meanwhile. (After a handoff's flip the old listeners get no new
 // connections: this lasts until the old side has accepted its queue, or draind moved it.) When the count reaches zero, Wait also looks for connections the tree took that no fd table holds (see
 // Count.Detached) and goes on waiting while there are some. The Counter must track its tree.
@@ -99,6 +101,7 @@ func Wait(ctx context.Context, c *Counter, opts WaitOptions) (Count, error) {
 	fullTook := c.Stats().FullMax // the caller's full snapshot, if Tagged
 	var now loader.MarkCount      // the events read by the wait that ended the last round, if it was woken
 	woken := false
+	poll, lastQueued := queuePoll, math.MaxInt // while connections were queued recently (see above)
 	for {
 		// Events are read before the snapshot: whatever happens from here on is in it or counted after. When a wakeup
 		// ended the last round, the events it read a moment ago do as well (an event in between is then both in the
@@ -111,9 +114,9 @@ func Wait(ctx context.Context, c *Counter, opts WaitOptions) (Count, error) {
 			}
 		}
 		woken = false
-		if tagged, queued := c.tagEvents(); before.Resnaps != tagged.Resnaps || queued {
-			// A listener opened since the last full snapshot (perhaps the caller's), or that snapshot saw connections
-			// queued (perhaps accepted since, untagged): tag them.
+		if tagged, _, settled := c.tagState(); before.Resnaps != tagged.Resnaps || !settled {
+			// A listener opened since the last full snapshot (perhaps the caller's), or connections were queued
+			// recently (perhaps accepted since, untagged): tag them.
 			full = true
 		}
 		start := time.Now()
@@ -143,8 +146,14 @@ func Wait(ctx context.Context, c *Counter, opts WaitOptions) (Count, error) {
 		}
 		// Reconciliations (full snapshots) cost at most 0.2% of a CPU, however many sockets they walk.
 		wait := max(opts.Reconcile, 500*fullTook)
-		if _, queued := c.tagEvents(); queued {
-			wait = min(wait, max(queuePoll, 20*fullTook))
+		if _, queued, settled := c.tagState(); !settled {
+			if queued == 0 || queued < lastQueued {
+				poll = max(queuePoll, 20*fullTook)
+			} else {
+				poll = min(2*poll, wait)
+			}
+			lastQueued = queued
+			wait = min(wait, poll)
 		}
 		timer.Reset(wait)
 	wait:

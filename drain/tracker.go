@@ -418,9 +418,11 @@ type Counter struct {
 	seen   map[uint64]struct{}
 	byPort map[uint16]Count // the last count, per port
 	tagged loader.MarkCount // the root mark's events just before the last full snapshot
-	// queuedAtFull: the last full snapshot saw connections queued on the tree's listeners. Those that waited there
-	// since before their listener was tagged are not tagged when the tree accepts them (see Wait).
-	queuedAtFull bool
+	// Full snapshots and the tree's queues (see Wait): a connection that waited in a listener's queue since before
+	// the listener was tagged is not tagged when the tree accepts it. queuedAtFull is what the last full snapshot saw
+	// queued on the tree's listeners; quietFulls how many full snapshots in a row saw nothing queued.
+	queuedAtFull int
+	quietFulls   int
 	closed       bool
 	stats        CounterStats
 }
@@ -530,7 +532,12 @@ func (c *Counter) countLocked(fast bool) (Count, error) {
 		return Count{}, fmt.Errorf("count connections: %w", err)
 	}
 	n := c.setByPort(byPort)
-	c.queuedAtFull = n.Queued > 0
+	c.queuedAtFull = n.Queued
+	if n.Queued > 0 {
+		c.quietFulls = 0
+	} else {
+		c.quietFulls++
+	}
 	c.t.mu.Lock()
 	c.stats.Full++
 	c.stats.FullMax = max(c.stats.FullMax, d)
@@ -639,12 +646,14 @@ func (c *Counter) walkHeld(id uint32) (int, error) {
 	return k, nil
 }
 
-// tagEvents returns the root mark's events read just before the last full snapshot, and whether that snapshot saw
-// connections queued on the tree's listeners.
-func (c *Counter) tagEvents() (loader.MarkCount, bool) {
+// tagState returns the root mark's events read just before the last full snapshot, what that snapshot saw queued on
+// the tree's listeners, and whether every connection the tree accepted is tagged: the last two full snapshots saw
+// nothing queued (a connection accepted during one, into an fd slot it had passed, is in an fd table when the next
+// one starts).
+func (c *Counter) tagState() (ev loader.MarkCount, queued int, settled bool) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	return c.tagged, c.queuedAtFull
+	return c.tagged, c.queuedAtFull, c.quietFulls >= 2
 }
 
 // add counts one socket: a listener's accept queue, or a connection in a state `ss` lists (not CLOSE: reset or

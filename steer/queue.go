@@ -21,13 +21,14 @@ const DefaultMoveGrace = 10 * time.Millisecond
 // MoveOptions for MoveQueues. The zero value gives the old side DefaultMoveGrace to empty its queues itself, waits up
 // to 200 ms for the holders to stop and persists nothing.
 type MoveOptions struct {
-	// Grace is how long the old side may take to empty its queues itself (0: DefaultMoveGrace; negative: no wait):
-	// MoveQueues watches each queue and moves it as soon as the rate the old side accepts at says it would take
-	// longer (a queue that has not shrunk after 1 ms is moved then). After the flip an old listener's queue gets
-	// nothing new, so a server that accepts empties it within a few milliseconds even on a busy machine, and moving
-	// it would cost more than it saves: the old side's holders are stopped, and the listen(2) that starts a listener
-	// again checks it against every socket bound to its port (about 5 ms with the tens of thousands of a connection
-	// storm), holding the port's bind hash lock, which every connection established on the port takes too.
+	// Grace is how long the old side may take, from MoveQueues' first look, to empty its queues itself (0:
+	// DefaultMoveGrace; negative: no wait): MoveQueues watches each queue and moves it as soon as the rate the old
+	// side accepts at says it would take longer (a queue that has not shrunk after 1 ms is moved then). After the flip
+	// an old listener's queue gets no new connections (only handshakes already under way complete into it), so a
+	// server that accepts empties it within a few milliseconds even on a busy machine, and moving it would cost more
+	// than it saves: the old side's holders are stopped, and the listen(2) that starts a listener again checks it
+	// against every socket bound to its port (about 5 ms with the tens of thousands of a connection storm), holding
+	// the port's bind hash lock, which every connection established on the port takes too.
 	Grace time.Duration
 	// StopTimeout bounds the wait for the old listeners' holders to stop; see proc.StopOptions.
 	StopTimeout time.Duration
@@ -63,7 +64,8 @@ type queued struct {
 	l       *Listener
 	fd      int
 	backlog int
-	first   int // connections queued when queuedListeners looked
+	first   int       // connections queued when queuedListeners looked
+	at      time.Time // when it looked
 }
 
 // MoveQueues moves the connections waiting in the old listeners' accept queues to the new side, once the flip is
@@ -97,6 +99,9 @@ func (s *Steering) MoveQueues(ctx context.Context, old *proc.Process, exclude []
 	qs, res.Emptied, err = settle(ctx, qs, opts.Grace)
 	if err != nil || len(qs) == 0 {
 		return res, err
+	}
+	if err := ctx.Err(); err != nil {
+		return res, fmt.Errorf("move accept queues: %w", err)
 	}
 	unlock, err := s.objs.Lock()
 	if err != nil {
@@ -204,12 +209,11 @@ func settle(ctx context.Context, qs []queued, grace time.Duration) (move []queue
 		observe = time.Millisecond       // before judging a rate
 		poll    = 200 * time.Microsecond // between looks
 	)
-	start := time.Now()
 	for {
-		elapsed := time.Since(start)
 		waiting := qs[:0]
 		for _, q := range qs {
 			n, _, err := acceptQueue(q.fd)
+			elapsed := time.Since(q.at)
 			switch {
 			case err == nil && n == 0:
 				emptied += q.first
@@ -268,7 +272,7 @@ func (s *Steering) queuedListeners() ([]queued, error) {
 				unix.Close(fd)
 				continue
 			}
-			out = append(out, queued{g: g, l: l, fd: fd, backlog: int(backlog), first: int(n)})
+			out = append(out, queued{g: g, l: l, fd: fd, backlog: int(backlog), first: int(n), at: time.Now()})
 		}
 	}
 	return out, nil

@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/draind/draind/testenv"
 	"golang.org/x/sys/unix"
 )
 
@@ -130,6 +131,7 @@ func TestRelistenRaceWithoutStop(t *testing.T) {
 // in their queues.
 func TestSettle(t *testing.T) {
 	const conns = 3
+	closed := map[int]*bool{} // per fd of a listen below: settle closed it
 	listen := func() (net.Listener, queued) {
 		t.Helper()
 		ln, err := net.Listen("tcp4", "127.0.0.1:0")
@@ -149,16 +151,24 @@ func TestSettle(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		fd := -1
-		if err := rc.Control(func(s uintptr) { fd, err = unix.Dup(int(s)) }); err != nil || fd < 0 {
-			t.Fatalf("copy the listener's fd: %v", err)
+		fd, derr := -1, error(nil)
+		if err := rc.Control(func(s uintptr) { fd, derr = unix.Dup(int(s)) }); err != nil || derr != nil {
+			t.Fatalf("copy the listener's fd: %v", errors.Join(err, derr))
 		}
-		t.Cleanup(func() { unix.Close(fd) }) // settle closes the fds of the queues it leaves alone: EBADF is fine
-		n, _, err := acceptQueue(fd)
-		if err != nil || n != conns {
-			t.Fatalf("accept queue %d, %v; want %d", n, err, conns)
-		}
-		return ln, queued{fd: fd, first: int(n)}
+		// Closed here unless settle closed it (a queue it leaves alone): never twice, since the fd number may be
+		// reused meanwhile.
+		done := new(bool)
+		closed[fd] = done
+		t.Cleanup(func() {
+			if !*done {
+				unix.Close(fd)
+			}
+		})
+		testenv.WaitFor(t, 5*time.Second, func() bool {
+			n, _, err := acceptQueue(fd)
+			return err == nil && n == conns
+		})
+		return ln, queued{fd: fd, first: conns, at: time.Now()}
 	}
 	acceptEvery := func(ln net.Listener, every time.Duration) {
 		go func() {
@@ -180,12 +190,31 @@ func TestSettle(t *testing.T) {
 		slices.Sort(out)
 		return out
 	}
-	// A server that accepts one connection every 2 ms is left to empty its queue within a generous grace; one that
-	// does not accept is moved.
+	// settleFds runs settle and notes which fds it closed.
+	settleFds := func(ctx context.Context, qs []queued, grace time.Duration) ([]queued, int, error) {
+		move, emptied, err := settle(ctx, qs, grace)
+		for _, q := range qs {
+			if !slices.ContainsFunc(move, func(m queued) bool { return m.fd == q.fd }) {
+				*closed[q.fd] = true
+			}
+		}
+		return move, emptied, err
+	}
+	waitAccepted := func(q queued) {
+		t.Helper()
+		testenv.WaitFor(t, 5*time.Second, func() bool {
+			n, _, err := acceptQueue(q.fd)
+			return err == nil && n < conns
+		})
+	}
+	// A server that accepts one connection every 2 ms is left to empty its queue within a generous grace (it has
+	// accepted one when settle starts, so settle sees it progress, whenever its first look comes); one that does not
+	// accept is moved.
 	fast, qf := listen()
 	_, qn := listen()
 	acceptEvery(fast, 2*time.Millisecond)
-	move, emptied, err := settle(t.Context(), []queued{qf, qn}, time.Second)
+	waitAccepted(qf)
+	move, emptied, err := settleFds(t.Context(), []queued{qf, qn}, time.Second)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -195,18 +224,24 @@ func TestSettle(t *testing.T) {
 	if n, _, err := acceptQueue(qn.fd); err != nil || n != conns {
 		t.Fatalf("the stuck listener's queue: %d, %v; want %d", n, err, conns)
 	}
-	// Within the default grace (10 ms), one connection every 50 ms is too slow: the rest of the queue would take 100 ms.
+	// One connection every 150 ms, with a grace of 300 ms: after the first accept the rest would take 300 ms more, so
+	// settle moves the queue at about 100 ms (when elapsed + 2 × elapsed passes the grace), before the second accept.
+	// (Waiting the whole grace, settle would see the queue emptied at 300 ms.)
 	slow, qs := listen()
-	acceptEvery(slow, 50*time.Millisecond)
-	move, emptied, err = settle(t.Context(), []queued{qs}, 0)
+	acceptEvery(slow, 150*time.Millisecond)
+	waitAccepted(qs)
+	move, emptied, err = settleFds(t.Context(), []queued{qs}, 300*time.Millisecond)
 	if err != nil || len(move) != 1 || emptied != 0 {
 		t.Fatalf("settle of a slow server: move %d, emptied %d, %v; want it moved", len(move), emptied, err)
+	}
+	if n, _, err := acceptQueue(qs.fd); err != nil || n != conns-1 {
+		t.Fatalf("the slow listener's queue when settle moved it: %d, %v; want %d (moved before its second accept)", n, err, conns-1)
 	}
 	// A cancelled context ends the wait with an error, and hands back the listeners still queued.
 	ctx, cancel := context.WithCancel(t.Context())
 	cancel()
 	_, q4 := listen()
-	move, _, err = settle(ctx, []queued{q4}, time.Hour)
+	move, _, err = settleFds(ctx, []queued{q4}, time.Hour)
 	if !errors.Is(err, context.Canceled) || len(move) != 1 {
 		t.Fatalf("settle with a cancelled context: move %d, %v; want 1 and context.Canceled", len(move), err)
 	}
