@@ -54,7 +54,7 @@ var Contenders = []Contender{
 		"the start of the new process (as (b))"},
 	{Tableflip, "(d) tableflip", "a server built with cloudflare/tableflip: SIGHUP starts its successor, which inherits the listening socket",
 		"the SIGHUP to the running process"},
-	{Draind, "(e) draind", "start the new, unmodified server with SO_REUSEPORT, then handoff.Run with its defaults (steer; move what waits in the old listener's accept queue to the new server, the old one paused meanwhile; drain; SIGTERM the old)",
+	{Draind, "(e) draind", "start the new, unmodified server with SO_REUSEPORT, then handoff.Run with its defaults (steer; move what waits in the old listener's accept queue to the new server, the old one paused meanwhile, unless the old one accepts it itself within 10 ms; drain; SIGTERM the old)",
 		"the handoff.Run call (the new process was started just before it)"},
 	{DraindFlip, "(f) draind, signal at flip", "as (e), with handoff.Options.SignalAt flip (`draind handoff --signal-at flip`): the old server is signalled right after the flip, closes its listener, and what it had queued migrates to the new one",
 		"the handoff.Run call (the new process was started just before it)"},
