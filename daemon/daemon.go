@@ -426,6 +426,9 @@ func (d *Daemon) record(e *entry, res *handoff.Result, err error) {
 	if res != nil && res.QueuePaused > 0 {
 		d.metrics.QueueMoved(res.QueueMoved, res.QueuePaused)
 	}
+	if res != nil && res.QueueEmptied > 0 {
+		d.metrics.QueueKept(res.QueueEmptied)
+	}
 }
 
 // counting is a handoff's Counting hook: the metrics read the sides' counters while they exist.

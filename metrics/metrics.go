@@ -86,6 +86,7 @@ type Metrics struct {
 	duration     prometheus.Histogram
 	drain        prometheus.Histogram
 	queueMoved   prometheus.Counter
+	queueKept    prometheus.Counter
 	queuePause   prometheus.Histogram
 	signals      *prometheus.CounterVec
 	rollbacks    *prometheus.CounterVec
@@ -127,6 +128,8 @@ func New(opts Options) *Metrics {
 		Buckets: prometheus.ExponentialBuckets(0.01, 2, 17)})
 	m.queueMoved = prometheus.NewCounter(prometheus.CounterOpts{Name: f("queue_moved_connections_total"),
 		Help: "Connections that waited in an old listener's accept queue after the flip and that draind moved to the new side."})
+	m.queueKept = prometheus.NewCounter(prometheus.CounterOpts{Name: f("queue_kept_connections_total"),
+		Help: "Connections that waited in an old listener's accept queue after the flip and that the old side accepted itself soon enough for draind not to move them."})
 	m.queuePause = prometheus.NewHistogram(prometheus.HistogramOpts{Name: f("queue_move_pause_seconds"),
 		Help:    "How long the old side's processes were stopped (SIGSTOP) while draind moved their accept queues.",
 		Buckets: prometheus.ExponentialBuckets(0.0001, 2, 12)})
@@ -162,7 +165,7 @@ func New(opts Options) *Metrics {
 		"The kernel's count of SYNs dropped by listeners (TcpExt ListenDrops), in a network namespace draind works in.",
 		[]string{"netns"}, nil)
 
-	m.Registry.MustRegister(m.started, m.finished, m.duration, m.drain, m.queueMoved, m.queuePause, m.signals, m.rollbacks, m.collectErrs, build, m)
+	m.Registry.MustRegister(m.started, m.finished, m.duration, m.drain, m.queueMoved, m.queueKept, m.queuePause, m.signals, m.rollbacks, m.collectErrs, build, m)
 	if !opts.NoRuntime {
 		m.Registry.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	}
@@ -199,6 +202,12 @@ func (m *Metrics) Finished(result string, took, drain time.Duration, rollback st
 func (m *Metrics) QueueMoved(n int, paused time.Duration) {
 	m.queueMoved.Add(float64(n))
 	m.queuePause.Observe(paused.Seconds())
+}
+
+// QueueKept records connections that waited in the old side's accept queues after the flip and that it accepted
+// itself soon enough for draind not to move them.
+func (m *Metrics) QueueKept(n int) {
+	m.queueKept.Add(float64(n))
 }
 
 // Describe implements prometheus.Collector for the scrape-time families.

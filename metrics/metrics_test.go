@@ -51,6 +51,7 @@ func TestMetrics(t *testing.T) {
 	m.Finished(ResultDrained, 3*time.Second, 2500*time.Millisecond, "")
 	m.Finished(ResultRolledBack, time.Second, 0, "new_exited")
 	m.QueueMoved(12, 1500*time.Microsecond)
+	m.QueueKept(5)
 
 	problems, err := testutil.GatherAndLint(m.Registry)
 	if err != nil {
@@ -82,12 +83,16 @@ draind_rollbacks_total{reason="restarted"} 0
 # HELP draind_queue_moved_connections_total Connections that waited in an old listener's accept queue after the flip and that draind moved to the new side.
 # TYPE draind_queue_moved_connections_total counter
 draind_queue_moved_connections_total 12
+# HELP draind_queue_kept_connections_total Connections that waited in an old listener's accept queue after the flip and that the old side accepted itself soon enough for draind not to move them.
+# TYPE draind_queue_kept_connections_total counter
+draind_queue_kept_connections_total 5
 # HELP draind_signals_sent_total Signals draind delivered to old processes, by signal name.
 # TYPE draind_signals_sent_total counter
 draind_signals_sent_total{signal="SIGTERM"} 1
 `
 	if err := testutil.GatherAndCompare(m.Registry, strings.NewReader(want), "draind_inflight_connections",
-		"draind_handoffs_finished_total", "draind_rollbacks_total", "draind_signals_sent_total", "draind_queue_moved_connections_total"); err != nil {
+		"draind_handoffs_finished_total", "draind_rollbacks_total", "draind_signals_sent_total", "draind_queue_moved_connections_total",
+		"draind_queue_kept_connections_total"); err != nil {
 		t.Fatal(err)
 	}
 	var pause dto.Metric
