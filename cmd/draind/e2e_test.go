@@ -844,7 +844,7 @@ func TestDeadlineAndInterrupt(t *testing.T) {
 				t.Fatalf("old was signalled: %v", sigs)
 			case c.wantSig == syscall.SIGKILL:
 				if !(out.Killed || out.Signal == "KILL") || !old.Exited() {
-					t.Fatalf("old not killed: signal %s, exited %v", out.Signal, old.Exited())
+					t.Fatalf("old not killed: signal %s, killed %v, exited %v (outcome %s, left %d): %s", out.Signal, out.Killed, old.Exited(), out.Outcome, out.Left, h.errText())
 				}
 			case c.wantSig != 0 && (len(sigs) != 1 || sigs[0].Signal != c.wantSig):
 				t.Fatalf("old got %v, want %v", sigs, c.wantSig)
