@@ -64,8 +64,9 @@ var ErrDeadline = errors.New("drain deadline passed")
 // accepts it (connections born later are: they inherit their listener's tag), and no event says it was accepted: so
 // until two full snapshots in a row saw nothing queued on the tree's listeners, Wait takes a full one every 10 ms or
 // so, which tags what the tree accepted meanwhile. (After a handoff's flip the old listeners get no new
-// connections: this lasts until the old side has accepted its queue, or draind moved it.) When the count reaches zero, Wait also looks for connections the tree took that no fd table holds (see
-// Count.Detached) and goes on waiting while there are some. The Counter must track its tree.
+// connections: this lasts until the old side has accepted its queue, or draind moved it.) When the count reaches
+// zero, Wait also looks for connections the tree took that no fd table holds (see Count.Detached) and goes on
+// waiting while there are some. The Counter must track its tree.
 func Wait(ctx context.Context, c *Counter, opts WaitOptions) (Count, error) {
 	if opts.Reconcile <= 0 {
 		opts.Reconcile = DefaultReconcile
@@ -145,17 +146,17 @@ func Wait(ctx context.Context, c *Counter, opts WaitOptions) (Count, error) {
 			continue
 		}
 		// Reconciliations (full snapshots) cost at most 0.2% of a CPU, however many sockets they walk.
-		wait := max(opts.Reconcile, 500*fullTook)
+		next := max(opts.Reconcile, 500*fullTook)
 		if _, queued, settled := c.tagState(); !settled {
 			if queued == 0 || queued < lastQueued {
 				poll = max(queuePoll, 20*fullTook)
 			} else {
-				poll = min(2*poll, wait)
+				poll = min(2*poll, next)
 			}
 			lastQueued = queued
-			wait = min(wait, poll)
+			next = min(next, poll)
 		}
-		timer.Reset(wait)
+		timer.Reset(next)
 	wait:
 		for {
 			select {
