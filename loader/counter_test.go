@@ -10,16 +10,23 @@ import (
 	"github.com/draind/draind/testenv"
 )
 
+// counterForTest loads the counter for tb (which needs root and BPF) and closes it at cleanup.
+func counterForTest(tb testing.TB) *Counter {
+	tb.Helper()
+	testenv.Require(tb)
+	c, err := LoadCounter(CounterOptions{})
+	if err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(func() { c.Close() })
+	return c
+}
+
 // TestWatchEvents: the event program runs only while attached (it costs every TCP connection of the host): a
 // connection after LoadCounter (which attaches it) or WatchEvents(true) runs it; one after WatchEvents(false) does
 // not. The kernel's run counts say so.
 func TestWatchEvents(t *testing.T) {
-	testenv.Require(t)
-	c, err := LoadCounter(CounterOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
+	c := counterForTest(t)
 	stats, err := ebpf.EnableStats(uint32(unix.BPF_STATS_RUN_TIME))
 	if err != nil {
 		t.Fatal(err)
@@ -71,12 +78,7 @@ func TestWatchEvents(t *testing.T) {
 // BenchmarkWatchEvents: attaching the event program, and detaching it.
 // go test -run '^$' -bench WatchEvents -benchtime 5x ./loader
 func BenchmarkWatchEvents(b *testing.B) {
-	testenv.Require(b)
-	c, err := LoadCounter(CounterOptions{})
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer c.Close()
+	c := counterForTest(b)
 	for _, on := range []bool{true, false} {
 		name := "detach"
 		if on {
