@@ -363,13 +363,15 @@ func (d *Daemon) start(e *entry, fn func(ctx context.Context) (*handoff.Result, 
 			d.log.Info("handoff left for the next draind", "id", e.id)
 			return
 		}
+		// Metrics and the log line come before the handoff leaves the status list: a caller that sees it gone
+		// also sees how it ended.
+		d.record(e, res, err)
+		d.log.Info("handoff ended", "id", e.id, "outcome", outcomeOf(res), "err", err)
 		d.forget(e, true)
 		ev := api.Event{Type: api.EventResult, ID: e.id, Result: res}
 		if err != nil {
 			ev.Err = classify(err)
 		}
-		d.record(e, res, err)
-		d.log.Info("handoff ended", "id", e.id, "outcome", outcomeOf(res), "err", err)
 		e.result <- ev
 	}()
 	return nil
@@ -382,8 +384,14 @@ func outcomeOf(res *handoff.Result) handoff.Outcome {
 	return res.Outcome
 }
 
-// forget drops a handoff and its listener claims; with drop, its record leaves the state file too.
+// forget drops a handoff and its listener claims; with drop, its record leaves the state file first, so a handoff
+// gone from the status list is gone from the state file too.
 func (d *Daemon) forget(e *entry, drop bool) {
+	if drop {
+		if err := d.state.remove(e.id); err != nil {
+			d.log.Error("write state file", "err", err)
+		}
+	}
 	d.mu.Lock()
 	delete(d.handoffs, e.id)
 	for c, cl := range d.claims {
@@ -392,11 +400,6 @@ func (d *Daemon) forget(e *entry, drop bool) {
 		}
 	}
 	d.mu.Unlock()
-	if drop {
-		if err := d.state.remove(e.id); err != nil {
-			d.log.Error("write state file", "err", err)
-		}
-	}
 }
 
 // record counts a handoff's end in the metrics.

@@ -81,6 +81,15 @@ func startDaemon(t testing.TB, dir, pins string) *daemonProc {
 
 func (d *daemonProc) log() string { return d.errText() }
 
+// waitEnded waits until the daemon runs no handoff and its log holds the "handoff ended" line of each: the line is
+// written before a handoff leaves the status list, and the log reaches the test through a pipe a moment later.
+func (d *daemonProc) waitEnded(within time.Duration) {
+	d.t.Helper()
+	testenv.WaitFor(d.t, within, func() bool {
+		return len(d.status()) == 0 && strings.Count(d.log(), `"msg":"handoff ended"`) >= strings.Count(d.log(), `"msg":"resuming handoff"`)
+	})
+}
+
 // signal sends sig and waits for the daemon to exit; it returns the exit code (-N: killed by signal N).
 func (d *daemonProc) signal(sig syscall.Signal) int {
 	d.t.Helper()
@@ -204,7 +213,8 @@ func TestDaemonSurvivesKillAndStop(t *testing.T) {
 	}
 
 	d3 := startDaemon(t, dir, pins)
-	testenv.WaitFor(t, 20*time.Second, func() bool { return old.Exited() && len(d3.status()) == 0 })
+	testenv.WaitFor(t, 20*time.Second, old.Exited)
+	d3.waitEnded(20 * time.Second)
 	time.Sleep(300 * time.Millisecond)
 	r, err := load.Stop()
 	if err != nil {
@@ -895,7 +905,7 @@ func TestDaemonResumeNewDied(t *testing.T) {
 	testenv.WaitFor(t, 10*time.Second, newS.Exited)
 
 	d2 := startDaemon(t, dir, pins)
-	testenv.WaitFor(t, 20*time.Second, func() bool { return len(d2.status()) == 0 })
+	d2.waitEnded(20 * time.Second)
 	if recs := d2.records(); len(recs) != 0 {
 		t.Fatalf("state file still holds %d handoff(s)", len(recs))
 	}
@@ -949,7 +959,7 @@ func TestDaemonSignalAtFlipResumed(t *testing.T) {
 	if took < deadline || took > deadline+2*time.Second {
 		t.Fatalf("old process exited %v after the flip, want SIGKILL at the %v deadline", took, deadline)
 	}
-	testenv.WaitFor(t, 10*time.Second, func() bool { return len(d2.status()) == 0 })
+	d2.waitEnded(10 * time.Second)
 	moved := migrated(newS.PID)
 	r := stopLoad(t, load)
 	t.Logf("migrated %v", moved)
@@ -1003,7 +1013,7 @@ func TestDaemonKillAfterResumed(t *testing.T) {
 			if took < killAfter || took > killAfter+time.Second {
 				t.Fatalf("old process exited %v after its signal, want SIGKILL at %v", took, killAfter)
 			}
-			testenv.WaitFor(t, 10*time.Second, func() bool { return len(d2.status()) == 0 })
+			d2.waitEnded(10 * time.Second)
 			l := d2.log()
 			if !strings.Contains(l, `"stage":"signalled"`) || !strings.Contains(l, `"outcome":"drained"`) {
 				t.Fatalf("the second daemon did not end the resumed handoff:\n%s", l)
@@ -1079,7 +1089,7 @@ func moveInterrupted(t *testing.T) bool {
 	d2 := startDaemon(t, dir, pins)
 	testenv.WaitFor(t, 10*time.Second, func() bool { return proc.State(old.PID) != 'T' })
 	testenv.WaitFor(t, 10*time.Second, old.Exited)
-	testenv.WaitFor(t, 10*time.Second, func() bool { return len(d2.status()) == 0 })
+	d2.waitEnded(10 * time.Second)
 	r := stopLoad(t, load)
 	requireNoFailures(t, r)
 	if l := d2.log(); caught != strings.Contains(l, "continued a process the previous draind left stopped") {
