@@ -643,7 +643,8 @@ func (h *run) sent(sig syscall.Signal) {
 	if err := h.persist(); err != nil {
 		h.opts.Logger.Error("persist handoff", "err", err)
 	}
-	h.opts.Progress(Progress{Stage: StageSignalled, Signal: "SIG" + h.res.Signal, Message: "SIG" + h.res.Signal})
+	name := "SIG" + drain.SignalName(sig) // a SIGKILL at the deadline after a signal at the flip is not h.res.Signal
+	h.opts.Progress(Progress{Stage: StageSignalled, Signal: name, Message: name})
 }
 
 // exitWatchContext is the context of the watch for the old process's exit: once signalled, an interruption does

@@ -15,6 +15,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // Environment variables by which a re-executed binary learns that it is a testenv child.
@@ -339,13 +341,18 @@ func (p *proc) control(ctx context.Context, command string) error {
 	}
 }
 
+// hasExited asks the kernel too: the goroutine that reaps the child may run a moment after its exit, later than a
+// test that saw the exit another way (draind's pidfd) looks. WNOWAIT leaves the zombie to that goroutine; ECHILD
+// means it has just reaped it.
 func (p *proc) hasExited() bool {
 	select {
 	case <-p.exited:
 		return true
 	default:
-		return false
 	}
+	var info unix.Siginfo
+	err := unix.Waitid(unix.P_PID, p.cmd.Process.Pid, &info, unix.WEXITED|unix.WNOHANG|unix.WNOWAIT, nil)
+	return errors.Is(err, unix.ECHILD) || (err == nil && info.Signo == int32(unix.SIGCHLD))
 }
 
 // wait waits until the process has exited and its events are read. exited is false only if ctx ended first; err is

@@ -843,8 +843,8 @@ func TestDeadlineAndInterrupt(t *testing.T) {
 			case c.wantSig == 0 && len(sigs) != 0:
 				t.Fatalf("old was signalled: %v", sigs)
 			case c.wantSig == syscall.SIGKILL:
-				if !(out.Killed || out.Signal == "KILL") || !old.Exited() {
-					t.Fatalf("old not killed: signal %s, killed %v, exited %v (outcome %s, left %d): %s", out.Signal, out.Killed, old.Exited(), out.Outcome, out.Left, h.errText())
+				if !(out.Killed || out.Signal == "KILL") || !out.ExitSeen || !old.Exited() {
+					t.Fatalf("old not killed: signal %s, killed %v, exit seen %v, exited %v (outcome %s, left %d): %s", out.Signal, out.Killed, out.ExitSeen, old.Exited(), out.Outcome, out.Left, h.errText())
 				}
 			case c.wantSig != 0 && (len(sigs) != 1 || sigs[0].Signal != c.wantSig):
 				t.Fatalf("old got %v, want %v", sigs, c.wantSig)
