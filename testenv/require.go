@@ -13,14 +13,13 @@
 package testenv
 
 import (
-	"errors"
 	"fmt"
 	"os"
 	"os/exec"
-	"runtime"
 	"testing"
-	"unsafe"
 
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/asm"
 	"golang.org/x/sys/unix"
 )
 
@@ -68,43 +67,18 @@ func checkRequirements() error {
 	return nil
 }
 
-// bpfProgLoadAttr is the prefix of union bpf_attr used by BPF_PROG_LOAD up to prog_flags; the kernel treats the
-// missing tail as zero.
-type bpfProgLoadAttr struct {
-	progType    uint32
-	insnCnt     uint32
-	insns       uint64
-	license     uint64
-	logLevel    uint32
-	logSize     uint32
-	logBuf      uint64
-	kernVersion uint32
-	progFlags   uint32
-}
-
-// probeBPF loads "r0 = 0; exit" as a socket filter and closes it again.
+// probeBPF loads "r0 = 0; exit" as a socket filter and closes it again. cilium/ebpf retries the load when a signal
+// interrupts the verifier (EAGAIN: the Go runtime's preemption signals reach a test binary's threads).
 func probeBPF() error {
-	insns := []byte{
-		0xb7, 0, 0, 0, 0, 0, 0, 0, // BPF_ALU64 | BPF_MOV | BPF_K: r0 = 0
-		0x95, 0, 0, 0, 0, 0, 0, 0, // BPF_JMP | BPF_EXIT
+	p, err := ebpf.NewProgram(&ebpf.ProgramSpec{
+		Type:         ebpf.SocketFilter,
+		Instructions: asm.Instructions{asm.Mov.Imm(asm.R0, 0), asm.Return()},
+		License:      "GPL",
+	})
+	if err != nil {
+		return err
 	}
-	license := []byte("GPL\x00")
-	attr := bpfProgLoadAttr{
-		progType: unix.BPF_PROG_TYPE_SOCKET_FILTER,
-		insnCnt:  uint32(len(insns) / 8),
-		insns:    uint64(uintptr(unsafe.Pointer(&insns[0]))),
-		license:  uint64(uintptr(unsafe.Pointer(&license[0]))),
-	}
-	fd, _, errno := unix.Syscall(unix.SYS_BPF, unix.BPF_PROG_LOAD, uintptr(unsafe.Pointer(&attr)), unsafe.Sizeof(attr))
-	runtime.KeepAlive(insns)
-	runtime.KeepAlive(license)
-	if errno != 0 {
-		return errno
-	}
-	if int(fd) < 0 {
-		return errors.New("invalid program fd")
-	}
-	return unix.Close(int(fd))
+	return p.Close()
 }
 
 // MonoNow returns CLOCK_MONOTONIC in nanoseconds. The clock is shared by all processes on the host, so values taken
