@@ -24,10 +24,12 @@ test: lint
 	$(GO) test -p 1 -count=1 -timeout 30m ./...
 	$(MAKE) fuzz FUZZTIME=30s
 
-# The API request decoder under the fuzzer (the test command runs it for 30s).
+# The API request decoder under the fuzzer (the test command runs it for 30s). Each new input is minimized for at
+# most 2s: with Go's default of 60s, minimizing took all of a 30s run after its first 3s (19,168 inputs tried in 15s
+# against 224,878 with 2s).
 FUZZTIME ?= 2m
 fuzz:
-	$(GO) test -run '^$$' -fuzz FuzzDecodeHandoff -fuzztime $(FUZZTIME) ./api
+	$(GO) test -run '^$$' -fuzz FuzzDecodeHandoff -fuzztime $(FUZZTIME) -fuzzminimizetime 2s ./api
 
 demo: build
 	./$(BIN) demo
