@@ -423,7 +423,25 @@ func queuedOld(t testing.TB, ns *testenv.NetNS, n int, o testenv.ServerOptions) 
 		t.Fatal(err)
 	}
 	load := testenv.StartLoadForTest(t, ns, testenv.LoadOptions{Addr: addr, Concurrency: n, Duration: 20 * time.Second, Timeout: 15 * time.Second})
-	time.Sleep(300 * time.Millisecond) // every worker's connection waits in the queue
+	// Every worker's connection waits in the queue: on a busy machine the load client connects late (a fixed 300 ms
+	// wait let a handoff find the queue empty and end the drain at once).
+	p, err := proc.Open(old.PID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	testenv.WaitFor(t, 10*time.Second, func() bool {
+		side, err := steer.Discover(p)
+		if err != nil {
+			return false
+		}
+		defer side.Close()
+		q := 0
+		for _, l := range side.Listeners {
+			q += int(l.Queue)
+		}
+		return q >= n
+	})
 	return old, load
 }
 
