@@ -86,7 +86,8 @@ func (d *daemonProc) log() string { return d.errText() }
 func (d *daemonProc) waitEnded(within time.Duration) {
 	d.t.Helper()
 	testenv.WaitFor(d.t, within, func() bool {
-		return len(d.status()) == 0 && strings.Count(d.log(), `"msg":"handoff ended"`) >= strings.Count(d.log(), `"msg":"resuming handoff"`)
+		l := d.log()
+		return len(d.status()) == 0 && strings.Count(l, `"msg":"handoff ended"`) >= strings.Count(l, `"msg":"resuming handoff"`)
 	})
 }
 
