@@ -514,6 +514,12 @@ func (c *Counter) countLocked(fast bool) (Count, error) {
 		if err != nil {
 			return Count{}, err
 		}
+		if ev.Resnaps != c.tagged.Resnaps {
+			// A listener opened (or closed) since the last full snapshot: the quiet ones before say nothing of the
+			// connections born on a new listener before this snapshot tags it, and this one may miss one of them, taken
+			// from the queue into an fd slot it has passed. The count starts again.
+			c.quietFulls = 0
+		}
 		c.tagged = ev
 	}
 	clear(c.seen)
@@ -648,9 +654,9 @@ func (c *Counter) walkHeld(id uint32) (int, error) {
 }
 
 // tagState returns the root mark's events read just before the last full snapshot, what that snapshot saw queued on
-// the tree's listeners, and whether every connection the tree accepted is tagged: the last two full snapshots saw
-// nothing queued (a connection accepted during one, into an fd slot it had passed, is in an fd table when the next
-// one starts).
+// the tree's listeners, and whether every connection the tree accepted is tagged: the last two full snapshots, both
+// taken since the last listener opened or closed, saw nothing queued (a connection accepted during one, into an fd
+// slot it had passed, is in an fd table when the next one starts).
 func (c *Counter) tagState() (ev loader.MarkCount, queued int, settled bool) {
 	c.mu.Lock()
 	defer c.mu.Unlock()

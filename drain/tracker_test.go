@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"sync"
 	"testing"
 	"time"
 
@@ -469,6 +470,158 @@ func TestListenAfterTagging(t *testing.T) {
 	b.Close()
 	if r := <-done; r.err != nil || r.n.Total() != 0 {
 		t.Fatalf("wait = %+v, %v; want zero, woken by the close of the connection accepted on the new listener", r.n, r.err)
+	}
+}
+
+// TestAcceptDuringSnapshot: a connection born on a listener the tree opened after its last full snapshot (so not
+// tagged) and accepted while the next full snapshot walks the tree's fd table, into a slot the walk has passed, is seen
+// neither queued nor held by that snapshot. Wait must still take another full one, which tags it, before it trusts the
+// fast snapshot: the close of that connection ends this Wait. (Reconciliation is off: only the events can end it.)
+//
+// To hit the race, this process holds thousands of copies of /dev/null, so that the walk of its fd table takes about a
+// millisecond; the connection gets one of the lowest slots and the new listener one of the highest, and the test
+// accepts at times spread over the snapshot. Before the fix (quiet full snapshots counted from before the listener
+// opened) three runs of this test hit the race three times each, and each time Wait stayed at one connection until
+// it was cancelled.
+func TestAcceptDuringSnapshot(t *testing.T) {
+	testenv.Require(t)
+	var lim unix.Rlimit
+	if err := unix.Getrlimit(unix.RLIMIT_NOFILE, &lim); err != nil {
+		t.Fatal(err)
+	}
+	devnull, err := os.Open(os.DevNull)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer devnull.Close()
+	var fds []int
+	defer func() {
+		for _, fd := range fds {
+			unix.Close(fd)
+		}
+	}()
+	for range min(19000, int(lim.Cur)-1000) {
+		fd, err := unix.Dup(int(devnull.Fd()))
+		if err != nil {
+			t.Fatal(err)
+		}
+		fds = append(fds, fd)
+	}
+	// The lowest slots, freed for the new connection, its client and the iterator's own fds.
+	low := fds[:10]
+	const attempts, wantHits = 20, 3
+	hits := 0
+	for k := 0; k < attempts && hits < wantHits; k++ {
+		t.Run(fmt.Sprint(k), func(t *testing.T) {
+			// Give the slots back to /dev/null last, when the attempt has closed everything.
+			t.Cleanup(func() {
+				for _, fd := range low {
+					if err := unix.Dup3(int(devnull.Fd()), fd, 0); err != nil {
+						t.Errorf("refill fd %d: %v", fd, err)
+					}
+				}
+			})
+			c, ln := selfCounter(t, true)
+			dial := func(addr string) {
+				t.Helper()
+				var d net.Dialer
+				d.SetMultipathTCP(false)
+				cl, err := d.Dial("tcp", addr)
+				if err != nil {
+					t.Fatal(err)
+				}
+				t.Cleanup(func() { cl.Close() })
+			}
+			dial(ln.Addr().String())
+			a, err := ln.Accept()
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer a.Close()
+			start := time.Now()
+			mustCount(t, c, drain.Count{Conns: 1}) // quiet: nothing queued
+			took := time.Since(start)
+			var lc net.ListenConfig
+			lc.SetMultipathTCP(false)
+			l2, err := lc.Listen(context.Background(), "tcp", fmt.Sprintf("127.0.0.2:%d", ln.Addr().(*net.TCPAddr).Port))
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer l2.Close()
+			for _, fd := range low {
+				if err := unix.Close(fd); err != nil {
+					t.Fatal(err)
+				}
+			}
+			dial(l2.Addr().String())
+			waitQueued(t, l2.(*net.TCPListener), 1)
+			// The snapshot that may miss it: the first full one since the listener opened.
+			type result struct {
+				n   drain.Count
+				err error
+			}
+			counted := make(chan result, 1)
+			started := make(chan time.Time)
+			go func() {
+				started <- time.Now()
+				n, err := c.Count()
+				counted <- result{n, err}
+			}()
+			for at := <-started; time.Since(at) < took*time.Duration(k)/attempts; {
+			}
+			b, err := l2.Accept()
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer b.Close()
+			r := <-counted
+			if r.err != nil {
+				t.Fatal(r.err)
+			}
+			if r.n == (drain.Count{Conns: 1}) {
+				hits++ // neither queued nor held: the race
+			}
+			a.Close()
+			ctx, cancel := context.WithCancel(context.Background())
+			defer cancel()
+			time.AfterFunc(10*time.Second, cancel)
+			var once sync.Once
+			n, err := drain.Wait(ctx, c, drain.WaitOptions{Tagged: true, Reconcile: time.Hour, Progress: func(drain.Count) {
+				once.Do(func() { b.Close() }) // after Wait's first snapshot, which counted it
+			}})
+			if err != nil || n.Total() != 0 {
+				t.Fatalf("snapshot during the accept = %+v; wait = %+v, %v; want zero, woken by the close of the connection accepted during it", r.n, n, err)
+			}
+		})
+	}
+	if hits == 0 {
+		t.Fatalf("no attempt of %d hit the race (a full snapshot that missed the accepted connection)", attempts)
+	}
+	t.Logf("the race hit %d time(s)", hits)
+}
+
+// waitQueued waits (at most 5 s) until ln's accept queue holds n connections (TCP_INFO's unacked, for a listener).
+func waitQueued(t *testing.T, ln *net.TCPListener, n int) {
+	t.Helper()
+	rc, err := ln.SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for end := time.Now().Add(5 * time.Second); ; time.Sleep(time.Millisecond) {
+		var info *unix.TCPInfo
+		var ierr error
+		if err := rc.Control(func(fd uintptr) { info, ierr = unix.GetsockoptTCPInfo(int(fd), unix.IPPROTO_TCP, unix.TCP_INFO) }); err != nil {
+			t.Fatal(err)
+		}
+		if ierr != nil {
+			t.Fatal(ierr)
+		}
+		if int(info.Unacked) >= n {
+			return
+		}
+		if time.Now().After(end) {
+			t.Fatalf("listener queue = %d after 5s, want %d", info.Unacked, n)
+		}
 	}
 }
 
