@@ -18,7 +18,8 @@
 //   It also wakes a tracked tree that starts listening on a watched port (an untagged listener entering LISTEN, in
 //   the context of its listen(2) call): the new listener must be tagged, so that its connections are born tagged.
 //   A connection accepted from a listener's queue where it waited since before the listener's tagging is not tagged
-//   either: userspace takes full snapshots until two in a row saw nothing queued on the tree's listeners.
+//   either: userspace takes full snapshots until two in a row (since the last listener opened or closed) saw nothing
+//   queued on the tree's listeners.
 //   This event program is attached only while some tree is tracked (loader.Counter.WatchEvents): it runs on every TCP
 //   state change of the host while attached.
 //
