@@ -531,7 +531,7 @@ func (r *Results) CompareTable() Table {
 		row := []string{f.name}
 		for _, col := range cols {
 			var vs []float64
-			for rep := range r.Params.Repeats {
+			for rep := range r.Params.maxRepeats() {
 				a, ok1 := f.val(col.a, rep)
 				b, ok2 := f.val(col.b, rep)
 				if ok1 && ok2 && b > 0 {
@@ -613,15 +613,110 @@ func (r *Results) Targets() Table {
 		t.Rows = append(t.Rows, []string{d.name + " no worse than tableflip on any figure (medians of scenarios 1–4)", measured, yes(len(worse) == 0)})
 
 		// The same figures, repeat by repeat: a difference the machine's noise explains goes one way in some repeats
-		// and the other way in others; one that is draind's goes the same way in every repeat.
-		always, n := r.consistentlyWorse(d.key, Tableflip)
-		measured = fmt.Sprintf("on no figure (%d repeats compared)", n)
-		if len(always) > 0 {
-			measured = fmt.Sprintf("worse in all %d repeats on: %s", n, strings.Join(always, "; "))
-		}
-		t.Rows = append(t.Rows, []string{d.name + " not worse than tableflip in every repeat on any figure (each repeat's runs compared)", measured, yes(len(always) == 0 && n > 0)})
+		// and the other way in others; one that is draind's goes its way in (nearly) every repeat.
+		measured, ok := r.signVerdict(d.key, Tableflip)
+		t.Rows = append(t.Rows, []string{d.name + " worse than tableflip beyond the noise on no figure (sign test over the repeats, one-sided, 5%)", measured, yes(ok)})
 	}
 	return t
+}
+
+// signTestMin is the fewest repeats compared on which the sign test of the targets can find a difference: with 4, a
+// difference in every one of them is one that chance alone gives 6.25% of the time, more than signTestLevel.
+const signTestMin = 5
+
+// signTestLevel: a figure is worse beyond the noise when chance alone (the two contenders equal: in each repeat,
+// which one does better is a coin toss) makes it worse in as many of the repeats at most this often.
+const signTestLevel = 0.05
+
+// signTest is the sign test of one target figure between two contenders.
+type signTest struct {
+	name                   string
+	repeats, worse, better int     // repeats where both have the figure; of them, where the first did worse, better
+	p                      float64 // the chance of doing worse in at least `worse` of the untied repeats, were they equal
+}
+
+// signTests runs the sign test on every target figure of contenders a and b that both have in some repeat.
+func (r *Results) signTests(a, b string) []signTest {
+	var out []signTest
+	for _, f := range r.targetFigures() {
+		st := signTest{name: f.name}
+		for rep := range r.Params.maxRepeats() {
+			va, ok1 := f.inRepeat(a, rep)
+			vb, ok2 := f.inRepeat(b, rep)
+			if !ok1 || !ok2 {
+				continue
+			}
+			st.repeats++
+			switch {
+			case f.worse(va, vb):
+				st.worse++
+			case f.worse(vb, va):
+				st.better++
+			}
+		}
+		if st.repeats > 0 {
+			st.p = binomTail(st.worse+st.better, st.worse)
+			out = append(out, st)
+		}
+	}
+	return out
+}
+
+// signVerdict says, for the target row, on which figures contender a is worse than b beyond the noise, and whether
+// it is on none (false also when a figure had too few repeats to tell). It also names the figures whose median is
+// worse within the noise.
+func (r *Results) signVerdict(a, b string) (string, bool) {
+	var worse, few, within []string
+	minN, maxN := math.MaxInt, 0
+	medianWorse := r.worseMedians(a, b)
+	for _, st := range r.signTests(a, b) {
+		minN, maxN = min(minN, st.repeats), max(maxN, st.repeats)
+		desc := fmt.Sprintf("%s (worse in %d of %d, p = %.3f)", st.name, st.worse, st.repeats, st.p)
+		switch {
+		case st.repeats < signTestMin:
+			few = append(few, fmt.Sprintf("%s (%d)", st.name, st.repeats))
+		case st.p <= signTestLevel:
+			worse = append(worse, desc)
+		case slices.Contains(medianWorse, st.name):
+			within = append(within, desc)
+		}
+	}
+	if maxN == 0 {
+		return "no figure compared", false
+	}
+	var parts []string
+	if len(worse) > 0 {
+		parts = append(parts, "worse beyond the noise on: "+strings.Join(worse, "; "))
+	}
+	if len(few) > 0 {
+		parts = append(parts, fmt.Sprintf("too few repeats to tell (the test needs %d) on: %s", signTestMin, strings.Join(few, "; ")))
+	}
+	if len(parts) == 0 {
+		reps := fmt.Sprint(minN)
+		if maxN != minN {
+			reps = fmt.Sprintf("%d–%d", minN, maxN)
+		}
+		parts = append(parts, fmt.Sprintf("on no figure (%s repeats compared)", reps))
+	}
+	if len(within) > 0 {
+		parts = append(parts, "median worse within the noise on: "+strings.Join(within, "; "))
+	}
+	return strings.Join(parts, "; "), len(worse) == 0 && len(few) == 0
+}
+
+// binomTail is P(X ≥ k) for X binomial with n trials of probability 1/2.
+func binomTail(n, k int) float64 {
+	if k <= 0 {
+		return 1
+	}
+	sum, c := 0.0, 1.0 // c: n choose i
+	for i := 0; i <= n; i++ {
+		if i >= k {
+			sum += c
+		}
+		c = c * float64(n-i) / float64(i+1)
+	}
+	return sum / math.Pow(2, float64(n))
 }
 
 // worseMedians lists the target figures on which contender a's median is worse than contender b's, compared as
@@ -634,30 +729,6 @@ func (r *Results) worseMedians(a, b string) (worse []string) {
 		}
 	}
 	return worse
-}
-
-// consistentlyWorse lists the target figures on which contender a did worse than contender b in every repeat where
-// both have the figure (their runs of one repeat follow each other on the machine), and how many repeats had both.
-func (r *Results) consistentlyWorse(a, b string) (figs []string, repeats int) {
-	for _, f := range r.targetFigures() {
-		n, worse := 0, 0
-		for rep := range r.Params.Repeats {
-			va, ok1 := f.inRepeat(a, rep)
-			vb, ok2 := f.inRepeat(b, rep)
-			if !ok1 || !ok2 {
-				continue
-			}
-			n++
-			if f.worse(va, vb) {
-				worse++
-			}
-		}
-		if n > 0 && worse == n {
-			figs = append(figs, f.name)
-		}
-		repeats = max(repeats, n)
-	}
-	return figs, repeats
 }
 
 // ContenderTable lists the contenders.
@@ -681,7 +752,11 @@ func (r *Results) Markdown(plots map[string]string) string {
 	if r.Long {
 		kind = "Long run"
 	}
-	fmt.Fprintf(&b, "%s: every figure is the median (min–max) over %d repeats, unless a table says otherwise; in each repeat the contenders run one after another, in an order rotated per repeat. Every run has its own network namespace, servers and load client processes. The machine is small and may be shared: absolute figures are noisy, ratios between contenders within one repeat are what to quote.\n\n", kind, r.Params.Repeats)
+	reps := fmt.Sprint(r.Params.Repeats)
+	if q := r.Params.RepeatsOf(ScenarioQueue); q != r.Params.Repeats {
+		reps = fmt.Sprintf("%d (scenario 2: %d)", r.Params.Repeats, q)
+	}
+	fmt.Fprintf(&b, "%s: every figure is the median (min–max) over %s repeats, unless a table says otherwise; in each repeat the contenders run one after another, in an order rotated per repeat. Every run has its own network namespace, servers and load client processes. The machine is small and may be shared: absolute figures are noisy, ratios between contenders within one repeat are what to quote.\n\n", kind, reps)
 	plot := func(key, alt string) {
 		if f, ok := plots[key]; ok {
 			fmt.Fprintf(&b, "\n![%s](%s)\n", alt, f)

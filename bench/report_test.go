@@ -167,8 +167,62 @@ func TestSwitchSample(t *testing.T) {
 	}
 }
 
+const signRow = "draind worse than tableflip beyond the noise on no figure (sign test over the repeats, one-sided, 5%)"
+
+// TestSignTest checks the sign test of the targets: a figure is worse beyond the noise only when chance alone would
+// make it worse in as many repeats at most 5% of the time (5 of 5; 9 of 10), ties left out.
+func TestSignTest(t *testing.T) {
+	for _, c := range []struct {
+		n, k int
+		want float64
+	}{{5, 5, 1.0 / 32}, {5, 4, 6.0 / 32}, {10, 9, 11.0 / 1024}, {10, 8, 56.0 / 1024}, {3, 0, 1}, {0, 0, 1}} {
+		if got := binomTail(c.n, c.k); math.Abs(got-c.want) > 1e-12 {
+			t.Errorf("binomTail(%d, %d) = %v, want %v", c.n, c.k, got, c.want)
+		}
+	}
+	row := func(r *Results) []string {
+		t.Helper()
+		for _, row := range r.Targets().Rows {
+			if row[0] == signRow {
+				return row
+			}
+		}
+		t.Fatalf("no row %q in %v", signRow, r.Targets().Rows)
+		return nil
+	}
+	r := fakeResultsN(5)
+	// draind's connect p99 is half tableflip's: better in every repeat. Its rate: worse in 4 of 5 repeats, which is
+	// noise (p = 6/32); the median is worse, so the row names it.
+	for rep, s := range r.stormOf(Draind) {
+		if rep < 4 {
+			s.Rate = 4900
+		} else {
+			s.Rate = 5100
+		}
+	}
+	want := []string{signRow, "on no figure (5 repeats compared); median worse within the noise on: (1) answered/s (worse in 4 of 5, p = 0.188)", "yes"}
+	if got := row(r); !slices.Equal(got, want) {
+		t.Errorf("worse in 4 of 5: row %q, want %q", got, want)
+	}
+	// Worse in every repeat: beyond the noise.
+	r.stormOf(Draind)[4].Rate = 4900
+	want = []string{signRow, "worse beyond the noise on: (1) answered/s (worse in 5 of 5, p = 0.031)", "no"}
+	if got := row(r); !slices.Equal(got, want) {
+		t.Errorf("worse in 5 of 5: row %q, want %q", got, want)
+	}
+	// A tie is left out: worse in 4 repeats, equal in the fifth, is 4 of 4 untied (p = 1/16, not beyond the noise).
+	r.stormOf(Draind)[4].Rate = 5000
+	want = []string{signRow, "on no figure (5 repeats compared); median worse within the noise on: (1) answered/s (worse in 4 of 5, p = 0.062)", "yes"}
+	if got := row(r); !slices.Equal(got, want) {
+		t.Errorf("worse in 4 of 5, one tie: row %q, want %q", got, want)
+	}
+}
+
 // fakeResults is a small, made-up set of runs for the rendering tests.
-func fakeResults() *Results {
+func fakeResults() *Results { return fakeResultsN(2) }
+
+// fakeResultsN is fakeResults with n repeats.
+func fakeResultsN(n int) *Results {
 	mk := func(c string, rep, failed int, p99 int64) *StormRun {
 		return &StormRun{Contender: c, Repeat: rep, Upgrades: 5, loadFigures: loadFigures{
 			Requests: 1000, OK: 1000 - failed, Failed: failed, Failures: map[string]int{failReset: failed},
@@ -181,8 +235,8 @@ func fakeResults() *Results {
 		Params:     DefaultParams(false),
 		Contenders: []Contender{Contenders[1], Contenders[3], Contenders[4]},
 	}
-	r.Params.Repeats = 2
-	for rep := range 2 {
+	r.Params.Repeats = n
+	for rep := range n {
 		r.Storm = append(r.Storm, mk(ReusePort, rep, 40+rep, 8e6), mk(Tableflip, rep, 0, 8e6), mk(Draind, rep, 0, 4e6))
 	}
 	r.Datapath = []*DatapathRun{{None: 1000, Attached: 990, Ratio: 0.99, Runs: 100, NsPerRun: 400, RunsPerConn: 1}}
@@ -216,22 +270,13 @@ func TestResultsMarkdown(t *testing.T) {
 	if met["switch time ≤ 10 ms (draind, median: command → last connection answered by old)"] != "yes" {
 		t.Errorf("targets: %v", st.Rows)
 	}
-	const consistent = "draind not worse than tableflip in every repeat on any figure (each repeat's runs compared)"
-	if met[consistent] != "yes" {
+	// Two repeats cannot tell a difference from noise: the sign test's row says so, and is not met.
+	if row := met[signRow]; row != "no" {
 		t.Errorf("targets: %v", st.Rows)
 	}
-	// draind slower than tableflip in one repeat only: noise; in both: consistently worse.
-	r.stormOf(Draind)[0].Rate = 4000
-	if figs, n := r.consistentlyWorse(Draind, Tableflip); len(figs) != 0 || n != 2 {
-		t.Errorf("worse in one repeat of 2: consistently worse on %v (%d repeats)", figs, n)
-	}
-	r.stormOf(Draind)[1].Rate = 4000
-	if figs, _ := r.consistentlyWorse(Draind, Tableflip); !slices.Equal(figs, []string{"(1) answered/s"}) {
-		t.Errorf("worse in both repeats: consistently worse on %v, want (1) answered/s", figs)
-	}
 	for _, row := range r.Targets().Rows {
-		if row[0] == consistent && (row[2] != "no" || !strings.Contains(row[1], "worse in all 2 repeats on: (1) answered/s")) {
-			t.Errorf("target row %v", row)
+		if row[0] == signRow && row[1] != "too few repeats to tell (the test needs 5) on: (1) failed (2); (1) connect p99 (2); (1) connect p99.9 (2); (1) answered/s (2); (4) switch (2)" {
+			t.Errorf("target row %q", row)
 		}
 		if strings.HasPrefix(row[0], "(f)") {
 			t.Errorf("target row for (f), which did not run: %v", row)
@@ -245,13 +290,13 @@ func TestResultsMarkdown(t *testing.T) {
 // TestTargetsDraindFlip checks (f)'s target rows and same-run ratios: its own figures, beside (e)'s, which stay as
 // they were.
 func TestTargetsDraindFlip(t *testing.T) {
-	r := fakeResults()
+	r := fakeResultsN(5)
 	flip, ok := ContenderByKey(DraindFlip)
 	if !ok || flip.Label != "(f) draind, signal at flip" {
 		t.Fatalf("contender %q: %+v, %v", DraindFlip, flip, ok)
 	}
 	r.Contenders = append(r.Contenders, flip)
-	for rep := range 2 {
+	for rep := range 5 {
 		s := *r.stormOf(Draind)[rep]
 		s.Contender = DraindFlip
 		s.Connect.P99 = 2e6 // (f) / tableflip: 0.25
@@ -260,10 +305,10 @@ func TestTargetsDraindFlip(t *testing.T) {
 	const (
 		eFailed = "draind: 0 failed connections in every scenario (all repeats)"
 		eMedian = "draind no worse than tableflip on any figure (medians of scenarios 1–4)"
-		eRepeat = "draind not worse than tableflip in every repeat on any figure (each repeat's runs compared)"
+		eRepeat = signRow
 		fFailed = "(f) draind-flip: 0 failed connections in every scenario (all repeats)"
 		fMedian = "(f) draind-flip no worse than tableflip on any figure (medians of scenarios 1–4)"
-		fRepeat = "(f) draind-flip not worse than tableflip in every repeat on any figure (each repeat's runs compared)"
+		fRepeat = "(f) draind-flip worse than tableflip beyond the noise on no figure (sign test over the repeats, one-sided, 5%)"
 	)
 	targets := func() map[string][]string {
 		rows := map[string][]string{}
@@ -294,24 +339,25 @@ func TestTargetsDraindFlip(t *testing.T) {
 		{fFailed, "(1) 0", "yes"},
 		{eMedian, "draind's median is no worse on any figure compared", "yes"},
 		{fMedian, "(f) draind-flip's median is no worse on any figure compared", "yes"},
-		{eRepeat, "on no figure (2 repeats compared)", "yes"},
-		{fRepeat, "on no figure (2 repeats compared)", "yes"},
+		{eRepeat, "on no figure (5 repeats compared)", "yes"},
+		{fRepeat, "on no figure (5 repeats compared)", "yes"},
 	})
 
 	// (f) fails connections in both repeats; (e) is unchanged.
 	for _, s := range r.stormOf(DraindFlip) {
 		s.Failed = 3
 	}
-	// answered/s: better in one repeat, worse in the other; so worse in the median (4500), not in every repeat.
-	r.stormOf(DraindFlip)[0].Rate = 6000
-	r.stormOf(DraindFlip)[1].Rate = 3000
+	// answered/s: better in two repeats, worse in three; so worse in the median, within the noise.
+	for rep, rate := range []float64{6000, 3000, 6000, 3000, 3000} {
+		r.stormOf(DraindFlip)[rep].Rate = rate
+	}
 	requireRows([][3]string{
 		{eFailed, "(1) 0", "yes"},
-		{fFailed, "(1) 6", "no"},
+		{fFailed, "(1) 15", "no"},
 		{eMedian, "draind's median is no worse on any figure compared", "yes"},
 		{fMedian, "(f) draind-flip's median is worse on: (1) failed; (1) answered/s (medians compared as they are, with no allowance for noise: see the same-run ratios)", "no"},
-		{eRepeat, "on no figure (2 repeats compared)", "yes"},
-		{fRepeat, "worse in all 2 repeats on: (1) failed", "no"},
+		{eRepeat, "on no figure (5 repeats compared)", "yes"},
+		{fRepeat, "worse beyond the noise on: (1) failed (worse in 5 of 5, p = 0.031); median worse within the noise on: (1) answered/s (worse in 3 of 5, p = 0.500)", "no"},
 	})
 
 	ct := r.CompareTable()
@@ -382,9 +428,18 @@ func TestQueueFigures(t *testing.T) {
 		r.LongLived = append(r.LongLived, &LongRun{Contender: Tableflip, Repeat: rep, Conns: 10, LastCloseToExit: -1},
 			&LongRun{Contender: Draind, Repeat: rep, Conns: 10, LastCloseToExit: 5e6})
 	}
+	// The figures on which draind did worse than tableflip in every repeat that has them.
+	alwaysWorse := func() (figs []string) {
+		for _, st := range r.signTests(Draind, Tableflip) {
+			if st.worse == st.repeats {
+				figs = append(figs, st.name)
+			}
+		}
+		return figs
+	}
 	want := []string{"(2) command → last earlier connection answered"}
-	if figs, n := r.consistentlyWorse(Draind, Tableflip); !slices.Equal(figs, want) || n != 2 {
-		t.Errorf("consistently worse on %v (%d repeats), want %v", figs, n, want)
+	if figs := alwaysWorse(); !slices.Equal(figs, want) {
+		t.Errorf("worse in every repeat on %v, want %v", figs, want)
 	}
 	if figs := r.worseMedians(Draind, Tableflip); !slices.Equal(figs, want) {
 		t.Errorf("worse medians on %v, want %v", figs, want)
@@ -393,15 +448,15 @@ func TestQueueFigures(t *testing.T) {
 	for _, q := range r.queueOf(Tableflip) {
 		q.AfterCommand.InFlight, q.AfterCommand.LastInFlight = 0, 0
 	}
-	if figs, _ := r.consistentlyWorse(Draind, Tableflip); len(figs) != 0 {
-		t.Errorf("none in flight at tableflip's command: consistently worse on %v", figs)
+	if figs := alwaysWorse(); len(figs) != 0 {
+		t.Errorf("none in flight at tableflip's command: worse in every repeat on %v", figs)
 	}
 	// The same runs without the after-command figures: nothing of scenario 2's latency is compared.
 	for _, q := range r.Queue {
 		q.AfterCommand = nil
 	}
-	if figs, _ := r.consistentlyWorse(Draind, Tableflip); len(figs) != 0 {
-		t.Errorf("without after-command figures: consistently worse on %v", figs)
+	if figs := alwaysWorse(); len(figs) != 0 {
+		t.Errorf("without after-command figures: worse in every repeat on %v", figs)
 	}
 	md := r.QueueTable().Markdown()
 	for _, want := range []string{"request p99 (whole run)", "| (e) draind                 | 0 ", "150 ms"} {

@@ -30,9 +30,9 @@ func main() {
 func run(args []string, stdout, stderr io.Writer) int {
 	fs := flag.NewFlagSet("drainbench", flag.ContinueOnError)
 	fs.SetOutput(stderr)
-	long := fs.Bool("long", false, "the long run: a minute of storm per contender, 5 repeats, 10,000 long-lived connections (about 50 minutes)")
+	long := fs.Bool("long", false, "the long run: a minute of storm per contender, 5 repeats (10 of the queue scenario), 10,000 long-lived connections (about 55 minutes)")
 	out := fs.String("out", "bench/results", "directory for results.md, results.json and the SVG plots")
-	repeats := fs.Int("repeats", 0, "repeats per scenario (default 3, or 5 with --long)")
+	repeats := fs.Int("repeats", 0, "repeats per scenario (default 3; with --long 5, and 10 for the queue scenario)")
 	scenarios := fs.String("scenarios", "", "comma-separated subset of "+strings.Join(bench.Scenarios, ","))
 	contenders := fs.String("contenders", "", "comma-separated subset of "+strings.Join(bench.ContenderKeys(), ",")+" (scenario 5 is draind's alone and ignores it)")
 	verbose := fs.Bool("v", false, "log draind's own informational messages too")
@@ -54,7 +54,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 		return 2
 	}
 	if *repeats > 0 {
-		p.Repeats = *repeats
+		p.Repeats, p.QueueRepeats = *repeats, 0
 	}
 	level := slog.LevelInfo
 	if *verbose {
