@@ -44,7 +44,7 @@ bench-count:
 
 # The comparison bench (root): draind against stop-then-start, SO_REUSEPORT + SIGTERM, tcp_migrate_req and a
 # tableflip server, in private network namespaces with load from a separate process. Writes bench/results/results.md,
-# results.json and SVG plots. `bench` takes a few minutes on 2 cores; `bench-long` about 40 minutes.
+# results.json and SVG plots. `bench` takes a few minutes on 2 cores; `bench-long` about 55 minutes.
 bench:
 	$(GO) run ./bench/cmd/drainbench --out bench/results
 

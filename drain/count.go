@@ -56,18 +56,18 @@ var ErrDeadline = errors.New("drain deadline passed")
 // ctx's deadline passes first, and ctx's error if ctx is cancelled.
 //
 // Between snapshots it sleeps until the kernel reports events on the tree's sockets. Each counted event lowers the
-// count by at most one, so after a snapshot of N it needs N of them (or a listener opening or closing, which needs
-// a new snapshot) before the count can be zero: a drain of 100,000 connections takes a handful of snapshots, and the
-// last connection's close is seen within one snapshot's time. The first snapshot, those after a listener opened or
-// closed, and the reconciliations are full (they tag the tree's sockets for the events); the others are fast.
-// A connection that waited in a listener's queue since before the listener was tagged is not tagged when the tree
-// accepts it (connections born later are: they inherit their listener's tag), and no event says it was accepted: so
-// until two full snapshots in a row, both since the last listener opened or closed, saw nothing queued on the tree's
-// listeners, Wait takes a full one every 10 ms or so, which tags what the tree accepted meanwhile (a connection
-// accepted during one, into an fd slot it had passed, is seen by the next). (After a handoff's flip the old listeners get no new
-// connections: this lasts until the old side has accepted its queue, or draind moved it.) When the count reaches
-// zero, Wait also looks for connections the tree took that no fd table holds (see Count.Detached) and goes on
-// waiting while there are some. The Counter must track its tree.
+// count by at most one, so after a snapshot of N it needs N of them (or a listener opening or closing, which needs a
+// new snapshot) before the count can be zero: a drain of 100,000 connections takes a handful of snapshots, and the last
+// connection's close is seen within one snapshot's time. The first snapshot, those after a listener opened or closed,
+// and the reconciliations are full (they tag the tree's sockets for the events); the others are fast. A connection that
+// waited in a listener's queue since before the listener was tagged is not tagged when the tree accepts it (connections
+// born later are: they inherit their listener's tag), and no event says it was accepted: so until two full snapshots in
+// a row, both since the last listener opened or closed, saw nothing queued on the tree's listeners, Wait takes a full
+// one every 10 ms or so, which tags what the tree accepted meanwhile (a connection accepted during one, into an fd slot
+// it had passed, is seen by the next). (After a handoff's flip the old listeners get no new connections: this lasts
+// until the old side has accepted its queue, or draind moved it.) When the count reaches zero, Wait also looks for
+// connections the tree took that no fd table holds (see Count.Detached) and goes on waiting while there are some. The
+// Counter must track its tree.
 func Wait(ctx context.Context, c *Counter, opts WaitOptions) (Count, error) {
 	if opts.Reconcile <= 0 {
 		opts.Reconcile = DefaultReconcile
