@@ -50,6 +50,33 @@ func selfCounter(t *testing.T, track bool) (*drain.Counter, *net.TCPListener) {
 	return c, ln
 }
 
+// dialTCP connects to addr over plain TCP (not MPTCP, which draind does not count); the connection is closed at
+// cleanup.
+func dialTCP(t *testing.T, addr string) net.Conn {
+	t.Helper()
+	var d net.Dialer
+	d.SetMultipathTCP(false)
+	cl, err := d.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cl.Close() })
+	return cl
+}
+
+// listenBeside opens another listener of this process on ln's port, on 127.0.0.2 (closed at cleanup).
+func listenBeside(t *testing.T, ln *net.TCPListener) *net.TCPListener {
+	t.Helper()
+	var lc net.ListenConfig
+	lc.SetMultipathTCP(false)
+	l, err := lc.Listen(context.Background(), "tcp", fmt.Sprintf("127.0.0.2:%d", ln.Addr().(*net.TCPAddr).Port))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { l.Close() })
+	return l.(*net.TCPListener)
+}
+
 func mustCount(t *testing.T, c *drain.Counter, want drain.Count) {
 	t.Helper()
 	got, err := c.Count()
@@ -74,13 +101,7 @@ func TestCountSelf(t *testing.T) {
 	mustCount(t, c, drain.Count{})
 	var clients []net.Conn
 	for range 5 {
-		var d net.Dialer
-		d.SetMultipathTCP(false)
-		cl, err := d.Dial("tcp", ln.Addr().String())
-		if err != nil {
-			t.Fatal(err)
-		}
-		clients = append(clients, cl)
+		clients = append(clients, dialTCP(t, ln.Addr().String()))
 	}
 	time.Sleep(50 * time.Millisecond)
 	mustCount(t, c, drain.Count{Queued: 5})
@@ -222,13 +243,7 @@ func workerConns(t *testing.T, pid int, ports []uint16) int {
 func TestDetached(t *testing.T) {
 	c, ln := selfCounter(t, true)
 	mustCount(t, c, drain.Count{}) // tags the listener: what arrives on it is born tagged
-	var d net.Dialer
-	d.SetMultipathTCP(false)
-	cl, err := d.Dial("tcp", ln.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer cl.Close()
+	dialTCP(t, ln.Addr().String())
 	s, err := ln.Accept()
 	if err != nil {
 		t.Fatal(err)
@@ -272,13 +287,7 @@ func TestLive(t *testing.T) {
 	}
 	dial := func() (net.Conn, net.Conn) {
 		t.Helper()
-		var d net.Dialer
-		d.SetMultipathTCP(false)
-		cl, err := d.Dial("tcp", ln.Addr().String())
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { cl.Close() })
+		cl := dialTCP(t, ln.Addr().String())
 		s, err := ln.Accept()
 		if err != nil {
 			t.Fatal(err)
@@ -325,13 +334,7 @@ func TestLive(t *testing.T) {
 	live(0)
 
 	// Queued on the listener when it closes: reset.
-	var d net.Dialer
-	d.SetMultipathTCP(false)
-	cl6, err := d.Dial("tcp", ln.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer cl6.Close()
+	dialTCP(t, ln.Addr().String())
 	time.Sleep(20 * time.Millisecond)
 	live(1)
 	ln.Close()
@@ -393,13 +396,7 @@ func TestCutSubtreeIsQuiet(t *testing.T) {
 // queued, so Wait takes a full one, which tags it. (Reconciliation is off: only the events can end this Wait.)
 func TestAcceptBeforeWait(t *testing.T) {
 	c, ln := selfCounter(t, true)
-	var d net.Dialer
-	d.SetMultipathTCP(false)
-	cl, err := d.Dial("tcp", ln.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer cl.Close()
+	dialTCP(t, ln.Addr().String())
 	time.Sleep(20 * time.Millisecond)
 	mustCount(t, c, drain.Count{Queued: 1})
 	s, err := ln.Accept()
@@ -423,18 +420,7 @@ func TestAcceptBeforeWait(t *testing.T) {
 // close of a connection accepted on it ends this Wait. (Reconciliation is off: only the events can end it.)
 func TestListenAfterTagging(t *testing.T) {
 	c, ln := selfCounter(t, true)
-	dial := func(addr string) net.Conn {
-		t.Helper()
-		var d net.Dialer
-		d.SetMultipathTCP(false)
-		cl, err := d.Dial("tcp", addr)
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { cl.Close() })
-		return cl
-	}
-	dial(ln.Addr().String())
+	dialTCP(t, ln.Addr().String())
 	a, err := ln.Accept()
 	if err != nil {
 		t.Fatal(err)
@@ -453,14 +439,8 @@ func TestListenAfterTagging(t *testing.T) {
 		done <- result{n, err}
 	}()
 	// The same port on another loopback address: another listener of the tree on the watched port.
-	var lc net.ListenConfig
-	lc.SetMultipathTCP(false)
-	l2, err := lc.Listen(context.Background(), "tcp", fmt.Sprintf("127.0.0.2:%d", ln.Addr().(*net.TCPAddr).Port))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l2.Close()
-	dial(l2.Addr().String())
+	l2 := listenBeside(t, ln)
+	dialTCP(t, l2.Addr().String())
 	b, err := l2.Accept()
 	if err != nil {
 		t.Fatal(err)
@@ -522,17 +502,7 @@ func TestAcceptDuringSnapshot(t *testing.T) {
 				}
 			})
 			c, ln := selfCounter(t, true)
-			dial := func(addr string) {
-				t.Helper()
-				var d net.Dialer
-				d.SetMultipathTCP(false)
-				cl, err := d.Dial("tcp", addr)
-				if err != nil {
-					t.Fatal(err)
-				}
-				t.Cleanup(func() { cl.Close() })
-			}
-			dial(ln.Addr().String())
+			dialTCP(t, ln.Addr().String())
 			a, err := ln.Accept()
 			if err != nil {
 				t.Fatal(err)
@@ -541,20 +511,14 @@ func TestAcceptDuringSnapshot(t *testing.T) {
 			start := time.Now()
 			mustCount(t, c, drain.Count{Conns: 1}) // quiet: nothing queued
 			took := time.Since(start)
-			var lc net.ListenConfig
-			lc.SetMultipathTCP(false)
-			l2, err := lc.Listen(context.Background(), "tcp", fmt.Sprintf("127.0.0.2:%d", ln.Addr().(*net.TCPAddr).Port))
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer l2.Close()
+			l2 := listenBeside(t, ln)
 			for _, fd := range low {
 				if err := unix.Close(fd); err != nil {
 					t.Fatal(err)
 				}
 			}
-			dial(l2.Addr().String())
-			waitQueued(t, l2.(*net.TCPListener), 1)
+			dialTCP(t, l2.Addr().String())
+			waitQueued(t, l2, 1)
 			// The snapshot that may miss it: the first full one since the listener opened.
 			type result struct {
 				n   drain.Count
